@@ -1,0 +1,18 @@
+from __future__ import annotations
+
+from sqlalchemy import ForeignKey, String
+from sqlalchemy.orm import Mapped, mapped_column
+
+from models.base import ID_LENGTH, Base, TimestampMixin, journal_fk
+
+
+class Goal(TimestampMixin, Base):
+    """A Course Mastery goal, created by a teacher in one class."""
+
+    __tablename__ = "goals"
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    class_id: Mapped[str] = mapped_column(ForeignKey("classes.id", ondelete="CASCADE"), index=True)
+    created_by: Mapped[str | None] = mapped_column(ForeignKey("accounts.id", ondelete="SET NULL"))
+    course: Mapped[str] = mapped_column(String(200))
+    removed_by: Mapped[int | None] = journal_fk()

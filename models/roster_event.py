@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import CheckConstraint, Index, String, Text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from models.base import ID_LENGTH, Base, utcnow
+
+EVENT_STATUSES = (
+    "accepted",
+    "processing",
+    "done",
+    "ignored",
+    "stale",
+    "rejected",
+    "discarded",
+    "held",
+    "dead",
+)
+FINAL_STATUSES = ("done", "ignored", "stale", "rejected", "discarded")
+
+
+class RosterEvent(Base):
+    """The inbox: every Clever event received, by webhook or poll, exactly once by its id."""
+
+    __tablename__ = "roster_events"
+    __table_args__ = (
+        CheckConstraint(f"status IN {EVENT_STATUSES!r}", name="status"),
+        CheckConstraint("attempts >= 0", name="attempts_non_negative"),
+        Index(None, "object_type", "object_id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    type: Mapped[str] = mapped_column(String(100), index=True)
+    source: Mapped[str] = mapped_column(String(16), default="webhook")
+    district_id: Mapped[str | None] = mapped_column(String(ID_LENGTH), index=True)
+    object_type: Mapped[str | None] = mapped_column(String(32))
+    object_id: Mapped[str | None] = mapped_column(String(ID_LENGTH))
+    # Clever's own `created` time of the event: the ordering fence compares it.
+    occurred_at: Mapped[datetime | None]
+    payload: Mapped[dict[str, Any]]
+    status: Mapped[str] = mapped_column(String(16), default="accepted", index=True)
+    attempts: Mapped[int] = mapped_column(default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

@@ -1,0 +1,28 @@
+"""Errors the units of work raise. Each is permanent unless it says otherwise."""
+
+from __future__ import annotations
+
+
+class GrassrootsError(Exception):
+    """A request we cannot carry out; the message is safe to show an operator."""
+
+
+class NotFound(GrassrootsError):
+    pass
+
+
+class RestoreRefused(GrassrootsError):
+    pass
+
+
+class InvariantViolation(GrassrootsError):
+    """Learner-owned data changed during a conversion: the whole conversion is rolled back."""
+
+    reason = "invariant_violated"
+
+    def __init__(self, account_ids: list[str]) -> None:
+        self.account_ids = account_ids
+        super().__init__(
+            f"invariant_violated: learner-owned data of {len(account_ids)} account(s) would change"
+            f" ({', '.join(account_ids[:5])}{'…' if len(account_ids) > 5 else ''})"
+        )

@@ -1,0 +1,126 @@
+"""Test databases: one real Postgres database per test run (per xdist worker) and one SQLite file,
+both built by the Alembic migrations; every test isolated by a rolled-back outer transaction."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from worker.db import make_engine
+from worker.migrate import upgrade
+
+PG_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+if not SHARED.exists():  # CI lays shared/ beside the clone
+    SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+FIXTURES = SHARED / "fixtures"
+
+
+def _pg_url(database: str) -> str:
+    base, _, _ = PG_ADMIN_URL.rpartition("/")
+    return f"{base}/{database}"
+
+
+def _pg_admin(sql: str) -> None:
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(sql.encode())
+
+
+class PgDatabases:
+    """Creates throwaway Postgres databases from one migrated template."""
+
+    def __init__(self) -> None:
+        self.prefix = f"grtest_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+        self.template = f"{self.prefix}_tmpl"
+        self.created: list[str] = []
+        _pg_admin(f'CREATE DATABASE "{self.template}"')
+        self.created.append(self.template)
+        upgrade(_pg_url(self.template))
+
+    def new(self) -> str:
+        name = f"{self.prefix}_{len(self.created)}"
+        _pg_admin(f'CREATE DATABASE "{name}" TEMPLATE "{self.template}"')
+        self.created.append(name)
+        return _pg_url(name)
+
+    def drop_all(self) -> None:
+        for name in reversed(self.created):
+            _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_databases() -> Iterator[PgDatabases]:
+    dbs = PgDatabases()
+    yield dbs
+    dbs.drop_all()
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("sqlite") / "template.db"
+    upgrade(f"sqlite:///{path}")
+    return path
+
+
+def _fresh_sqlite(template: Path, directory: Path) -> str:
+    target = directory / f"{uuid.uuid4().hex}.db"
+    target.write_bytes(template.read_bytes())
+    return f"sqlite:///{target}"
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(scope="session")
+def pg_engine(pg_databases: PgDatabases) -> Iterator[Engine]:
+    engine = make_engine(pg_databases.new())
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def sqlite_engine(
+    sqlite_template: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Engine]:
+    engine = make_engine(_fresh_sqlite(sqlite_template, tmp_path_factory.mktemp("sqlite-run")))
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def engine(backend: str, request: pytest.FixtureRequest) -> Engine:
+    engine: Engine = request.getfixturevalue(
+        "pg_engine" if backend == "postgresql" else "sqlite_engine"
+    )
+    return engine
+
+
+@pytest.fixture
+def session(engine: Engine) -> Iterator[Session]:
+    """A session inside an outer transaction that is rolled back after the test."""
+    with engine.connect() as conn:
+        outer = conn.begin()
+        sess = Session(bind=conn, join_transaction_mode="create_savepoint", expire_on_commit=False)
+        try:
+            yield sess
+        finally:
+            sess.close()
+            outer.rollback()
+
+
+@pytest.fixture
+def database_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, migrated, committed-to database for tests that run the CLI or workers."""
+    if backend == "postgresql":
+        dbs: PgDatabases = request.getfixturevalue("pg_databases")
+        return dbs.new()
+    return _fresh_sqlite(request.getfixturevalue("sqlite_template"), tmp_path)

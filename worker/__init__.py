@@ -1,0 +1,1 @@
+"""grassroots runtime: settings, database access, Celery app, HTTP receiver, ops API, CLI."""

@@ -1,0 +1,100 @@
+"""Settings, read from the environment once per process (SPEC §5.7)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+
+
+class ConfigError(ValueError):
+    """An environment variable holds a value we cannot use."""
+
+
+def normalize_database_url(url: str) -> str:
+    """Accept ``postgres://`` and ``postgresql://`` as written; the driver is psycopg 3."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def default_database_url() -> str:
+    return f"sqlite:///{Path('var') / 'grassroots.db'}"
+
+
+def _int(name: str, default: int, *, minimum: int = 0) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from exc
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _float(name: str, default: float, *, minimum: float = 0.0) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from exc
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _list(name: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in os.environ.get(name, "").split(",") if part.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str
+    broker_url: str
+    webhook_secrets: tuple[str, ...] = ()
+    ops_token: str | None = None
+    clever_api_base: str = "https://api.clever.com"
+    clever_district_tokens: tuple[str, ...] = ()
+    retention_days: int = 30
+    removal_brake_percent: float = 10.0
+    lock_timeout_ms: int = 5000
+    task_max_retries: int = 8
+    retry_backoff_max: int = 600
+    flower_basic_auth: str | None = None
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+def load_settings() -> Settings:
+    return Settings(
+        database_url=normalize_database_url(
+            os.environ.get("DATABASE_URL") or default_database_url()
+        ),
+        broker_url=os.environ.get("BROKER_URL") or DEFAULT_BROKER_URL,
+        webhook_secrets=_list("WEBHOOK_SECRETS"),
+        ops_token=os.environ.get("OPS_TOKEN") or None,
+        clever_api_base=(os.environ.get("CLEVER_API_BASE") or "https://api.clever.com").rstrip("/"),
+        clever_district_tokens=_list("CLEVER_DISTRICT_TOKENS"),
+        retention_days=_int("RETENTION_DAYS", 30),
+        removal_brake_percent=_float("REMOVAL_BRAKE_PERCENT", 10.0),
+        lock_timeout_ms=_int("LOCK_TIMEOUT_MS", 5000, minimum=1),
+        task_max_retries=_int("TASK_MAX_RETRIES", 8),
+        retry_backoff_max=_int("RETRY_BACKOFF_MAX", 600, minimum=1),
+        flower_basic_auth=os.environ.get("FLOWER_BASIC_AUTH") or None,
+    )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return load_settings()

@@ -9,6 +9,23 @@ from pathlib import Path
 
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 
+# Every variable the application reads (SPEC §5.7, plus the operational extras documented in the
+# README). A test holds docker-compose.yml to this list.
+ENVIRONMENT_VARIABLES = (
+    "DATABASE_URL",
+    "BROKER_URL",
+    "WEBHOOK_SECRETS",
+    "OPS_TOKEN",
+    "CLEVER_API_BASE",
+    "CLEVER_DISTRICT_TOKENS",
+    "RETENTION_DAYS",
+    "REMOVAL_BRAKE_PERCENT",
+    "LOCK_TIMEOUT_MS",
+    "TASK_MAX_RETRIES",
+    "RETRY_BACKOFF_MAX",
+    "FLOWER_BASIC_AUTH",
+)
+
 
 class ConfigError(ValueError):
     """An environment variable holds a value we cannot use."""

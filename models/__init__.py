@@ -7,10 +7,12 @@ from models.base import Base, utcnow
 from models.class_teacher import ClassTeacher
 from models.dead_letter import DeadLetter
 from models.district import ADMIN_REMOVAL_POLICIES, DISTRICT_STATUSES, District
+from models.district_exit import EXIT_STATUSES, DistrictExit, ExitUnit
 from models.enrollment import Enrollment
 from models.goal import Goal
 from models.journal import JournalEntry
 from models.klass import Class
+from models.object_version import ObjectVersion
 from models.report_access import ReportAccess
 from models.roster_event import EVENT_STATUSES, FINAL_STATUSES, RosterEvent
 from models.skill_progress import MASTERY_LEVELS, SkillProgress
@@ -21,6 +23,7 @@ __all__ = [
     "ADMIN_REMOVAL_POLICIES",
     "DISTRICT_STATUSES",
     "EVENT_STATUSES",
+    "EXIT_STATUSES",
     "FINAL_STATUSES",
     "MASTERY_LEVELS",
     "ROLES",
@@ -32,9 +35,12 @@ __all__ = [
     "ClassTeacher",
     "DeadLetter",
     "District",
+    "DistrictExit",
     "Enrollment",
+    "ExitUnit",
     "Goal",
     "JournalEntry",
+    "ObjectVersion",
     "ReportAccess",
     "RosterEvent",
     "SkillProgress",

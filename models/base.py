@@ -54,6 +54,7 @@ class Base(DeclarativeBase):
         datetime: UTCDateTime(),
         dict[str, Any]: JSON(),
         list[Any]: JSON(),
+        list[str]: JSON(),
         str: String(),
     }
 

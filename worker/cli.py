@@ -180,17 +180,57 @@ def district_preview(district_id: str, as_json: bool) -> None:
 
 @district.command("exit")
 @click.argument("district_id")
-@click.option("--wait", is_flag=True, help="Wait until the exit is complete.")
-def district_exit(district_id: str, wait: bool) -> None:
+@click.option("--wait", is_flag=True, help="Wait for the exit to finish, with a progress bar.")
+@click.option(
+    "--in-process",
+    is_flag=True,
+    help="Run the whole exit here in one transaction, without workers.",
+)
+def district_exit(district_id: str, wait: bool, in_process: bool) -> None:
     """Exit a district from the program (contract end): convert every account."""
-    from tasks.conversion import run_district_exit
+    if in_process:
+        from tasks.conversion import run_district_exit
+
+        with unit_of_work() as session:
+            out = run_district_exit(session, district_id, trigger="cli:district-exit")
+        click.echo(
+            f"district {district_id} exited: "
+            + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in out.as_dict().items())
+        )
+        return
+    from models import District
+    from tasks.errors import NotFound
+    from tasks.jobs import district_exit as exit_task
 
     with unit_of_work() as session:
-        out = run_district_exit(session, district_id, trigger="cli:district-exit")
-    click.echo(
-        f"district {district_id} exited: "
-        + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in out.as_dict().items())
-    )
+        if session.get(District, district_id) is None:
+            raise NotFound(f"no district {district_id}")
+    try:
+        exit_task.apply_async((district_id, "cli:district-exit"))
+    except Exception as exc:
+        fail(f"broker unavailable ({type(exc).__name__}): the exit was not started")
+    click.echo(f"district {district_id}: exit started")
+    if wait:
+        _wait_for_exit(district_id)
+
+
+def _wait_for_exit(district_id: str) -> None:
+    import time
+
+    from tasks.exits import progress
+
+    started = time.monotonic()
+    with click.progressbar(length=1, label="exiting", show_pos=True) as bar:
+        while True:
+            with unit_of_work() as session:
+                p = progress(session, district_id)
+            if p is not None:
+                bar.length = max(p.total, 1)
+                bar.update(p.done - bar.pos)
+                if p.status == "done":
+                    break
+            time.sleep(0.5)
+    click.echo(f"district {district_id} exited in {time.monotonic() - started:.1f}s")
 
 
 # --- restore ---------------------------------------------------------------------------------
@@ -224,3 +264,254 @@ def purge() -> None:
     with unit_of_work() as session:
         n = purge_expired(session, retention_days=get_settings().retention_days)
     click.echo(f"purged {n} journal entries")
+
+
+# --- processes -------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="uvicorn worker processes.",
+)
+def serve(host: str, port: int, workers: int) -> None:
+    """Run the webhook receiver and ops API."""
+    import uvicorn
+
+    uvicorn.run(
+        "worker.api:app", host=host, port=port, workers=workers, access_log=False, log_level="info"
+    )
+
+
+@main.command()
+@click.option(
+    "--concurrency",
+    "-c",
+    default=None,
+    type=click.IntRange(1, 256),
+    help="Worker processes (default: one per core).",
+)
+@click.option(
+    "--queues",
+    "-Q",
+    default=",".join(("events", "conversions", "fanout", "maintenance")),
+    show_default=True,
+)
+@click.option("--loglevel", "-l", default="info", show_default=True)
+def worker(concurrency: int | None, queues: str, loglevel: str) -> None:
+    """Run a Celery worker. Start more on more machines to scale out."""
+    from worker.celery_app import app
+
+    argv = ["worker", "-l", loglevel, "-Q", queues, "-E"]
+    if concurrency:
+        argv += ["-c", str(concurrency)]
+    app.worker_main(argv)
+
+
+@main.command()
+@click.option("--loglevel", "-l", default="info", show_default=True)
+def beat(loglevel: str) -> None:
+    """Run the scheduler (relay of undelivered events, purge, poll)."""
+    from worker.celery_app import app
+
+    Path("var").mkdir(exist_ok=True)
+    app.start(["beat", "-l", loglevel, "-s", str(Path("var") / "celerybeat-schedule")])
+
+
+# --- events ----------------------------------------------------------------------------------
+
+
+@main.group()
+def events() -> None:
+    """The roster-event inbox and its dead letters."""
+
+
+@events.command("list")
+@click.option("--status", type=click.Choice(list(__import__("models").EVENT_STATUSES)))
+@click.option("--type", "type_")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 100000))
+@click.option("--json", "as_json", is_flag=True)
+def events_list(status: str | None, type_: str | None, limit: int, as_json: bool) -> None:
+    """List events, newest first."""
+    from worker.ops import event_row, list_events
+
+    with unit_of_work() as session:
+        rows = [
+            event_row(ev) for ev in list_events(session, status=status, type_=type_, limit=limit)
+        ]
+    if as_json:
+        emit(rows)
+        return
+    for r in rows:
+        click.echo(
+            f"{r['received_at']}  {r['status']:<10} {r['type']:<18} {r['id']}"
+            f"  attempts={r['attempts']}" + (f"  {r['error']}" if r["error"] else "")
+        )
+
+
+@events.command("show")
+@click.argument("event_id")
+def events_show(event_id: str) -> None:
+    """Show one event with its dead letters."""
+    from sqlalchemy import select
+
+    from models import RosterEvent
+    from tasks.errors import NotFound
+    from worker.ops import event_detail
+
+    with unit_of_work() as session:
+        ev = session.scalar(select(RosterEvent).where(RosterEvent.id == event_id))
+        if ev is None:
+            raise NotFound(f"no event {event_id}")
+        emit(event_detail(session, ev))
+
+
+@events.command("replay")
+@click.argument("event_id", required=False)
+@click.option("--status", type=click.Choice(["dead"]), help="Replay every event in this status.")
+@click.option("--type", "type_", help="With --status: only events of this type.")
+def events_replay(event_id: str | None, status: str | None, type_: str | None) -> None:
+    """Run a dead-lettered event again, by the same event id."""
+    from sqlalchemy import select
+
+    from models import RosterEvent
+    from tasks.events import mark_replay
+    from tasks.jobs import enqueue_events
+
+    if (event_id is None) == (status is None):
+        raise click.UsageError("give an event id or --status dead")
+    if type_ and not status:
+        raise click.UsageError("--type goes with --status")
+    with unit_of_work() as session:
+        if event_id is not None:
+            ids = [event_id]
+        else:
+            query = select(RosterEvent.id).where(RosterEvent.status == status)
+            if type_:
+                query = query.where(RosterEvent.type == type_)
+            ids = list(session.scalars(query.order_by(RosterEvent.received_at)))
+        queued = [i for i in ids if mark_replay(session, i, by="cli:replay")]
+    sent = enqueue_events(queued)
+    if event_id is not None and not queued:
+        click.echo(f"{event_id}: already applied, nothing to replay")
+        return
+    click.echo(
+        f"replaying {len(queued)} event(s)"
+        + ("" if sent == len(queued) else f"; {len(queued) - sent} left for the relay")
+    )
+
+
+# --- held removals ---------------------------------------------------------------------------
+
+
+@main.group()
+def held() -> None:
+    """Removals held by the brake (REMOVAL_BRAKE_PERCENT)."""
+
+
+@held.command("list")
+@click.option("--district")
+@click.option("--json", "as_json", is_flag=True)
+def held_list(district: str | None, as_json: bool) -> None:
+    from tasks.events import held_events
+
+    with unit_of_work() as session:
+        rows = [
+            {"id": ev.id, "type": ev.type, "account": ev.object_id, "district": ev.district_id}
+            for ev in held_events(session, district_id=district)
+        ]
+    if as_json:
+        emit(rows)
+        return
+    for r in rows:
+        click.echo(f"{r['id']}  {r['type']}  account={r['account']}  district={r['district']}")
+    click.echo(f"{len(rows)} held")
+
+
+def _held_targets(event_id: str | None, district: str | None) -> None:
+    if (event_id is None) == (district is None):
+        raise click.UsageError("give an event id or --district")
+
+
+@held.command("release")
+@click.argument("event_id", required=False)
+@click.option("--district")
+def held_release(event_id: str | None, district: str | None) -> None:
+    """Apply held removals after all."""
+    from tasks.events import release_held
+    from tasks.jobs import enqueue_events
+
+    _held_targets(event_id, district)
+    with unit_of_work() as session:
+        ids = release_held(session, event_id=event_id, district_id=district, by="cli:release")
+    enqueue_events(ids)
+    click.echo(f"released {len(ids)} held removal(s)")
+
+
+@held.command("discard")
+@click.argument("event_id", required=False)
+@click.option("--district")
+def held_discard(event_id: str | None, district: str | None) -> None:
+    """Drop held removals: the accounts stay as they are."""
+    from tasks.events import discard_held
+
+    _held_targets(event_id, district)
+    with unit_of_work() as session:
+        ids = discard_held(session, event_id=event_id, district_id=district, by="cli:discard")
+    click.echo(f"discarded {len(ids)} held removal(s)")
+
+
+# --- status and tools ------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+def status(as_json: bool) -> None:
+    """Pipeline status: pending work (0 = idle), dead letters, held removals, queue depths."""
+    from worker.ops import pipeline_status
+
+    with unit_of_work() as session:
+        data = pipeline_status(session)
+    if as_json:
+        emit(data)
+        return
+    click.echo(
+        f"pending {data['pending']}  dead {data['dead']}  held {data['held']}"
+        f"  broker {data['broker']}"
+    )
+    click.echo(
+        "queues: "
+        + "  ".join(f"{k}={v}" for k, v in data["queues"].items())
+        + f"  unacked={data['unacked']}"
+    )
+
+
+@main.command("send-webhook")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--url", default="http://127.0.0.1:8000/webhooks/clever", show_default=True)
+def send_webhook(file: Path, url: str) -> None:
+    """Sign an event file with the first WEBHOOK_SECRETS secret and POST it."""
+    import httpx
+
+    from worker.signing import signed_headers
+
+    secrets = get_settings().webhook_secrets
+    if not secrets:
+        fail("WEBHOOK_SECRETS is not set: there is no secret to sign with")
+    try:
+        body = file.read_bytes()
+    except OSError as exc:
+        fail(f"{file}: cannot read: {exc.strerror}")
+    headers = {"content-type": "application/json", **signed_headers(secrets[0], body)}
+    try:
+        response = httpx.post(url, content=body, headers=headers, timeout=10)
+    except httpx.HTTPError as exc:
+        fail(f"{url}: {type(exc).__name__}: {exc}")
+    click.echo(f"{response.status_code} {response.text}")
+    if response.status_code >= 300:
+        sys.exit(1)

@@ -24,6 +24,12 @@ ENVIRONMENT_VARIABLES = (
     "TASK_MAX_RETRIES",
     "RETRY_BACKOFF_MAX",
     "FLOWER_BASIC_AUTH",
+    # operational extras (README "Configuration")
+    "BROKER_VISIBILITY_TIMEOUT",
+    "RELAY_INTERVAL",
+    "RELAY_AFTER_SECONDS",
+    "EXIT_BATCH_SIZE",
+    "LOG_LEVEL",
 )
 
 
@@ -87,6 +93,9 @@ class Settings:
     task_max_retries: int = 8
     retry_backoff_max: int = 600
     flower_basic_auth: str | None = None
+    relay_interval: float = 5.0
+    relay_after_seconds: float = 30.0
+    exit_batch_size: int = 1000
 
     @property
     def is_sqlite(self) -> bool:
@@ -109,6 +118,9 @@ def load_settings() -> Settings:
         task_max_retries=_int("TASK_MAX_RETRIES", 8),
         retry_backoff_max=_int("RETRY_BACKOFF_MAX", 600, minimum=1),
         flower_basic_auth=os.environ.get("FLOWER_BASIC_AUTH") or None,
+        relay_interval=_float("RELAY_INTERVAL", 5.0, minimum=0.1),
+        relay_after_seconds=_float("RELAY_AFTER_SECONDS", 30.0),
+        exit_batch_size=_int("EXIT_BATCH_SIZE", 1000, minimum=1),
     )
 
 

@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import CheckConstraint, ForeignKey, String
+from sqlalchemy.orm import Mapped, mapped_column
+
+from models.base import ID_LENGTH, Base, utcnow
+
+EXIT_STATUSES = ("running", "done")
+UNIT_STATUSES = ("pending", "done", "dead")
+
+
+class DistrictExit(Base):
+    """A district exit in progress or done: the fan-out's bookkeeping, keyed by its journal root."""
+
+    __tablename__ = "district_exits"
+    __table_args__ = (
+        CheckConstraint(f"status IN {EXIT_STATUSES!r}", name="status"),
+        CheckConstraint("units_done <= units_total", name="done_le_total"),
+    )
+
+    id: Mapped[int] = mapped_column(
+        ForeignKey("conversion_journal.id", ondelete="RESTRICT"), primary_key=True
+    )
+    district_id: Mapped[str] = mapped_column(String(ID_LENGTH), index=True)
+    trigger: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16), default="running", index=True)
+    units_total: Mapped[int] = mapped_column(default=0)
+    units_done: Mapped[int] = mapped_column(default=0)
+    accounts_total: Mapped[int] = mapped_column(default=0)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+
+
+class ExitUnit(Base):
+    """One fanned-out piece of an exit: a teacher's classes, or a batch of accounts.
+
+    The key is deterministic, so a parent redelivered after a crash adds only what is missing.
+    """
+
+    __tablename__ = "exit_units"
+    __table_args__ = (
+        CheckConstraint(f"status IN {UNIT_STATUSES!r}", name="status"),
+        CheckConstraint("kind IN ('teacher', 'accounts')", name="kind"),
+    )
+
+    exit_id: Mapped[int] = mapped_column(
+        ForeignKey("district_exits.id", ondelete="CASCADE"), primary_key=True
+    )
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    account_ids: Mapped[list[str]] = mapped_column(default=list)
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    attempts: Mapped[int] = mapped_column(default=0)
+    dispatched_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]

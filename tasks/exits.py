@@ -1,0 +1,189 @@
+"""A district exit as fan-out units: one unit per teacher (drop that teacher's district classes and
+so the coaching through them), and batches of accounts to convert. The units and their count are
+written in the same transaction that starts the exit, under deterministic keys, so the exit's
+progress is known from the start and a redelivered parent never plans twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.orm import Session
+
+from models import DistrictExit, ExitUnit, utcnow
+from tasks import conversion
+from tasks.errors import NotFound
+
+
+@dataclass(frozen=True)
+class ExitPlan:
+    exit_id: int
+    district_id: str
+    pending: list[tuple[str, str]]  # (key, kind) of units still to run
+    created: bool
+
+
+def start_exit(
+    session: Session, district_id: str, *, trigger: str, batch_size: int = conversion.CHUNK
+) -> ExitPlan:
+    """Begin (or find) the district's exit and its units."""
+    start = conversion.begin_district_exit(session, district_id, trigger=trigger)
+    existing = session.get(DistrictExit, start.root_id, with_for_update=True)
+    if existing is None:
+        teachers = conversion.exit_teacher_ids(session, district_id)
+        accounts = conversion.exit_account_ids(session, district_id)
+        units: list[dict[str, Any]] = [
+            {"exit_id": start.root_id, "key": f"teacher:{t}", "kind": "teacher", "account_ids": [t]}
+            for t in teachers
+        ]
+        for n, first in enumerate(range(0, len(accounts), batch_size)):
+            units.append(
+                {
+                    "exit_id": start.root_id,
+                    "key": f"accounts:{n:06d}",
+                    "kind": "accounts",
+                    "account_ids": accounts[first : first + batch_size],
+                }
+            )
+        session.add(
+            DistrictExit(
+                id=start.root_id,
+                district_id=district_id,
+                trigger=trigger,
+                units_total=len(units),
+                accounts_total=len(accounts),
+            )
+        )
+        session.flush()
+        now = utcnow()
+        for start_at in range(0, len(units), conversion.CHUNK):
+            session.execute(
+                insert(ExitUnit),
+                [
+                    {**u, "status": "pending", "attempts": 0, "dispatched_at": now}
+                    for u in units[start_at : start_at + conversion.CHUNK]
+                ],
+            )
+    return ExitPlan(
+        exit_id=start.root_id,
+        district_id=district_id,
+        pending=pending_units(session, start.root_id),
+        created=existing is None,
+    )
+
+
+def pending_units(session: Session, exit_id: int) -> list[tuple[str, str]]:
+    return [
+        (key, kind)
+        for key, kind in session.execute(
+            select(ExitUnit.key, ExitUnit.kind)
+            .where(ExitUnit.exit_id == exit_id, ExitUnit.status == "pending")
+            .order_by(ExitUnit.kind.desc(), ExitUnit.key)  # teachers first: whole-class drops
+        )
+    ]
+
+
+@dataclass(frozen=True)
+class UnitResult:
+    ran: bool  # False: the unit was already done (a redelivery)
+    exit_complete: bool  # every unit is done: the finish step may run
+    outcome: conversion.Outcome
+
+
+def run_unit(session: Session, exit_id: int, key: str, *, trigger: str) -> UnitResult:
+    """Run one unit exactly once: its work, its ``done`` mark and the exit's count commit
+    together."""
+    unit = session.get(ExitUnit, (exit_id, key), with_for_update=True)
+    if unit is None:
+        raise NotFound(f"no unit {key} in exit {exit_id}")
+    if unit.status != "pending":
+        return UnitResult(False, False, conversion.Outcome())
+    district_exit = session.get(DistrictExit, exit_id)
+    assert district_exit is not None
+    if unit.kind == "teacher":
+        outcome = conversion.exit_teacher_unit(
+            session,
+            district_exit.district_id,
+            unit.account_ids[0],
+            root_id=exit_id,
+            trigger=trigger,
+        )
+    else:
+        outcome = conversion.exit_account_batch(
+            session, unit.account_ids, root_id=exit_id, trigger=trigger
+        )
+    unit.status = "done"
+    unit.finished_at = utcnow()
+    # The counter row serialises concurrent units, so exactly one of them sees the last unit done.
+    done, total = session.execute(
+        update(DistrictExit)
+        .where(DistrictExit.id == exit_id)
+        .values(units_done=DistrictExit.units_done + 1)
+        .returning(DistrictExit.units_done, DistrictExit.units_total)
+    ).one()
+    return UnitResult(True, done >= total, outcome)
+
+
+def finish(session: Session, exit_id: int, *, trigger: str) -> conversion.Outcome | None:
+    """The last step: remove what no unit reached. None if the exit was already finished or still
+    has pending units."""
+    district_exit = session.get(DistrictExit, exit_id, with_for_update=True)
+    if district_exit is None:
+        raise NotFound(f"no exit {exit_id}")
+    if district_exit.status == "done" or district_exit.units_done < district_exit.units_total:
+        return None
+    outcome = conversion.finish_district_exit(
+        session, district_exit.district_id, root_id=exit_id, trigger=trigger
+    )
+    district_exit.status = "done"
+    district_exit.finished_at = utcnow()
+    return outcome
+
+
+@dataclass(frozen=True)
+class ExitProgress:
+    exit_id: int
+    district_id: str
+    status: str
+    done: int
+    total: int
+    accounts: int
+    started_at: datetime
+    finished_at: datetime | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "exit": self.exit_id,
+            "district": self.district_id,
+            "status": self.status,
+            "done": self.done,
+            "total": self.total,
+            "accounts": self.accounts,
+            "started_at": self.started_at.isoformat(),
+            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+        }
+
+
+def progress(session: Session, district_id: str) -> ExitProgress | None:
+    """The district's latest exit, if any."""
+    row = session.scalar(
+        select(DistrictExit)
+        .where(DistrictExit.district_id == district_id)
+        .order_by(DistrictExit.id.desc())
+        .limit(1)
+    )
+    if row is None:
+        return None
+    return ExitProgress(
+        row.id,
+        row.district_id,
+        row.status,
+        row.units_done,
+        row.units_total,
+        row.accounts_total,
+        row.started_at,
+        row.finished_at,
+    )

@@ -1,0 +1,121 @@
+"""The roster-event inbox: every Clever event, from a webhook or the poller, stored once by id.
+
+An event is committed here before anything else happens to it; a task only ever receives its id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from models import RosterEvent, utcnow
+from tasks.roster import _insert
+
+OBJECT_TYPES = {"users": "user", "sections": "section", "districts": "district"}
+
+
+class BadEvent(ValueError):
+    """Not an event at all (no id or type): refused, nothing stored."""
+
+
+@dataclass(frozen=True)
+class Ingested:
+    event_id: str
+    new: bool
+    status: str  # the stored status: "accepted", or "rejected" for an event we cannot interpret
+
+
+def envelope(raw: Any) -> tuple[str, str]:
+    """The event's id and type, or ``BadEvent``."""
+    if not isinstance(raw, dict):
+        raise BadEvent("an event is a JSON object")
+    event_id, event_type = raw.get("id"), raw.get("type")
+    if not isinstance(event_id, str) or not event_id.strip() or len(event_id) > 200:
+        raise BadEvent("the event has no usable 'id'")
+    if not isinstance(event_type, str) or not event_type.strip() or len(event_type) > 100:
+        raise BadEvent("the event has no usable 'type'")
+    return event_id, event_type
+
+
+def parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def event_object(raw: dict[str, Any]) -> dict[str, Any] | None:
+    data = raw.get("data")
+    obj = data.get("object") if isinstance(data, dict) else None
+    return obj if isinstance(obj, dict) else None
+
+
+def previous_attributes(raw: dict[str, Any]) -> dict[str, Any]:
+    """``previous_attributes`` may sit inside ``data`` (Clever) or beside it."""
+    data = raw.get("data")
+    for holder in (data if isinstance(data, dict) else {}, raw):
+        prev = holder.get("previous_attributes")
+        if isinstance(prev, dict):
+            return prev
+    return {}
+
+
+def interpret(raw: dict[str, Any], event_type: str) -> tuple[dict[str, Any], str | None]:
+    """The indexed columns of an event, and why it cannot be interpreted (None if it can)."""
+    prefix = event_type.split(".", 1)[0]
+    obj = event_object(raw)
+    created = parse_time(raw.get("created"))
+    columns: dict[str, Any] = {"object_type": OBJECT_TYPES.get(prefix), "occurred_at": created}
+    if obj is None:
+        return columns, "the event has no data.object"
+    object_id = obj.get("id")
+    if not isinstance(object_id, str) or not object_id or len(object_id) > 64:
+        return columns, "the event's object has no usable id"
+    columns["object_id"] = object_id
+    district = object_id if prefix == "districts" else obj.get("district")
+    columns["district_id"] = district if isinstance(district, str) and len(district) <= 64 else None
+    if raw.get("created") is not None and created is None:
+        return columns, "the event's 'created' is not an ISO 8601 time"
+    return columns, None
+
+
+def ingest(session: Session, raw: Any, *, source: str) -> Ingested:
+    """Store an event exactly once. ``BadEvent`` if it has no id or type.
+
+    A signed event we cannot interpret is stored as ``rejected``, so nothing sent is lost.
+    """
+    event_id, event_type = envelope(raw)
+    columns, problem = interpret(raw, event_type)
+    now = utcnow()
+    status = "rejected" if problem else "accepted"
+    stmt = (
+        _insert(session, RosterEvent)
+        .values(
+            id=event_id,
+            type=event_type,
+            source=source,
+            payload=raw,
+            status=status,
+            error=problem,
+            attempts=0,
+            brake_released=False,
+            received_at=now,
+            updated_at=now,
+            **{**columns, "occurred_at": columns["occurred_at"] or now},
+        )
+        .on_conflict_do_nothing(index_elements=[RosterEvent.id])
+        .returning(RosterEvent.id)
+    )
+    # RETURNING, not rowcount: drivers report -1 for an INSERT that hit ON CONFLICT DO NOTHING.
+    new = session.execute(stmt).scalar() is not None
+    if not new:
+        stored = session.scalar(select(RosterEvent.status).where(RosterEvent.id == event_id))
+        return Ingested(event_id, False, stored or status)
+    return Ingested(event_id, True, status)

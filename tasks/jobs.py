@@ -1,0 +1,393 @@
+"""Celery tasks: thin adapters over the plain units of work.
+
+Each task passes ids, re-reads its row, counts the attempt in SQL before working (so a task that
+kills its worker every time is still capped), retries transient failures in two layers (tenacity
+in-process, then Celery with exponential backoff and jitter), and dead-letters the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Callable, Iterable
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from celery import Task
+from celery.utils.time import get_exponential_backoff_interval
+from kombu.exceptions import OperationalError as BrokerError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from sqlalchemy import select, text, update
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+from models import DeadLetter, DistrictExit, ExitUnit, RosterEvent, utcnow
+from tasks import conversion, events, exits
+from tasks.errors import InvariantViolation
+from worker.celery_app import app
+from worker.db import session_scope
+from worker.settings import get_settings
+
+log = logging.getLogger("grassroots.tasks")
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------------------------
+# Failure classification
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth trying again: the database or broker was unreachable, a lock wait timed out, a
+    deadlock was broken. Anything else (a missing row, bad data, an invariant) is permanent."""
+    if isinstance(exc, OperationalError | BrokerError | RedisConnectionError | ConnectionError):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+def _short_retries(fn: Callable[[], T]) -> T:
+    """Tenacity around one unit of work: rides out a brief blip without a Celery round trip."""
+    for attempt in Retrying(
+        retry=retry_if_exception(is_transient),
+        stop=stop_after_attempt(3),
+        wait=wait_random_exponential(multiplier=0.05, max=1),
+        reraise=True,
+    ):
+        with attempt:
+            return fn()
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _lock_timeout(session: Session) -> None:
+    """A conversion waiting on a locked row gives up after LOCK_TIMEOUT_MS and is retried."""
+    if session.get_bind().dialect.name == "postgresql":
+        ms = int(get_settings().lock_timeout_ms)
+        session.execute(text(f"SET LOCAL lock_timeout = {ms}"))
+
+
+def _limits() -> events.Limits:
+    s = get_settings()
+    return events.Limits(retention_days=s.retention_days, brake_percent=s.removal_brake_percent)
+
+
+def _dead_letter(
+    *,
+    task: str,
+    args: dict[str, Any],
+    event_id: str | None,
+    exc: BaseException,
+    reason: str,
+    attempts: int,
+) -> None:
+    """Keep the failure in SQL with all it takes to replay it. A replay that fails again lands
+    on the same dead letter, its count raised."""
+    now = utcnow()
+    tb = "".join(traceback.format_exception(exc))[-20000:]
+    with session_scope() as session:
+        letter = None
+        if event_id is not None:
+            letter = session.scalar(
+                select(DeadLetter)
+                .where(DeadLetter.event_id == event_id)
+                .order_by(DeadLetter.id.desc())
+                .limit(1)
+                .with_for_update()
+            )
+        if letter is None:
+            session.add(
+                DeadLetter(
+                    event_id=event_id,
+                    task=task,
+                    args=args,
+                    reason=reason,
+                    error=str(exc)[:5000],
+                    traceback=tb,
+                    attempts=attempts,
+                    first_failed_at=now,
+                    last_failed_at=now,
+                )
+            )
+        else:
+            letter.attempts += attempts
+            letter.reason, letter.error, letter.traceback = reason, str(exc)[:5000], tb
+            letter.last_failed_at, letter.resolved_at = now, None
+        if event_id is not None:
+            session.execute(
+                update(RosterEvent)
+                .where(RosterEvent.id == event_id)
+                .values(status="dead", error=f"{reason}: {str(exc)[:500]}", updated_at=now)
+            )
+        if task == "grassroots.exit_unit":
+            session.execute(
+                update(ExitUnit)
+                .where(ExitUnit.exit_id == args["exit_id"], ExitUnit.key == args["key"])
+                .values(status="dead")
+            )
+    log.error("dead-lettered %s %s: %s", task, args, reason)
+
+
+def _guarded(
+    task: Task[Any, Any],
+    *,
+    name: str,
+    args: dict[str, Any],
+    event_id: str | None,
+    attempt: Callable[[Session], int | None],
+    work: Callable[[], T],
+) -> T | None:
+    """Count the attempt, run the work, and retry or dead-letter its failure."""
+    settings = get_settings()
+    with session_scope() as session:
+        attempts = attempt(session)
+    if attempts is None:
+        return None  # already done, held, dead or gone: a redelivery has nothing to do
+    if attempts > settings.task_max_retries + 1:
+        _dead_letter(
+            task=name,
+            args=args,
+            event_id=event_id,
+            attempts=attempts,
+            reason="too_many_attempts",
+            exc=RuntimeError(f"started {attempts - 1} times without finishing"),
+        )
+        return None
+    try:
+        return _short_retries(work)
+    except Exception as exc:
+        if is_transient(exc) and task.request.retries < settings.task_max_retries:
+            countdown = get_exponential_backoff_interval(
+                factor=1,
+                retries=task.request.retries,
+                maximum=settings.retry_backoff_max,
+                full_jitter=True,
+            )
+            log.warning("retrying %s %s in %ss: %s", name, args, countdown, type(exc).__name__)
+            raise task.retry(exc=exc, countdown=countdown) from exc
+        reason = (
+            InvariantViolation.reason
+            if isinstance(exc, InvariantViolation)
+            else "retries_exhausted"
+            if is_transient(exc)
+            else "error"
+        )
+        _dead_letter(
+            task=name, args=args, event_id=event_id, exc=exc, reason=reason, attempts=attempts
+        )
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Events
+
+
+def _bump_event(event_id: str) -> Callable[[Session], int | None]:
+    def bump(session: Session) -> int | None:
+        return session.scalar(
+            update(RosterEvent)
+            .where(RosterEvent.id == event_id, RosterEvent.status.in_(("accepted", "processing")))
+            .values(attempts=RosterEvent.attempts + 1, status="processing", updated_at=utcnow())
+            .returning(RosterEvent.attempts)
+        )
+
+    return bump
+
+
+@app.task(name="grassroots.process_event", bind=True)
+def process_event(self: Task[Any, Any], event_id: str) -> str | None:
+    def work() -> events.Routed | None:
+        with session_scope() as session:
+            _lock_timeout(session)
+            return events.process_event(session, event_id, _limits())
+
+    routed = _guarded(
+        self,
+        name="grassroots.process_event",
+        args={"event_id": event_id},
+        event_id=event_id,
+        attempt=_bump_event(event_id),
+        work=work,
+    )
+    if routed is None:
+        return None
+    if routed.exit_id is not None:
+        dispatch_exit(routed.exit_id)
+    return routed.status
+
+
+def enqueue_events(event_ids: Iterable[str]) -> int:
+    """Send events to the workers, after their inbox rows are committed. Returns how many were
+    sent; a broker outage is logged, not raised: the relay sends them once it is back."""
+    sent = 0
+    try:
+        with app.producer_or_acquire() as producer:
+            for event_id in event_ids:
+                process_event.apply_async((event_id,), producer=producer)
+                sent += 1
+    except (BrokerError, RedisConnectionError, OSError) as exc:
+        log.warning(
+            "broker unavailable, %d event(s) left for the relay: %s", sent, type(exc).__name__
+        )
+    return sent
+
+
+# --------------------------------------------------------------------------------------------
+# District exits
+
+
+@app.task(name="grassroots.district_exit", bind=True)
+def district_exit(self: Task[Any, Any], district_id: str, trigger: str = "ops") -> int | None:
+    def work() -> int:
+        with session_scope() as session:
+            _lock_timeout(session)
+            plan = exits.start_exit(
+                session, district_id, trigger=trigger, batch_size=get_settings().exit_batch_size
+            )
+            return plan.exit_id
+
+    exit_id = _guarded(
+        self,
+        name="grassroots.district_exit",
+        args={"district_id": district_id, "trigger": trigger},
+        event_id=None,
+        attempt=lambda session: 1,
+        work=work,
+    )
+    if exit_id is not None:
+        dispatch_exit(exit_id)
+    return exit_id
+
+
+def dispatch_exit(exit_id: int) -> None:
+    """Send the exit's pending units (all of them, the first time; what is missing, after a
+    crash). Units are idempotent, so sending one twice does no harm."""
+    with session_scope() as session:
+        pending = exits.pending_units(session, exit_id)
+        session.execute(
+            update(ExitUnit)
+            .where(ExitUnit.exit_id == exit_id, ExitUnit.status == "pending")
+            .values(dispatched_at=utcnow())
+        )
+    if not pending:
+        finish_exit.apply_async((exit_id,))
+        return
+    with app.producer_or_acquire() as producer:
+        for key, kind in pending:
+            exit_unit.apply_async(
+                (exit_id, key),
+                producer=producer,
+                queue="fanout" if kind == "teacher" else "conversions",
+            )
+
+
+def _bump_unit(exit_id: int, key: str) -> Callable[[Session], int | None]:
+    def bump(session: Session) -> int | None:
+        return session.scalar(
+            update(ExitUnit)
+            .where(ExitUnit.exit_id == exit_id, ExitUnit.key == key, ExitUnit.status == "pending")
+            .values(attempts=ExitUnit.attempts + 1)
+            .returning(ExitUnit.attempts)
+        )
+
+    return bump
+
+
+@app.task(name="grassroots.exit_unit", bind=True)
+def exit_unit(self: Task[Any, Any], exit_id: int, key: str) -> bool | None:
+    def work() -> exits.UnitResult:
+        with session_scope() as session:
+            _lock_timeout(session)
+            return exits.run_unit(session, exit_id, key, trigger=f"exit:{exit_id}")
+
+    result = _guarded(
+        self,
+        name="grassroots.exit_unit",
+        args={"exit_id": exit_id, "key": key},
+        event_id=None,
+        attempt=_bump_unit(exit_id, key),
+        work=work,
+    )
+    if result is not None and result.exit_complete:
+        finish_exit.apply_async((exit_id,))
+    return None if result is None else result.ran
+
+
+@app.task(name="grassroots.finish_exit", bind=True)
+def finish_exit(self: Task[Any, Any], exit_id: int) -> bool | None:
+    def work() -> bool:
+        with session_scope() as session:
+            _lock_timeout(session)
+            return exits.finish(session, exit_id, trigger=f"exit:{exit_id}") is not None
+
+    return _guarded(
+        self,
+        name="grassroots.finish_exit",
+        args={"exit_id": exit_id},
+        event_id=None,
+        attempt=lambda session: 1,
+        work=work,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Maintenance
+
+
+@app.task(name="grassroots.relay")
+def relay() -> dict[str, int]:
+    """Send again what the database says is unfinished but no worker may be holding: events
+    accepted while the broker was down, events whose worker vanished, exit units likewise."""
+    settings = get_settings()
+    now = utcnow()
+    quiet = now - timedelta(seconds=settings.relay_after_seconds)
+    # A task waiting out a retry countdown stays "processing"; leave it alone for that long.
+    stuck = now - timedelta(seconds=settings.retry_backoff_max + settings.relay_after_seconds)
+    with session_scope() as session:
+        waiting = list(
+            session.scalars(
+                select(RosterEvent.id)
+                .where(
+                    ((RosterEvent.status == "accepted") & (RosterEvent.updated_at < quiet))
+                    | ((RosterEvent.status == "processing") & (RosterEvent.updated_at < stuck))
+                )
+                .order_by(RosterEvent.received_at)
+                .limit(5000)
+            )
+        )
+        if waiting:
+            session.execute(
+                update(RosterEvent).where(RosterEvent.id.in_(waiting)).values(updated_at=now)
+            )
+        exit_ids = list(
+            session.scalars(
+                select(DistrictExit.id)
+                .where(DistrictExit.status == "running")
+                .where(
+                    (DistrictExit.units_done >= DistrictExit.units_total)
+                    | DistrictExit.id.in_(
+                        select(ExitUnit.exit_id).where(
+                            ExitUnit.status == "pending", ExitUnit.dispatched_at < quiet
+                        )
+                    )
+                )
+            )
+        )
+    sent = enqueue_events(waiting)
+    for exit_id in exit_ids:
+        dispatch_exit(exit_id)
+    return {"events": sent, "exits": len(exit_ids)}
+
+
+@app.task(name="grassroots.purge")
+def purge() -> int:
+    with session_scope() as session:
+        return conversion.purge(session, retention_days=get_settings().retention_days)
+
+
+TASK_NAMES = (
+    "grassroots.process_event",
+    "grassroots.district_exit",
+    "grassroots.exit_unit",
+    "grassroots.finish_exit",
+    "grassroots.relay",
+    "grassroots.purge",
+)

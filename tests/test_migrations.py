@@ -1,0 +1,36 @@
+"""The schema is made by the migrations alone, and they agree with the models."""
+
+from __future__ import annotations
+
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import Engine, inspect
+
+from models import Base
+
+
+def test_migrations_build_exactly_the_tables_the_models_declare(engine: Engine) -> None:
+    with engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"compare_type": True})
+        diff = compare_metadata(context, Base.metadata)
+        tables = set(inspect(conn).get_table_names()) - {"alembic_version"}
+    assert diff == []
+    assert tables == set(Base.metadata.tables)
+
+
+def test_migrations_run_down_to_nothing_and_back_up(database_url: str) -> None:
+    from alembic import command
+
+    from worker.db import make_engine
+    from worker.migrate import alembic_config, upgrade
+
+    command.downgrade(alembic_config(database_url), "base")
+    engine = make_engine(database_url)
+    with engine.connect() as conn:
+        assert set(inspect(conn).get_table_names()) <= {"alembic_version"}
+    upgrade(database_url)
+    with engine.connect() as conn:
+        assert set(inspect(conn).get_table_names()) - {"alembic_version"} == set(
+            Base.metadata.tables
+        )
+    engine.dispose()

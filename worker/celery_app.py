@@ -1,0 +1,106 @@
+"""The Celery app, configured once (SPEC §6). Tasks live in ``tasks.jobs``."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from celery import Celery, signals
+from kombu import Queue
+
+from worker.settings import Settings, get_settings
+
+QUEUES = ("events", "conversions", "fanout", "maintenance")
+ROUTES = {
+    "grassroots.process_event": {"queue": "events"},
+    "grassroots.district_exit": {"queue": "fanout"},
+    "grassroots.exit_unit": {"queue": "fanout"},
+    "grassroots.finish_exit": {"queue": "fanout"},
+    "grassroots.relay": {"queue": "maintenance"},
+    "grassroots.purge": {"queue": "maintenance"},
+    "grassroots.poll": {"queue": "maintenance"},
+}
+
+
+class UnsafeConfiguration(RuntimeError):
+    """The worker would lose or duplicate work with these settings: it refuses to start."""
+
+
+def visibility_timeout(settings: Settings) -> int:
+    """Longer than any retry countdown, or Redis would hand a waiting retry to a second worker."""
+    override = os.environ.get("BROKER_VISIBILITY_TIMEOUT")
+    if override:
+        return int(override)
+    return max(3600, 2 * settings.retry_backoff_max + 600)
+
+
+def build_config(settings: Settings) -> dict[str, Any]:
+    return {
+        "broker_url": settings.broker_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_timeout": 3,
+        "broker_transport_options": {"visibility_timeout": visibility_timeout(settings)},
+        # A sender must not hang while Redis is away: the inbox row is committed, and the relay
+        # enqueues it when Redis returns.
+        "task_publish_retry_policy": {
+            "max_retries": 2,
+            "interval_start": 0,
+            "interval_step": 0.2,
+            "interval_max": 0.5,
+        },
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_ignore_result": True,
+        "task_track_started": False,
+        "worker_prefetch_multiplier": 1,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_default_queue": "events",
+        "task_queues": [Queue(name) for name in QUEUES],
+        "task_routes": ROUTES,
+        "beat_schedule": {
+            "relay": {"task": "grassroots.relay", "schedule": settings.relay_interval},
+            "purge": {"task": "grassroots.purge", "schedule": 3600.0},
+        },
+        "timezone": "UTC",
+        "enable_utc": True,
+    }
+
+
+def check_safe(conf: Any, settings: Settings) -> None:
+    problems = []
+    if not conf.task_acks_late:
+        problems.append("task_acks_late must be on (a crash would lose the task)")
+    if conf.task_acks_late and not conf.task_reject_on_worker_lost:
+        problems.append("task_reject_on_worker_lost must be on with late acks")
+    if conf.worker_prefetch_multiplier != 1:
+        problems.append("worker_prefetch_multiplier must be 1")
+    if set(conf.accept_content or []) != {"json"} or conf.task_serializer != "json":
+        problems.append("only JSON serialization is allowed")
+    timeout = (conf.broker_transport_options or {}).get("visibility_timeout", 3600)
+    if timeout <= settings.retry_backoff_max:
+        problems.append(
+            f"the broker visibility timeout ({timeout} s) must be longer than the longest retry"
+            f" countdown (RETRY_BACKOFF_MAX={settings.retry_backoff_max} s)"
+        )
+    if problems:
+        raise UnsafeConfiguration("unsafe Celery configuration: " + "; ".join(problems))
+
+
+def create_app() -> Celery:
+    settings = get_settings()
+    celery = Celery("grassroots", include=["tasks.jobs"])
+    celery.conf.update(build_config(settings))
+    return celery
+
+
+app = create_app()
+
+
+@signals.worker_init.connect
+def _refuse_unsafe(sender: Any = None, **_: Any) -> None:
+    check_safe(app.conf, get_settings())

@@ -1,0 +1,262 @@
+"""A real grassroots stack for end-to-end tests: a private redis-server on a spare port, and
+``grassroots serve`` / ``worker`` / ``beat`` processes against a fresh Postgres database.
+
+Everything goes through the SPEC's interfaces: signed HTTP posts, the CLI, the ops API.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+from worker.signing import signed_headers
+
+T = TypeVar("T")
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+OPS_TOKEN = "test-ops-token"
+BIN = Path(sys.executable).parent / "grassroots"
+
+
+def spare_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], T], *, timeout: float = 60, what: str = "condition") -> T:
+    """Poll until ``predicate`` returns something truthy; fail with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+class RedisServer:
+    def __init__(self, directory: Path, port: int | None = None) -> None:
+        self.directory = directory
+        self.port = port or spare_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_until(self.ping, timeout=10, what=f"redis on {self.port}")
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+class Stack:
+    def __init__(self, tmp_path: Path, database_url: str, **env: str) -> None:
+        self.tmp = tmp_path
+        self.database_url = database_url
+        self.redis = RedisServer(tmp_path)
+        self.port = spare_port()
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("PYTEST")},
+            "DATABASE_URL": database_url,
+            "BROKER_URL": self.redis.url,
+            "WEBHOOK_SECRETS": SECRET,
+            "OPS_TOKEN": OPS_TOKEN,
+            "REMOVAL_BRAKE_PERCENT": "100",
+            "RELAY_INTERVAL": "1",
+            "RELAY_AFTER_SECONDS": "2",
+            "RETRY_BACKOFF_MAX": "2",
+            "LOCK_TIMEOUT_MS": "500",
+            **env,
+        }
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    # processes ------------------------------------------------------------------------------
+
+    def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        with (self.tmp / f"{name}.log").open("ab") as log:
+            proc = subprocess.Popen(
+                [str(BIN), *args],
+                env=self.env,
+                cwd=self.tmp,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.tmp / f"{name}.log").read_text(errors="replace")
+
+    def start_server(self) -> None:
+        self.spawn("serve", "serve", "--port", str(self.port))
+        wait_until(self._healthy, timeout=30, what="the receiver")
+
+    def _healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.base}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def start_worker(self, name: str = "worker", concurrency: int = 2) -> subprocess.Popen[bytes]:
+        proc = self.spawn(name, "worker", "--concurrency", str(concurrency), "-l", "info")
+        wait_until(lambda: "ready." in self.log(name), timeout=60, what=f"{name} ready")
+        return proc
+
+    def start_beat(self) -> None:
+        self.spawn("beat", "beat")
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs.pop(name)
+        os.killpg(proc.pid, sig)
+        proc.wait(30)
+
+    def stop(self) -> None:
+        # The stack is thrown away with its database: no need to wait for a graceful shutdown.
+        for name in list(self.procs):
+            proc = self.procs.pop(name)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+        self.redis.stop()
+
+    # interfaces -----------------------------------------------------------------------------
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [str(BIN), *args],
+            env=self.env,
+            cwd=self.tmp,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"grassroots {' '.join(args)} failed: {result.stderr}")
+        return result
+
+    def cli_json(self, *args: str) -> Any:
+        return json.loads(self.cli(*args).stdout)
+
+    def post(self, event: dict[str, Any] | bytes, **headers: str) -> httpx.Response:
+        body = event if isinstance(event, bytes) else json.dumps(event).encode()
+        sent = {"content-type": "application/json", **signed_headers(SECRET, body), **headers}
+        return httpx.post(f"{self.base}/webhooks/clever", content=body, headers=sent, timeout=30)
+
+    def ops(self, method: str, path: str) -> httpx.Response:
+        return httpx.request(
+            method,
+            f"{self.base}{path}",
+            timeout=30,
+            headers={"authorization": f"Bearer {OPS_TOKEN}"},
+        )
+
+    def _ops_json(self, path: str) -> dict[str, Any]:
+        response = self.ops("GET", path)
+        assert response.status_code == 200, f"{path}: {response.status_code} {response.text}"
+        data: dict[str, Any] = response.json()
+        return data
+
+    def status(self) -> dict[str, Any]:
+        """The ops API's status (the same object ``grassroots status --json`` prints)."""
+        return self._ops_json("/ops/status")
+
+    def wait_idle(self, timeout: float = 60) -> dict[str, Any]:
+        return wait_until(
+            lambda: (s := self.status())["pending"] == 0 and s,
+            timeout=timeout,
+            what="the pipeline to go idle",
+        )
+
+    def account(self, account_id: str) -> dict[str, Any]:
+        return self._ops_json(f"/ops/accounts/{account_id}")
+
+    def event(self, event_id: str) -> dict[str, Any]:
+        return self._ops_json(f"/ops/events/{event_id}")
+
+
+@contextmanager
+def running_stack(
+    tmp_path: Path,
+    database_url: str,
+    *,
+    seed: Path | None = None,
+    workers: int = 1,
+    server: bool = True,
+    beat: bool = False,
+    **env: str,
+) -> Iterator[Stack]:
+    stack = Stack(tmp_path, database_url, **env)
+    try:
+        stack.redis.start()
+        if seed is not None:
+            stack.cli("seed", str(seed))
+        if server:
+            stack.start_server()
+        for n in range(workers):
+            stack.start_worker(f"worker{n}")
+        if beat:
+            stack.start_beat()
+        yield stack
+    finally:
+        stack.stop()
+
+
+def clever_event(
+    event_id: str,
+    type_: str,
+    obj: dict[str, Any],
+    *,
+    created: str,
+    previous: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    data: dict[str, Any] = {"object": obj}
+    if previous is not None:
+        data["previous_attributes"] = previous
+    return {"id": event_id, "type": type_, "created": created, "data": data}

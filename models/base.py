@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, MetaData, String
+from sqlalchemy import JSON, DateTime, ForeignKey, Index, MetaData, String, text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -68,8 +68,14 @@ def journal_fk() -> Any:
     """The soft-removal marker of a district-owned row: the journal entry that removed it.
 
     NULL means the row is live. Every read of district-owned data filters on it, so a removal is
-    hidden the moment it commits, and restore is one UPDATE per table back to NULL.
+    hidden the moment it commits, and restore is one UPDATE per table back to NULL. Indexed by
+    ``removed_index`` only where it is set: live rows are the many, removed ones the few.
     """
-    return mapped_column(
-        ForeignKey("conversion_journal.id", ondelete="RESTRICT"), index=True, default=None
+    return mapped_column(ForeignKey("conversion_journal.id", ondelete="RESTRICT"), default=None)
+
+
+def removed_index(table: str) -> Index:
+    condition = text("removed_by IS NOT NULL")
+    return Index(
+        f"ix_{table}_removed_by", "removed_by", postgresql_where=condition, sqlite_where=condition
     )

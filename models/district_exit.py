@@ -30,6 +30,8 @@ class DistrictExit(Base):
     units_done: Mapped[int] = mapped_column(default=0)
     accounts_total: Mapped[int] = mapped_column(default=0)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # When a unit last finished: an exit that stops progressing has lost a unit to a crash.
+    progressed_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 from sqlalchemy import ForeignKey
 from sqlalchemy.orm import Mapped, mapped_column
 
-from models.base import Base, journal_fk
+from models.base import Base, journal_fk, removed_index
 
 
 class Enrollment(Base):
@@ -15,6 +15,7 @@ class Enrollment(Base):
     """
 
     __tablename__ = "enrollments"
+    __table_args__ = (removed_index("enrollments"),)
 
     class_id: Mapped[str] = mapped_column(
         ForeignKey("classes.id", ondelete="CASCADE"), primary_key=True

@@ -3,7 +3,7 @@ from __future__ import annotations
 from sqlalchemy import CheckConstraint, ForeignKey, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from models.base import ID_LENGTH, Base, TimestampMixin, journal_fk
+from models.base import ID_LENGTH, Base, TimestampMixin, journal_fk, removed_index
 
 
 class Class(TimestampMixin, Base):
@@ -11,6 +11,7 @@ class Class(TimestampMixin, Base):
 
     __tablename__ = "classes"
     __table_args__ = (
+        removed_index("classes"),
         CheckConstraint(
             "(district_synced AND district_id IS NOT NULL)"
             " OR (NOT district_synced AND district_id IS NULL)",

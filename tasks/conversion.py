@@ -261,16 +261,6 @@ def _new_batch() -> str:
     return uuid.uuid4().hex
 
 
-def _entry_of(batch: str, kind: str, subject: Any) -> Any:
-    """The journal entry of this batch for the row's subject, as a correlated subquery."""
-    column = JournalEntry.account_id if kind == "account" else JournalEntry.class_id
-    return (
-        select(JournalEntry.id)
-        .where(JournalEntry.batch == batch, JournalEntry.kind == kind, column == subject)
-        .scalar_subquery()
-    )
-
-
 def _live_synced_classes() -> Select[tuple[str]]:
     return select(Class.id).where(Class.district_synced.is_(True), Class.removed_by.is_(None))
 
@@ -475,14 +465,21 @@ def _mark(
     """Soft-remove the live rows of ``model`` whose ``subject`` is in ``subject_ids``, each
     stamped with its subject's journal entry of this batch."""
     total = 0
+    journal_subject = JournalEntry.account_id if kind == "account" else JournalEntry.class_id
     for chunk in _chunks(subject_ids):
         conditions = [subject.in_(chunk), model.removed_by.is_(None)]
         if extra is not None:
             conditions.append(extra)
+        # UPDATE ... FROM the journal: one join, on Postgres and SQLite alike.
         result = session.execute(
             update(model)
-            .where(*conditions)
-            .values(removed_by=_entry_of(batch, kind, subject))
+            .where(
+                *conditions,
+                JournalEntry.batch == batch,
+                JournalEntry.kind == kind,
+                journal_subject == subject,
+            )
+            .values(removed_by=JournalEntry.id)
             .execution_options(synchronize_session=False)
         )
         total += _rowcount(result)

@@ -21,6 +21,7 @@ from models import (
     AuditRecord,
     Class,
     ClassTeacher,
+    DeadLetter,
     District,
     Enrollment,
     JournalEntry,
@@ -426,10 +427,14 @@ def mark_replay(session: Session, event_id: str, *, by: str) -> bool:
         raise NotFound(f"no event {event_id}")
     if ev.status in FINAL_STATUSES or ev.status == "held":
         return False
+    # A fresh budget of attempts; the dead letter is closed, and a new failure reopens it with
+    # its count raised.
+    was = ev.status
+    ev.status, ev.attempts, ev.updated_at = "accepted", 0, utcnow()
     session.execute(
-        update(RosterEvent)
-        .where(RosterEvent.id == event_id)
-        .values(status="accepted", updated_at=utcnow())
+        update(DeadLetter)
+        .where(DeadLetter.event_id == event_id, DeadLetter.resolved_at.is_(None))
+        .values(resolved_at=utcnow())
     )
     session.add(
         AuditRecord(
@@ -437,7 +442,7 @@ def mark_replay(session: Session, event_id: str, *, by: str) -> bool:
             trigger=by,
             subject_type="event",
             subject_id=event_id[:64],
-            details={"was": ev.status},
+            details={"was": was},
         )
     )
     return True

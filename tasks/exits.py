@@ -121,7 +121,7 @@ def run_unit(session: Session, exit_id: int, key: str, *, trigger: str) -> UnitR
     done, total = session.execute(
         update(DistrictExit)
         .where(DistrictExit.id == exit_id)
-        .values(units_done=DistrictExit.units_done + 1)
+        .values(units_done=DistrictExit.units_done + 1, progressed_at=utcnow())
         .returning(DistrictExit.units_done, DistrictExit.units_total)
     ).one()
     return UnitResult(True, done >= total, outcome)

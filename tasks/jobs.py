@@ -334,43 +334,51 @@ def finish_exit(self: Task[Any, Any], exit_id: int) -> bool | None:
 
 @app.task(name="grassroots.relay")
 def relay() -> dict[str, int]:
-    """Send again what the database says is unfinished but no worker may be holding: events
-    accepted while the broker was down, events whose worker vanished, exit units likewise."""
+    """Send again what the database says is unfinished but the broker no longer holds: events
+    accepted while the broker was down (or whose worker vanished), and exit units lost with a
+    killed worker. Only when the queues are drained, so work merely waiting its turn is not
+    sent twice (a second copy would be harmless, only wasteful)."""
+    from worker.ops import queue_depths
+
     settings = get_settings()
+    depths, _ = queue_depths()
     now = utcnow()
     quiet = now - timedelta(seconds=settings.relay_after_seconds)
     # A task waiting out a retry countdown stays "processing"; leave it alone for that long.
     stuck = now - timedelta(seconds=settings.retry_backoff_max + settings.relay_after_seconds)
+    waiting: list[str] = []
+    exit_ids: list[int] = []
     with session_scope() as session:
-        waiting = list(
-            session.scalars(
-                select(RosterEvent.id)
-                .where(
-                    ((RosterEvent.status == "accepted") & (RosterEvent.updated_at < quiet))
-                    | ((RosterEvent.status == "processing") & (RosterEvent.updated_at < stuck))
+        if depths["events"] == 0:
+            waiting = list(
+                session.scalars(
+                    select(RosterEvent.id)
+                    .where(
+                        ((RosterEvent.status == "accepted") & (RosterEvent.updated_at < quiet))
+                        | ((RosterEvent.status == "processing") & (RosterEvent.updated_at < stuck))
+                    )
+                    .order_by(RosterEvent.received_at)
+                    .limit(5000)
                 )
-                .order_by(RosterEvent.received_at)
-                .limit(5000)
             )
-        )
-        if waiting:
-            session.execute(
-                update(RosterEvent).where(RosterEvent.id.in_(waiting)).values(updated_at=now)
-            )
-        exit_ids = list(
-            session.scalars(
-                select(DistrictExit.id)
-                .where(DistrictExit.status == "running")
-                .where(
-                    (DistrictExit.units_done >= DistrictExit.units_total)
-                    | DistrictExit.id.in_(
-                        select(ExitUnit.exit_id).where(
-                            ExitUnit.status == "pending", ExitUnit.dispatched_at < quiet
-                        )
+            if waiting:
+                session.execute(
+                    update(RosterEvent).where(RosterEvent.id.in_(waiting)).values(updated_at=now)
+                )
+        if depths["fanout"] == 0 and depths["conversions"] == 0:
+            exit_ids = list(
+                session.scalars(
+                    select(DistrictExit.id).where(
+                        DistrictExit.status == "running", DistrictExit.progressed_at < quiet
                     )
                 )
             )
-        )
+            if exit_ids:
+                session.execute(
+                    update(DistrictExit)
+                    .where(DistrictExit.id.in_(exit_ids))
+                    .values(progressed_at=now)
+                )
     sent = enqueue_events(waiting)
     for exit_id in exit_ids:
         dispatch_exit(exit_id)

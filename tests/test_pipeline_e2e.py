@@ -91,10 +91,14 @@ def send(stack: Stack, event: dict[str, Any]) -> str:
     response = stack.post(event)
     assert response.status_code == 202, response.text
     assert response.json() == {"event": event["id"], "status": "accepted"}
-    return wait_until(
-        lambda: (st := stack.event(event["id"])["status"]) not in ("accepted", "processing") and st,
-        what=f"event {event['id']} to finish",
-    )
+
+    def finished() -> str | None:
+        status: str = stack.event(event["id"])["status"]
+        return None if status in ("accepted", "processing") else status
+
+    status = wait_until(finished, what=f"event {event['id']} to finish")
+    assert status is not None
+    return status
 
 
 T0 = "2026-10-01T00:00:00Z"

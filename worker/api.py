@@ -11,6 +11,9 @@ from typing import Annotated, Any, TypeVar
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
+from kombu.exceptions import OperationalError as BrokerError
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from redis.exceptions import RedisError
 from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
@@ -21,6 +24,7 @@ from tasks.errors import GrassrootsError, NotFound
 from tasks.inbox import BadEvent, ingest
 from worker import signing
 from worker.db import session_scope
+from worker.metrics import PipelineCollector
 from worker.settings import get_settings
 
 log = logging.getLogger("grassroots.api")
@@ -50,13 +54,16 @@ async def db(fn: Callable[[Session], T]) -> T:
     return await run_in_threadpool(_in_session, fn)
 
 
-app = FastAPI(
-    title="grassroots",
-    version="0.1.0",
-    docs_url="/ops/docs",
-    redoc_url=None,
-    openapi_url="/ops/openapi.json",
-)
+# No public API description: everything under /ops is behind the token.
+app = FastAPI(title="grassroots", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
+registry = CollectorRegistry(auto_describe=True)
+registry.register(PipelineCollector())
+
+
+@app.get("/metrics")
+async def metrics() -> Response:
+    body = await run_in_threadpool(generate_latest, registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 @app.exception_handler(DatabaseUnavailable)
@@ -107,6 +114,9 @@ async def clever_webhook(request: Request) -> Response:
         signing.verify(secrets, request.headers, body)
     except signing.SignatureError as exc:
         return error(401, exc.reason, str(exc))
+    except ValueError:
+        log.error("WEBHOOK_SECRETS holds a secret that is not base64: every webhook is refused")
+        return error(503, "not_configured", "the receiver's webhook secret is malformed")
     try:
         raw = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -277,9 +287,14 @@ async def ops_exit(_: Ops, district_id: str) -> JSONResponse:
 
     if not await db(known):
         raise NotFound(f"no district {district_id}")
-    await run_in_threadpool(
-        lambda: jobs.district_exit.apply_async((district_id, "ops:district-exit"))
-    )
+    try:
+        await run_in_threadpool(
+            lambda: jobs.district_exit.apply_async((district_id, "ops:district-exit"))
+        )
+    except (BrokerError, RedisError, OSError):
+        return error(
+            503, "broker_unavailable", "the broker is unreachable; the exit was not started"
+        )
     return JSONResponse({"district": district_id, "status": "started"}, status_code=202)
 
 

@@ -34,12 +34,24 @@ def visibility_timeout(settings: Settings) -> int:
     return max(3600, 2 * settings.retry_backoff_max + 600)
 
 
+def transport_options(settings: Settings) -> dict[str, Any]:
+    timeout = visibility_timeout(settings)
+    # kombu sweeps for unacknowledged messages of dead workers every interval x throttle seconds
+    # (100 s by default): keep that well under a short visibility timeout.
+    short = timeout < 600
+    return {
+        "visibility_timeout": timeout,
+        "unacked_restore_interval": max(1, min(10, timeout // 10)),
+        "unacked_restore_throttle": 1 if short else 10,
+    }
+
+
 def build_config(settings: Settings) -> dict[str, Any]:
     return {
         "broker_url": settings.broker_url,
         "broker_connection_retry_on_startup": True,
         "broker_connection_timeout": 3,
-        "broker_transport_options": {"visibility_timeout": visibility_timeout(settings)},
+        "broker_transport_options": transport_options(settings),
         # A sender must not hang while Redis is away: the inbox row is committed, and the relay
         # enqueues it when Redis returns.
         "task_publish_retry_policy": {
@@ -103,4 +115,9 @@ app = create_app()
 
 @signals.worker_init.connect
 def _refuse_unsafe(sender: Any = None, **_: Any) -> None:
-    check_safe(app.conf, get_settings())
+    # For workers started as ``celery -A worker.celery_app worker``. Celery logs and swallows
+    # exceptions from signal receivers, so leave with SystemExit, which it does not catch.
+    try:
+        check_safe(app.conf, get_settings())
+    except UnsafeConfiguration as exc:
+        raise SystemExit(f"grassroots: {exc}") from exc

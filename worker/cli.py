@@ -4,6 +4,7 @@ stderr), 2 on misuse."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -14,7 +15,7 @@ import click
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from worker.db import session_scope
+from worker.db import refresh_statistics, session_scope
 from worker.settings import ConfigError, get_settings
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -100,6 +101,8 @@ def seed(file: Path) -> None:
             result = load_snapshot(session, data)
         except SnapshotError as exc:
             fail(f"{file}: {exc}; nothing was loaded")
+    with unit_of_work() as session:
+        refresh_statistics(session)
     counts = ", ".join(f"{v} {k}" for k, v in result.as_dict().items())
     click.echo(f"seeded {file}: {counts}")
 
@@ -305,8 +308,12 @@ def serve(host: str, port: int, workers: int) -> None:
 @click.option("--loglevel", "-l", default="info", show_default=True)
 def worker(concurrency: int | None, queues: str, loglevel: str) -> None:
     """Run a Celery worker. Start more on more machines to scale out."""
-    from worker.celery_app import app
+    from worker.celery_app import UnsafeConfiguration, app, check_safe
 
+    try:
+        check_safe(app.conf, get_settings())
+    except UnsafeConfiguration as exc:
+        fail(str(exc))
     argv = ["worker", "-l", loglevel, "-Q", queues, "-E"]
     if concurrency:
         argv += ["-c", str(concurrency)]
@@ -515,3 +522,42 @@ def send_webhook(file: Path, url: str) -> None:
     click.echo(f"{response.status_code} {response.text}")
     if response.status_code >= 300:
         sys.exit(1)
+
+
+@main.command()
+@click.option("--address", default="127.0.0.1", show_default=True)
+@click.option("--port", default=5555, show_default=True, type=click.IntRange(1, 65535))
+def flower(address: str, port: int) -> None:
+    """Run Flower (queue depth per queue, workers, tasks). FLOWER_BASIC_AUTH (user:password) is
+    required unless it listens on loopback only."""
+    from worker.celery_app import app
+
+    auth = get_settings().flower_basic_auth
+    loopback = address in ("127.0.0.1", "localhost", "::1")
+    if not auth and not loopback:
+        fail(f"refusing to serve Flower on {address} without FLOWER_BASIC_AUTH (user:password)")
+    if auth and ":" not in auth:
+        fail("FLOWER_BASIC_AUTH must be user:password (several: comma-separated)")
+    # With the Redis broker Flower reads each named queue's depth from Redis itself.
+    argv = ["flower", f"--address={address}", f"--port={port}", "--purge_offline_workers=60"]
+    if auth:
+        argv.append(f"--basic-auth={auth}")
+    else:
+        # Loopback only, no auth configured: the UI is open to this machine, so is its API.
+        os.environ["FLOWER_UNAUTHENTICATED_API"] = "true"
+    app.start(argv)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--flower-port", default=5555, show_default=True, type=click.IntRange(1, 65535))
+def run(host: str, port: int, flower_port: int) -> None:
+    """Run the whole local stack: migrations, receiver, worker, beat and Flower."""
+    from worker.run import run_stack
+
+    sys.exit(run_stack(host=host, port=port, flower_port=flower_port))
+
+
+if __name__ == "__main__":
+    main()

@@ -8,7 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -62,3 +62,10 @@ def session_scope(bind: Engine | None = None) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def refresh_statistics(session: Session) -> None:
+    """After a bulk load, tell Postgres' planner what the tables now hold: with the statistics of
+    empty tables it picks nested loops that turn a 5 ms query into a 500 ms one."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("ANALYZE"))

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-28 13:54:59.492022
+Create Date: 2026-11-28 14:34:22.807656
 
 """
 from typing import Sequence, Union
@@ -54,7 +54,8 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id', name=op.f('pk_conversion_journal'))
     )
     op.create_index(op.f('ix_conversion_journal_account_id'), 'conversion_journal', ['account_id'], unique=False)
-    op.create_index(op.f('ix_conversion_journal_batch'), 'conversion_journal', ['batch'], unique=False)
+    op.create_index('ix_conversion_journal_batch_account', 'conversion_journal', ['batch', 'kind', 'account_id'], unique=False)
+    op.create_index('ix_conversion_journal_batch_class', 'conversion_journal', ['batch', 'kind', 'class_id'], unique=False)
     op.create_index(op.f('ix_conversion_journal_class_id'), 'conversion_journal', ['class_id'], unique=False)
     op.create_index(op.f('ix_conversion_journal_created_at'), 'conversion_journal', ['created_at'], unique=False)
     op.create_index(op.f('ix_conversion_journal_district_id'), 'conversion_journal', ['district_id'], unique=False)
@@ -70,6 +71,13 @@ def upgrade() -> None:
     sa.CheckConstraint("status IN ('active', 'exited')", name=op.f('ck_districts_status')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_districts'))
     )
+    op.create_table('object_versions',
+    sa.Column('object_type', sa.String(length=32), nullable=False),
+    sa.Column('object_id', sa.String(length=64), nullable=False),
+    sa.Column('occurred_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('event_id', sa.String(length=200), nullable=False),
+    sa.PrimaryKeyConstraint('object_type', 'object_id', name=op.f('pk_object_versions'))
+    )
     op.create_table('roster_events',
     sa.Column('id', sa.String(length=200), nullable=False),
     sa.Column('type', sa.String(length=100), nullable=False),
@@ -81,6 +89,7 @@ def upgrade() -> None:
     sa.Column('payload', sa.JSON(), nullable=False),
     sa.Column('status', sa.String(length=16), nullable=False),
     sa.Column('attempts', sa.Integer(), nullable=False),
+    sa.Column('brake_released', sa.Boolean(), server_default=sa.text('false'), nullable=False),
     sa.Column('error', sa.Text(), nullable=True),
     sa.Column('received_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
@@ -130,7 +139,7 @@ def upgrade() -> None:
     )
     op.create_index(op.f('ix_classes_district_id'), 'classes', ['district_id'], unique=False)
     op.create_index(op.f('ix_classes_district_synced'), 'classes', ['district_synced'], unique=False)
-    op.create_index(op.f('ix_classes_removed_by'), 'classes', ['removed_by'], unique=False)
+    op.create_index('ix_classes_removed_by', 'classes', ['removed_by'], unique=False, postgresql_where=sa.text('removed_by IS NOT NULL'), sqlite_where=sa.text('removed_by IS NOT NULL'))
     op.create_table('dead_letters',
     sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
     sa.Column('event_id', sa.String(length=200), nullable=True),
@@ -148,6 +157,24 @@ def upgrade() -> None:
     )
     op.create_index(op.f('ix_dead_letters_event_id'), 'dead_letters', ['event_id'], unique=False)
     op.create_index(op.f('ix_dead_letters_resolved_at'), 'dead_letters', ['resolved_at'], unique=False)
+    op.create_table('district_exits',
+    sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('district_id', sa.String(length=64), nullable=False),
+    sa.Column('trigger', sa.String(length=200), nullable=False),
+    sa.Column('status', sa.String(length=16), nullable=False),
+    sa.Column('units_total', sa.Integer(), nullable=False),
+    sa.Column('units_done', sa.Integer(), nullable=False),
+    sa.Column('accounts_total', sa.Integer(), nullable=False),
+    sa.Column('started_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('progressed_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('finished_at', sa.DateTime(timezone=True), nullable=True),
+    sa.CheckConstraint("status IN ('running', 'done')", name=op.f('ck_district_exits_status')),
+    sa.CheckConstraint('units_done <= units_total', name=op.f('ck_district_exits_done_le_total')),
+    sa.ForeignKeyConstraint(['id'], ['conversion_journal.id'], name=op.f('fk_district_exits_id_conversion_journal'), ondelete='RESTRICT'),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_district_exits'))
+    )
+    op.create_index(op.f('ix_district_exits_district_id'), 'district_exits', ['district_id'], unique=False)
+    op.create_index(op.f('ix_district_exits_status'), 'district_exits', ['status'], unique=False)
     op.create_table('assignments',
     sa.Column('id', sa.String(length=64), nullable=False),
     sa.Column('class_id', sa.String(length=64), nullable=False),
@@ -162,7 +189,7 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id', name=op.f('pk_assignments'))
     )
     op.create_index(op.f('ix_assignments_class_id'), 'assignments', ['class_id'], unique=False)
-    op.create_index(op.f('ix_assignments_removed_by'), 'assignments', ['removed_by'], unique=False)
+    op.create_index('ix_assignments_removed_by', 'assignments', ['removed_by'], unique=False, postgresql_where=sa.text('removed_by IS NOT NULL'), sqlite_where=sa.text('removed_by IS NOT NULL'))
     op.create_table('class_teachers',
     sa.Column('class_id', sa.String(length=64), nullable=False),
     sa.Column('teacher_id', sa.String(length=64), nullable=False),
@@ -172,7 +199,7 @@ def upgrade() -> None:
     sa.ForeignKeyConstraint(['teacher_id'], ['accounts.id'], name=op.f('fk_class_teachers_teacher_id_accounts'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('class_id', 'teacher_id', name=op.f('pk_class_teachers'))
     )
-    op.create_index(op.f('ix_class_teachers_removed_by'), 'class_teachers', ['removed_by'], unique=False)
+    op.create_index('ix_class_teachers_removed_by', 'class_teachers', ['removed_by'], unique=False, postgresql_where=sa.text('removed_by IS NOT NULL'), sqlite_where=sa.text('removed_by IS NOT NULL'))
     op.create_index(op.f('ix_class_teachers_teacher_id'), 'class_teachers', ['teacher_id'], unique=False)
     op.create_table('enrollments',
     sa.Column('class_id', sa.String(length=64), nullable=False),
@@ -183,8 +210,23 @@ def upgrade() -> None:
     sa.ForeignKeyConstraint(['student_id'], ['accounts.id'], name=op.f('fk_enrollments_student_id_accounts'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('class_id', 'student_id', name=op.f('pk_enrollments'))
     )
-    op.create_index(op.f('ix_enrollments_removed_by'), 'enrollments', ['removed_by'], unique=False)
+    op.create_index('ix_enrollments_removed_by', 'enrollments', ['removed_by'], unique=False, postgresql_where=sa.text('removed_by IS NOT NULL'), sqlite_where=sa.text('removed_by IS NOT NULL'))
     op.create_index(op.f('ix_enrollments_student_id'), 'enrollments', ['student_id'], unique=False)
+    op.create_table('exit_units',
+    sa.Column('exit_id', sa.Integer(), nullable=False),
+    sa.Column('key', sa.String(length=200), nullable=False),
+    sa.Column('kind', sa.String(length=16), nullable=False),
+    sa.Column('account_ids', sa.JSON(), nullable=False),
+    sa.Column('status', sa.String(length=16), nullable=False),
+    sa.Column('attempts', sa.Integer(), nullable=False),
+    sa.Column('dispatched_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('finished_at', sa.DateTime(timezone=True), nullable=True),
+    sa.CheckConstraint("kind IN ('teacher', 'accounts')", name=op.f('ck_exit_units_kind')),
+    sa.CheckConstraint("status IN ('pending', 'done', 'dead')", name=op.f('ck_exit_units_status')),
+    sa.ForeignKeyConstraint(['exit_id'], ['district_exits.id'], name=op.f('fk_exit_units_exit_id_district_exits'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('exit_id', 'key', name=op.f('pk_exit_units'))
+    )
+    op.create_index(op.f('ix_exit_units_status'), 'exit_units', ['status'], unique=False)
     op.create_table('goals',
     sa.Column('id', sa.String(length=64), nullable=False),
     sa.Column('class_id', sa.String(length=64), nullable=False),
@@ -199,7 +241,7 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id', name=op.f('pk_goals'))
     )
     op.create_index(op.f('ix_goals_class_id'), 'goals', ['class_id'], unique=False)
-    op.create_index(op.f('ix_goals_removed_by'), 'goals', ['removed_by'], unique=False)
+    op.create_index('ix_goals_removed_by', 'goals', ['removed_by'], unique=False, postgresql_where=sa.text('removed_by IS NOT NULL'), sqlite_where=sa.text('removed_by IS NOT NULL'))
     op.create_table('report_access',
     sa.Column('account_id', sa.String(length=64), nullable=False),
     sa.Column('district_id', sa.String(length=64), nullable=False),
@@ -212,7 +254,7 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('account_id', 'district_id', name=op.f('pk_report_access'))
     )
     op.create_index(op.f('ix_report_access_district_id'), 'report_access', ['district_id'], unique=False)
-    op.create_index(op.f('ix_report_access_removed_by'), 'report_access', ['removed_by'], unique=False)
+    op.create_index('ix_report_access_removed_by', 'report_access', ['removed_by'], unique=False, postgresql_where=sa.text('removed_by IS NOT NULL'), sqlite_where=sa.text('removed_by IS NOT NULL'))
     op.create_table('skill_progress',
     sa.Column('student_id', sa.String(length=64), nullable=False),
     sa.Column('skill', sa.String(length=200), nullable=False),
@@ -232,25 +274,30 @@ def downgrade() -> None:
     """Downgrade schema."""
     # ### commands auto generated by Alembic - please adjust! ###
     op.drop_table('skill_progress')
-    op.drop_index(op.f('ix_report_access_removed_by'), table_name='report_access')
+    op.drop_index('ix_report_access_removed_by', table_name='report_access', postgresql_where=sa.text('removed_by IS NOT NULL'), sqlite_where=sa.text('removed_by IS NOT NULL'))
     op.drop_index(op.f('ix_report_access_district_id'), table_name='report_access')
     op.drop_table('report_access')
-    op.drop_index(op.f('ix_goals_removed_by'), table_name='goals')
+    op.drop_index('ix_goals_removed_by', table_name='goals', postgresql_where=sa.text('removed_by IS NOT NULL'), sqlite_where=sa.text('removed_by IS NOT NULL'))
     op.drop_index(op.f('ix_goals_class_id'), table_name='goals')
     op.drop_table('goals')
+    op.drop_index(op.f('ix_exit_units_status'), table_name='exit_units')
+    op.drop_table('exit_units')
     op.drop_index(op.f('ix_enrollments_student_id'), table_name='enrollments')
-    op.drop_index(op.f('ix_enrollments_removed_by'), table_name='enrollments')
+    op.drop_index('ix_enrollments_removed_by', table_name='enrollments', postgresql_where=sa.text('removed_by IS NOT NULL'), sqlite_where=sa.text('removed_by IS NOT NULL'))
     op.drop_table('enrollments')
     op.drop_index(op.f('ix_class_teachers_teacher_id'), table_name='class_teachers')
-    op.drop_index(op.f('ix_class_teachers_removed_by'), table_name='class_teachers')
+    op.drop_index('ix_class_teachers_removed_by', table_name='class_teachers', postgresql_where=sa.text('removed_by IS NOT NULL'), sqlite_where=sa.text('removed_by IS NOT NULL'))
     op.drop_table('class_teachers')
-    op.drop_index(op.f('ix_assignments_removed_by'), table_name='assignments')
+    op.drop_index('ix_assignments_removed_by', table_name='assignments', postgresql_where=sa.text('removed_by IS NOT NULL'), sqlite_where=sa.text('removed_by IS NOT NULL'))
     op.drop_index(op.f('ix_assignments_class_id'), table_name='assignments')
     op.drop_table('assignments')
+    op.drop_index(op.f('ix_district_exits_status'), table_name='district_exits')
+    op.drop_index(op.f('ix_district_exits_district_id'), table_name='district_exits')
+    op.drop_table('district_exits')
     op.drop_index(op.f('ix_dead_letters_resolved_at'), table_name='dead_letters')
     op.drop_index(op.f('ix_dead_letters_event_id'), table_name='dead_letters')
     op.drop_table('dead_letters')
-    op.drop_index(op.f('ix_classes_removed_by'), table_name='classes')
+    op.drop_index('ix_classes_removed_by', table_name='classes', postgresql_where=sa.text('removed_by IS NOT NULL'), sqlite_where=sa.text('removed_by IS NOT NULL'))
     op.drop_index(op.f('ix_classes_district_synced'), table_name='classes')
     op.drop_index(op.f('ix_classes_district_id'), table_name='classes')
     op.drop_table('classes')
@@ -262,12 +309,14 @@ def downgrade() -> None:
     op.drop_index(op.f('ix_roster_events_object_type_object_id'), table_name='roster_events')
     op.drop_index(op.f('ix_roster_events_district_id'), table_name='roster_events')
     op.drop_table('roster_events')
+    op.drop_table('object_versions')
     op.drop_table('districts')
     op.drop_index(op.f('ix_conversion_journal_parent_id'), table_name='conversion_journal')
     op.drop_index(op.f('ix_conversion_journal_district_id'), table_name='conversion_journal')
     op.drop_index(op.f('ix_conversion_journal_created_at'), table_name='conversion_journal')
     op.drop_index(op.f('ix_conversion_journal_class_id'), table_name='conversion_journal')
-    op.drop_index(op.f('ix_conversion_journal_batch'), table_name='conversion_journal')
+    op.drop_index('ix_conversion_journal_batch_class', table_name='conversion_journal')
+    op.drop_index('ix_conversion_journal_batch_account', table_name='conversion_journal')
     op.drop_index(op.f('ix_conversion_journal_account_id'), table_name='conversion_journal')
     op.drop_table('conversion_journal')
     op.drop_index(op.f('ix_audit_log_subject_id'), table_name='audit_log')

@@ -1,0 +1,238 @@
+"""Faults injected from outside the code: killed workers, a broker that goes away, a row lock held
+by another transaction. Each test runs its own stack with its own redis-server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from tests import scenario
+from tests.conftest import SHARED, PgDatabases
+from tests.scenario import Copy
+from tests.stack import Stack, clever_event, running_stack, wait_until
+
+pytestmark = pytest.mark.slow
+T0 = "2026-10-01T00:00:00Z"
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+@contextmanager
+def row_lock(database_url: str, account_id: str) -> Iterator[None]:
+    """Another transaction holding the account's row lock, as a long admin query would."""
+    with psycopg.connect(database_url) as conn:
+        conn.execute("SELECT id FROM accounts WHERE id = %s FOR UPDATE", (account_id,))
+        yield
+        conn.rollback()
+
+
+def journal_entries(database_url: str, account_id: str) -> int:
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM conversion_journal WHERE account_id = %s", (account_id,)
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def lock_waiters(database_url: str) -> int:
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock'"
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def seed_copy(stack: Stack, tag: str) -> Copy:
+    copy = Copy(tag)
+    path = stack.tmp / f"roster-{tag}.json"
+    path.write_text(json.dumps(copy.data))
+    stack.cli("seed", str(path))
+    return copy
+
+
+def deleted(copy: Copy, name: str, who: str) -> dict[str, Any]:
+    obj = {"id": copy(who), "district": copy(scenario.DISTRICT), "roles": {"student": {}}}
+    return clever_event(f"{copy.tag}-{name}", "users.deleted", obj, created=T0)
+
+
+def test_worker_child_killed_mid_conversion_is_redelivered_and_applied_once(
+    tmp_path: Path, pg_databases: PgDatabases
+) -> None:
+    url = pg_databases.new()
+    with running_stack(tmp_path, url, workers=0, LOCK_TIMEOUT_MS="60000") as stack:
+        worker = stack.start_worker("worker", concurrency=1)
+        copy = seed_copy(stack, "f001")
+        steve = copy(scenario.STEVE)
+        event = deleted(copy, "kill-child", scenario.STEVE)
+        with row_lock(url, steve):
+            assert stack.post(event).status_code == 202
+            wait_until(lambda: lock_waiters(url) > 0, what="the conversion to block on the lock")
+            (child,) = children(worker.pid)
+            os.kill(child, signal.SIGKILL)
+            wait_until(
+                lambda: children(worker.pid) and children(worker.pid) != [child],
+                what="a replacement child",
+            )
+        wait_until(lambda: stack.event(event["id"])["status"] == "done", what="redelivery")
+        assert stack.event(event["id"])["attempts"] == 2
+        assert stack.account(steve)["kind"] == "grassroots"
+        assert journal_entries(url, steve) == 1
+        assert "WorkerLostError" in stack.log("worker")
+
+
+def test_whole_worker_killed_mid_district_exit_is_finished_by_a_new_worker(
+    tmp_path: Path, pg_databases: PgDatabases
+) -> None:
+    url = pg_databases.new()
+    roster = tmp_path / "district.json"
+    subprocess.run(
+        [
+            sys.executable,
+            str(SHARED / "tools" / "make_district.py"),
+            "--students",
+            "3000",
+            "--teachers",
+            "120",
+            "--out",
+            str(roster),
+            "--seed",
+            "7",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    district_id = json.loads(roster.read_text())["districts"][0]["id"]
+    with running_stack(
+        tmp_path,
+        url,
+        seed=roster,
+        workers=0,
+        beat=True,
+        BROKER_VISIBILITY_TIMEOUT="10",
+        EXIT_BATCH_SIZE="100",
+    ) as stack:
+        stack.start_worker("first", concurrency=2)
+        exit_event = clever_event("exit-1", "districts.deleted", {"id": district_id}, created=T0)
+        assert stack.post(exit_event).status_code == 202
+
+        def halfway() -> bool:
+            found = stack.ops("GET", f"/ops/districts/{district_id}/exit")
+            if found.status_code != 200:
+                return False
+            progress = found.json()
+            return bool(0 < progress["done"] < progress["total"] * 0.7)
+
+        wait_until(halfway, what="the exit to be under way")
+        stack.kill("first")
+        stack.start_worker("second", concurrency=2)
+        wait_until(
+            lambda: (
+                stack.ops("GET", f"/ops/districts/{district_id}/exit").json()["status"] == "done"
+            ),
+            timeout=120,
+            what="the exit to finish",
+        )
+        stack.wait_idle(timeout=60)
+    with psycopg.connect(url) as conn:
+        left = conn.execute(
+            "SELECT count(*) FROM accounts WHERE district_id = %s", (district_id,)
+        ).fetchone()
+        doubled = conn.execute(
+            "SELECT count(*) FROM (SELECT account_id FROM conversion_journal"
+            " WHERE kind = 'account' GROUP BY account_id HAVING count(*) > 1) d"
+        ).fetchone()
+        converted = conn.execute(
+            "SELECT count(*) FROM conversion_journal WHERE kind = 'account'"
+        ).fetchone()
+        live_synced = conn.execute(
+            "SELECT count(*) FROM classes WHERE district_synced AND removed_by IS NULL"
+        ).fetchone()
+        users = len(json.loads(roster.read_text())["users"])
+    assert left == (0,) and doubled == (0,) and live_synced == (0,)
+    assert converted == (users,)
+
+
+def test_events_sent_while_redis_is_down_are_all_processed_when_it_returns(
+    tmp_path: Path, pg_databases: PgDatabases
+) -> None:
+    url = pg_databases.new()
+    with running_stack(tmp_path, url, beat=True) as stack:
+        copy = seed_copy(stack, "f002")
+        people = [scenario.STEVE, scenario.MARIA, scenario.LEO]
+        events = [deleted(copy, f"down-{n}", who) for n, who in enumerate(people)]
+        stack.redis.stop()
+        answers = [stack.post(e) for e in events]
+        assert [a.status_code for a in answers] == [202, 202, 202]
+        assert all(a.json()["status"] == "accepted" for a in answers)
+        assert stack.ops("GET", "/readyz").status_code == 503
+        stack.redis.start()
+
+        def all_done() -> bool:
+            return all(stack.event(e["id"])["status"] == "done" for e in events)
+
+        wait_until(all_done, timeout=90, what="every event processed after Redis returned")
+        for who in people:
+            assert stack.account(copy(who))["kind"] == "grassroots"
+            assert journal_entries(url, copy(who)) == 1
+
+
+def test_locked_row_retries_then_dead_letters_and_replay_converts(
+    tmp_path: Path, pg_databases: PgDatabases
+) -> None:
+    url = pg_databases.new()
+    with running_stack(
+        tmp_path, url, LOCK_TIMEOUT_MS="100", TASK_MAX_RETRIES="2", RETRY_BACKOFF_MAX="1"
+    ) as stack:
+        copy = seed_copy(stack, "f003")
+        steve = copy(scenario.STEVE)
+        event = deleted(copy, "locked", scenario.STEVE)
+        with row_lock(url, steve):
+            assert stack.post(event).status_code == 202
+            wait_until(lambda: stack.event(event["id"])["status"] == "dead", what="dead letter")
+            detail = stack.event(event["id"])
+            assert detail["attempts"] == 3
+            (letter,) = detail["dead_letters"]
+            assert letter["reason"] == "retries_exhausted" and letter["attempts"] == 3
+            assert "LockNotAvailable" in letter["traceback"]
+            assert stack.account(steve)["kind"] == "district"
+            assert [
+                e["id"] for e in stack.cli_json("events", "list", "--status", "dead", "--json")
+            ] == [event["id"]]
+            # a replay that fails again returns to the dead letters with its count raised
+            stack.cli("events", "replay", event["id"])
+            wait_until(
+                lambda: stack.event(event["id"])["dead_letters"][0]["attempts"] == 6,
+                what="the second failure",
+            )
+            assert stack.event(event["id"])["status"] == "dead"
+        stack.cli("events", "replay", "--status", "dead")
+        wait_until(lambda: stack.event(event["id"])["status"] == "done", what="replay applied")
+        assert stack.account(steve)["kind"] == "grassroots"
+        assert journal_entries(url, steve) == 1
+        again = stack.cli("events", "replay", event["id"])
+        assert "already applied" in again.stdout
+        assert journal_entries(url, steve) == 1

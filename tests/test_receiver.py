@@ -1,0 +1,476 @@
+"""The webhook receiver, SPEC §5.2: the real app over HTTP (TestClient), the real inbox tables.
+
+Every test reads back what the inbox holds, so "accepted" means committed and "refused" means
+nothing was stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, Protocol
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from models import RosterEvent
+from tests.scenario import DISTRICT, STEVE
+from worker import db
+from worker.api import MAX_BODY, app
+from worker.celery_app import app as celery_app
+from worker.settings import get_settings
+from worker.signing import signed_headers
+
+URL = "/webhooks/clever"
+JSON = {"content-type": "application/json"}
+OLD_SECRET = "whsec_" + base64.b64encode(b"grassroots-old-webhook-secret-32b").decode()
+NEW_SECRET = "whsec_" + base64.b64encode(b"grassroots-new-webhook-secret-32b").decode()
+STRANGER_SECRET = "whsec_" + base64.b64encode(b"somebody-else-webhook-secret-32b").decode()
+SECRET = NEW_SECRET
+# Nothing listens on port 1: connecting fails at once.
+CLOSED_BROKER = "redis://127.0.0.1:1/0"
+CLOSED_DATABASE = "postgresql://postgres@127.0.0.1:1/x"
+BROKER_DOWN_LOG = "broker unavailable"
+
+
+def _reset_caches() -> None:
+    if db.get_engine.cache_info().currsize:
+        db.get_engine().dispose()
+    db._sessionmaker.cache_clear()
+    db.get_engine.cache_clear()
+    get_settings.cache_clear()
+
+
+class Configure(Protocol):
+    def __call__(self, **env: str | None) -> None: ...
+
+
+@pytest.fixture
+def configure(monkeypatch: pytest.MonkeyPatch) -> Iterator[Configure]:
+    """Set the app's environment; settings, engine and Celery broker follow it."""
+
+    def apply(**env: str | None) -> None:
+        for name, value in env.items():
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, value)
+        _reset_caches()
+        # The Celery app reads BROKER_URL once, at import: point it (and its connection pools,
+        # built on first use) at the broker the settings now name.
+        monkeypatch.setattr(celery_app.conf, "broker_url", get_settings().broker_url)
+        monkeypatch.setattr(celery_app, "_pool", None)
+        monkeypatch.setattr(celery_app.amqp, "_producer_pool", None)
+
+    yield apply
+    _reset_caches()
+
+
+@pytest.fixture
+def client(configure: Configure, database_url: str) -> Iterator[TestClient]:
+    """The receiver over a fresh inbox, with WEBHOOK_SECRETS set and the broker down."""
+    configure(
+        DATABASE_URL=database_url,
+        BROKER_URL=CLOSED_BROKER,
+        WEBHOOK_SECRETS=SECRET,
+        OPS_TOKEN=None,
+    )
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+def clever_event(event_id: str = "evt-0001", **fields: Any) -> dict[str, Any]:
+    event: dict[str, Any] = {
+        "id": event_id,
+        "type": "users.updated",
+        "created": "2025-09-03T14:05:21.900Z",
+        "data": {"object": {"id": STEVE, "district": DISTRICT}},
+    }
+    event.update(fields)
+    return event
+
+
+def encode(event: Any) -> bytes:
+    return json.dumps(event).encode()
+
+
+def post(
+    client: TestClient,
+    body: bytes,
+    *,
+    secret: str = SECRET,
+    content_type: str | None = "application/json",
+) -> httpx.Response:
+    headers = signed_headers(secret, body)
+    if content_type is not None:
+        headers["content-type"] = content_type
+    response: httpx.Response = client.post(URL, content=body, headers=headers)
+    return response
+
+
+def inbox() -> list[RosterEvent]:
+    with db.session_scope() as session:
+        return list(session.scalars(select(RosterEvent).order_by(RosterEvent.id)))
+
+
+def assert_error(response: httpx.Response, status: int, code: str | None = None) -> None:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert set(body) == {"error", "message"}
+    assert isinstance(body["message"], str) and body["message"]
+    if code is not None:
+        assert body["error"] == code
+
+
+# --------------------------------------------------------------------------------------------
+# Accepted, once
+
+
+def test_new_event_is_committed_to_the_inbox_before_202_accepted(client: TestClient) -> None:
+    response = post(client, encode(clever_event("evt-new")))
+
+    assert response.status_code == 202
+    assert response.json() == {"event": "evt-new", "status": "accepted"}
+    [stored] = inbox()
+    assert (stored.id, stored.type, stored.source) == ("evt-new", "users.updated", "webhook")
+    assert stored.status == "accepted"
+    assert stored.payload == clever_event("evt-new")
+
+
+def test_same_event_id_again_is_a_duplicate_and_stays_one_row(client: TestClient) -> None:
+    first = post(client, encode(clever_event("evt-dup")))
+    # A redelivery carries a new signature; a resend with a changed body keeps the first payload.
+    again = post(client, encode(clever_event("evt-dup")))
+    changed = post(client, encode(clever_event("evt-dup", type="users.deleted")))
+
+    assert first.json() == {"event": "evt-dup", "status": "accepted"}
+    for response in (again, changed):
+        assert response.status_code == 202
+        assert response.json() == {"event": "evt-dup", "status": "duplicate"}
+    [stored] = inbox()
+    assert stored.type == "users.updated" and stored.payload == clever_event("evt-dup")
+
+
+def test_event_accepted_while_broker_is_down_is_kept_for_the_relay(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="grassroots.tasks"):
+        response = post(client, encode(clever_event("evt-no-broker")))
+
+    assert response.status_code == 202
+    assert response.json() == {"event": "evt-no-broker", "status": "accepted"}
+    assert any(BROKER_DOWN_LOG in record.getMessage() for record in caplog.records)
+    assert [(ev.id, ev.status) for ev in inbox()] == [("evt-no-broker", "accepted")]
+
+
+# --------------------------------------------------------------------------------------------
+# 415
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [None, "text/plain", "application/x-www-form-urlencoded", "application/jsonp"],
+)
+def test_body_that_is_not_declared_json_is_refused_with_415(
+    client: TestClient, content_type: str | None
+) -> None:
+    response = post(client, encode(clever_event()), content_type=content_type)
+
+    assert_error(response, 415)
+    assert inbox() == []
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/json; charset=utf-8", "Application/JSON;charset=UTF-8"]
+)
+def test_json_with_a_charset_parameter_is_accepted(client: TestClient, content_type: str) -> None:
+    response = post(client, encode(clever_event("evt-charset")), content_type=content_type)
+
+    assert response.status_code == 202
+    assert [ev.id for ev in inbox()] == ["evt-charset"]
+
+
+# --------------------------------------------------------------------------------------------
+# 413
+
+
+def padded_event(size: int) -> bytes:
+    """A valid event whose JSON is exactly ``size`` bytes."""
+    skeleton = encode(clever_event("evt-big", padding=""))
+    body = encode(clever_event("evt-big", padding="x" * (size - len(skeleton))))
+    assert len(body) == size
+    return body
+
+
+def test_event_of_exactly_one_mebibyte_is_accepted(client: TestClient) -> None:
+    response = post(client, padded_event(MAX_BODY))
+
+    assert response.status_code == 202
+    assert [ev.id for ev in inbox()] == ["evt-big"]
+
+
+def test_body_over_one_mebibyte_with_content_length_is_refused_with_413(
+    client: TestClient,
+) -> None:
+    response = post(client, padded_event(MAX_BODY + 1))
+
+    assert response.request.headers["content-length"] == str(MAX_BODY + 1)
+    assert_error(response, 413)
+    assert inbox() == []
+
+
+def test_chunked_body_over_one_mebibyte_without_content_length_is_refused_with_413(
+    client: TestClient,
+) -> None:
+    body = padded_event(MAX_BODY + 1)
+    chunk = 64 * 1024
+    headers = {**signed_headers(SECRET, body), **JSON}
+
+    response = client.post(
+        URL,
+        content=iter([body[i : i + chunk] for i in range(0, len(body), chunk)]),
+        headers=headers,
+    )
+
+    assert "content-length" not in response.request.headers
+    assert response.request.headers["transfer-encoding"] == "chunked"
+    assert_error(response, 413)
+    assert inbox() == []
+
+
+def test_streamed_body_stops_being_read_once_past_one_mebibyte(client: TestClient) -> None:
+    """TestClient buffers a request body before the app sees it, so this one goes through
+    httpx's ASGI transport, which hands the app one chunk each time it asks."""
+    chunk, chunks = 64 * 1024, 1024  # 64 MiB on offer
+    pulled = 0
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal pulled
+        for _ in range(chunks):
+            pulled += 1
+            yield b" " * chunk
+
+    async def send() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://receiver") as http:
+            return await http.post(URL, content=body(), headers=JSON)
+
+    response = asyncio.run(send())
+
+    assert_error(response, 413)
+    assert pulled <= MAX_BODY // chunk + 1
+    assert inbox() == []
+
+
+# --------------------------------------------------------------------------------------------
+# 401
+
+
+@pytest.mark.parametrize(
+    "dropped",
+    [
+        ("webhook-id", "webhook-timestamp", "webhook-signature"),
+        ("webhook-id",),
+        ("webhook-timestamp",),
+        ("webhook-signature",),
+    ],
+    ids=["all", "id", "timestamp", "signature"],
+)
+def test_missing_signature_headers_are_refused_with_401_and_nothing_stored(
+    client: TestClient, dropped: tuple[str, ...]
+) -> None:
+    body = encode(clever_event())
+    headers = {**signed_headers(SECRET, body), **JSON}
+    for name in dropped:
+        del headers[name]
+
+    response = client.post(URL, content=body, headers=headers)
+
+    assert_error(response, 401, "missing_headers")
+    assert inbox() == []
+
+
+def test_signature_from_an_unknown_secret_is_refused_with_401(client: TestClient) -> None:
+    response = post(client, encode(clever_event()), secret=STRANGER_SECRET)
+
+    assert_error(response, 401, "bad_signature")
+    assert inbox() == []
+
+
+def test_body_changed_after_signing_is_refused_with_401(client: TestClient) -> None:
+    signed = encode(clever_event("evt-signed"))
+    headers = {**signed_headers(SECRET, signed), **JSON}
+
+    response = client.post(URL, content=encode(clever_event("evt-forged")), headers=headers)
+
+    assert_error(response, 401, "bad_signature")
+    assert inbox() == []
+
+
+def test_unsigned_garbage_is_refused_with_401_not_400(client: TestClient) -> None:
+    response = post(client, b"not json at all", secret=STRANGER_SECRET)
+
+    assert_error(response, 401, "bad_signature")
+    assert inbox() == []
+
+
+# 10 s past the limit: int(time.time()) and the request's own run time cannot eat that margin.
+@pytest.mark.parametrize(
+    "offset", [-310, -3600, 310, 3600], ids=["5m10s-old", "1h-old", "5m10s-ahead", "1h-ahead"]
+)
+def test_timestamp_more_than_five_minutes_off_is_refused_with_401(
+    client: TestClient, offset: int
+) -> None:
+    body = encode(clever_event())
+    headers = {**signed_headers(SECRET, body, timestamp=int(time.time()) + offset), **JSON}
+
+    response = client.post(URL, content=body, headers=headers)
+
+    assert_error(response, 401, "stale_timestamp")
+    assert inbox() == []
+
+
+@pytest.mark.parametrize("offset", [-240, 240], ids=["4m-old", "4m-ahead"])
+def test_timestamp_within_five_minutes_is_accepted(client: TestClient, offset: int) -> None:
+    body = encode(clever_event("evt-skewed"))
+    headers = {**signed_headers(SECRET, body, timestamp=int(time.time()) + offset), **JSON}
+
+    response = client.post(URL, content=body, headers=headers)
+
+    assert response.status_code == 202
+    assert [ev.id for ev in inbox()] == ["evt-skewed"]
+
+
+# --------------------------------------------------------------------------------------------
+# Secret rotation
+
+
+def test_events_signed_with_either_rotated_secret_are_accepted(
+    configure: Configure, database_url: str
+) -> None:
+    configure(
+        DATABASE_URL=database_url,
+        BROKER_URL=CLOSED_BROKER,
+        WEBHOOK_SECRETS=f"{OLD_SECRET}, {NEW_SECRET}",
+    )
+    with TestClient(app) as client:
+        old = post(client, encode(clever_event("evt-old")), secret=OLD_SECRET)
+        new = post(client, encode(clever_event("evt-new")), secret=NEW_SECRET)
+        stranger = post(client, encode(clever_event("evt-stranger")), secret=STRANGER_SECRET)
+
+    assert old.json() == {"event": "evt-old", "status": "accepted"}
+    assert new.json() == {"event": "evt-new", "status": "accepted"}
+    assert_error(stranger, 401, "bad_signature")
+    assert [ev.id for ev in inbox()] == ["evt-new", "evt-old"]
+
+
+def test_receiver_without_a_configured_secret_accepts_nothing(
+    configure: Configure, database_url: str
+) -> None:
+    configure(DATABASE_URL=database_url, BROKER_URL=CLOSED_BROKER, WEBHOOK_SECRETS=None)
+    with TestClient(app) as client:
+        response = post(client, encode(clever_event()))
+
+    assert_error(response, 503)
+    assert inbox() == []
+
+
+def test_malformed_webhook_secret_answers_a_json_error_not_a_bare_500(
+    configure: Configure, database_url: str
+) -> None:
+    configure(
+        DATABASE_URL=database_url, BROKER_URL=CLOSED_BROKER, WEBHOOK_SECRETS="whsec_not*base64"
+    )
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = post(client, encode(clever_event()), secret=SECRET)
+
+    assert_error(response, 503)
+    assert inbox() == []
+
+
+# --------------------------------------------------------------------------------------------
+# 400 and rejected
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b"not json", "invalid_json"),
+        (b'{"id": "evt-cut", "type": "users.up', "invalid_json"),
+        (b"\xff\xfe\x00{", "invalid_json"),
+        (encode({"type": "users.updated", "data": {"object": {"id": "u"}}}), "invalid_event"),
+        (encode({"id": "evt-untyped", "data": {"object": {"id": "u"}}}), "invalid_event"),
+        (encode({"id": "", "type": "users.updated"}), "invalid_event"),
+        (encode({"id": 17, "type": "users.updated"}), "invalid_event"),
+        (encode([clever_event()]), "invalid_event"),
+    ],
+    ids=["text", "truncated", "not-utf8", "no-id", "no-type", "empty-id", "int-id", "array"],
+)
+def test_signed_body_that_is_not_an_event_is_refused_with_400_and_nothing_stored(
+    client: TestClient, body: bytes, code: str
+) -> None:
+    response = post(client, body)
+
+    assert_error(response, 400, code)
+    assert inbox() == []
+
+
+@pytest.mark.parametrize(
+    ("event", "problem"),
+    [
+        ({"id": "evt-odd", "type": "users.updated"}, "data.object"),
+        (clever_event("evt-odd", data={"object": STEVE}), "data.object"),
+        (clever_event("evt-odd", data={"object": {"name": "no id"}}), "id"),
+        (clever_event("evt-odd", created="last tuesday"), "created"),
+        (clever_event("evt-odd", created=1725372321), "created"),
+    ],
+    ids=["no-data", "object-not-a-dict", "object-without-id", "created-text", "created-number"],
+)
+def test_signed_event_we_cannot_interpret_is_kept_as_rejected(
+    client: TestClient, caplog: pytest.LogCaptureFixture, event: dict[str, Any], problem: str
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="grassroots.tasks"):
+        response = post(client, encode(event))
+
+    assert response.status_code == 202
+    assert response.json() == {"event": "evt-odd", "status": "accepted"}
+    [stored] = inbox()
+    assert stored.status == "rejected"
+    assert stored.error is not None and problem in stored.error
+    assert stored.payload == event
+    # Nothing is sent to the workers for it: no attempt was made to reach the (absent) broker.
+    assert not any(BROKER_DOWN_LOG in record.getMessage() for record in caplog.records)
+
+
+def test_rejected_event_sent_again_is_a_duplicate(client: TestClient) -> None:
+    event = {"id": "evt-odd", "type": "users.updated"}
+    post(client, encode(event))
+
+    response = post(client, encode(event))
+
+    assert response.json() == {"event": "evt-odd", "status": "duplicate"}
+    assert [(ev.id, ev.status) for ev in inbox()] == [("evt-odd", "rejected")]
+
+
+# --------------------------------------------------------------------------------------------
+# 503
+
+
+def test_unreachable_database_answers_503_quickly_so_the_sender_retries(
+    configure: Configure,
+) -> None:
+    configure(DATABASE_URL=CLOSED_DATABASE, BROKER_URL=CLOSED_BROKER, WEBHOOK_SECRETS=SECRET)
+    with TestClient(app) as client:
+        started = time.monotonic()
+        response = post(client, encode(clever_event()))
+        elapsed = time.monotonic() - started
+
+    assert_error(response, 503, "database_unavailable")
+    assert elapsed < 5, f"a 503 for a dead database took {elapsed:.1f}s"

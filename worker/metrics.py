@@ -1,0 +1,136 @@
+"""Prometheus metrics, read from the database and the broker at scrape time.
+
+The state lives in SQL and Redis, not in any one process, so a scrape of any receiver sees the
+whole pipeline however many workers run, and nothing is lost when a process restarts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
+
+from models import DeadLetter, DistrictExit, ExitUnit, JournalEntry, RosterEvent, utcnow
+from worker.db import session_scope
+from worker.ops import queue_depths
+
+
+def _outcome(rule: str, after: dict[str, Any] | None) -> tuple[str, str]:
+    """(role, outcome) of a conversion from its journal rule, e.g. ``admin+teacher:remove``."""
+    roles, _, policy = rule.partition(":")
+    if roles.startswith("lost"):
+        return roles.removeprefix("lost:") or "none", "role_removed"
+    outcome = "removed" if policy == "remove" and roles == "admin" else "converted"
+    return roles or "none", outcome
+
+
+class PipelineCollector(Collector):
+    def collect(self) -> Iterator[Any]:
+        up = GaugeMetricFamily(
+            "grassroots_up", "Whether a dependency answered the scrape", labels=["dependency"]
+        )
+        try:
+            yield from self._database()
+            up.add_metric(["database"], 1)
+        except SQLAlchemyError:
+            up.add_metric(["database"], 0)
+        try:
+            depths, unacked = queue_depths()
+            depth = GaugeMetricFamily(
+                "grassroots_queue_depth_messages",
+                "Messages waiting in each Celery queue",
+                labels=["queue"],
+            )
+            for name, n in depths.items():
+                depth.add_metric([name], n)
+            yield depth
+            yield GaugeMetricFamily(
+                "grassroots_queue_unacked_messages",
+                "Messages delivered to a worker and not yet acknowledged",
+                value=unacked,
+            )
+            up.add_metric(["broker"], 1)
+        except redis.RedisError:
+            up.add_metric(["broker"], 0)
+        yield up
+
+    def _database(self) -> Iterator[Any]:
+        now = utcnow()
+        with session_scope() as session:
+            events = CounterMetricFamily(
+                "grassroots_events",
+                "Roster events received, by type and current status",
+                labels=["type", "status"],
+            )
+            for type_, status, n in session.execute(
+                select(RosterEvent.type, RosterEvent.status, func.count()).group_by(
+                    RosterEvent.type, RosterEvent.status
+                )
+            ):
+                events.add_metric([type_, status], n)
+            retries = session.scalar(
+                select(func.coalesce(func.sum(RosterEvent.attempts - 1), 0)).where(
+                    RosterEvent.attempts > 1
+                )
+            )
+            held = session.scalar(
+                select(func.count()).select_from(RosterEvent).where(RosterEvent.status == "held")
+            )
+            conversions = CounterMetricFamily(
+                "grassroots_conversions",
+                "Accounts converted, by role and outcome",
+                labels=["role", "outcome"],
+            )
+            totals: dict[tuple[str, str], int] = {}
+            for rule, n in session.execute(
+                select(JournalEntry.rule, func.count())
+                .where(JournalEntry.kind == "account")
+                .group_by(JournalEntry.rule)
+            ):
+                key = _outcome(rule, None)
+                totals[key] = totals.get(key, 0) + n
+            for (role, outcome), n in sorted(totals.items()):
+                conversions.add_metric([role, outcome], n)
+            dead, oldest = session.execute(
+                select(func.count(), func.min(DeadLetter.first_failed_at)).where(
+                    DeadLetter.resolved_at.is_(None)
+                )
+            ).one()
+            exits_running = session.scalar(
+                select(func.count())
+                .select_from(DistrictExit)
+                .where(DistrictExit.status == "running")
+            )
+            units = session.scalar(
+                select(func.count()).select_from(ExitUnit).where(ExitUnit.status == "pending")
+            )
+        yield events
+        yield conversions
+        yield CounterMetricFamily(
+            "grassroots_task_retries", "Event task attempts beyond the first", value=retries or 0
+        )
+        yield GaugeMetricFamily("grassroots_dead_letters", "Open dead letters", value=dead or 0)
+        age = (now - oldest).total_seconds() if oldest is not None else 0
+        yield GaugeMetricFamily(
+            "grassroots_dead_letter_oldest_age_seconds",
+            "Age of the oldest open dead letter",
+            value=age,
+        )
+        yield GaugeMetricFamily(
+            "grassroots_held_removals", "Removals held by the brake", value=held or 0
+        )
+        yield GaugeMetricFamily(
+            "grassroots_district_exits_in_progress",
+            "District exits still running",
+            value=exits_running or 0,
+        )
+        yield GaugeMetricFamily(
+            "grassroots_exit_units_pending",
+            "Fan-out units of running exits not yet done",
+            value=units or 0,
+        )

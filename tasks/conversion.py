@@ -72,7 +72,7 @@ class Outcome:
 
     @property
     def changed(self) -> bool:
-        return self.journal_entries > 0
+        return self.journal_entries > 0 or bool(self.classes_removed)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -486,6 +486,24 @@ def _mark(
     return total
 
 
+def _drop_under(session: Session, class_ids: list[str], entry_id: int) -> Outcome:
+    out = Outcome(classes_removed=class_ids)
+    targets: tuple[tuple[Any, Any], ...] = (
+        *((model, model.class_id) for model in CLASS_CHILDREN),
+        (Class, Class.id),
+    )
+    for model, subject in targets:
+        result = session.execute(
+            update(model)
+            .where(subject.in_(class_ids), model.removed_by.is_(None))
+            .values(removed_by=entry_id)
+            .execution_options(synchronize_session=False)
+        )
+        if model is not Class:
+            out.links_removed += _rowcount(result)
+    return out
+
+
 def _drop_orphaned_classes(
     session: Session,
     class_ids: Sequence[str],
@@ -529,9 +547,16 @@ def drop_classes(
     rule: str,
     parent_id: int | None = None,
     parents: dict[str, int | None] | None = None,
+    under: int | None = None,
 ) -> Outcome:
     """Remove district classes with everything hanging off them: teacher links, enrollments (and
-    so the coaching through them), goals and assignments. Progress is not touched."""
+    so the coaching through them), goals and assignments. Progress is not touched.
+
+    Each class gets a journal entry of its own (under ``parent_id``, or its ``parents`` entry), so
+    restoring the cause restores it. A district exit passes ``under``, its own entry: every row is
+    stamped with that directly, as only the whole exit is ever restored, and 20,000 classes then
+    cost no journal rows at all.
+    """
     out = Outcome()
     live: list[tuple[str, str | None]] = []
     for chunk in _chunks(sorted(set(class_ids))):
@@ -549,6 +574,9 @@ def drop_classes(
         )
     if not live:
         return out
+    ids = [cid for cid, _ in live]
+    if under is not None:
+        return _drop_under(session, ids, under)
     batch = _new_batch()
     session.execute(
         insert(JournalEntry),
@@ -566,7 +594,6 @@ def drop_classes(
             for cid, did in live
         ],
     )
-    ids = [cid for cid, _ in live]
     out.journal_entries += len(ids)
     for model in CLASS_CHILDREN:
         out.links_removed += _mark(session, model, model.class_id, ids, batch, "class")
@@ -859,9 +886,7 @@ def exit_teacher_unit(
             Class.removed_by.is_(None),
         )
     ).all()
-    return drop_classes(
-        session, class_ids, trigger=trigger, rule="district_exit", parent_id=root_id
-    )
+    return drop_classes(session, class_ids, trigger=trigger, rule="district_exit", under=root_id)
 
 
 def exit_account_batch(
@@ -878,7 +903,7 @@ def finish_district_exit(
     leftover = session.scalars(
         select(Class.id).where(Class.district_id == district_id, Class.removed_by.is_(None))
     ).all()
-    out = drop_classes(session, leftover, trigger=trigger, rule="district_exit", parent_id=root_id)
+    out = drop_classes(session, leftover, trigger=trigger, rule="district_exit", under=root_id)
     return out.merge(
         convert_accounts(
             session, exit_account_ids(session, district_id), trigger=trigger, parent_id=root_id
@@ -1092,7 +1117,9 @@ def _reconcile_classes(session: Session, now: datetime) -> int:
             select(Class.removed_by)
             .distinct()
             .join(ClassTeacher, ClassTeacher.class_id == Class.id)
-            .where(Class.removed_by.is_not(None), ClassTeacher.removed_by.is_(None))
+            .join(JournalEntry, JournalEntry.id == Class.removed_by)
+            # Only a class's own drop entry: never a whole exit's.
+            .where(JournalEntry.kind == "class", ClassTeacher.removed_by.is_(None))
         )
     )
     if not entry_ids:

@@ -5,6 +5,7 @@ so an event is applied at most once however often it is delivered or replayed.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from tasks import conversion, exits, roster
 from tasks.errors import NotFound, RestoreRefused
 from tasks.inbox import event_object, previous_attributes
 
+log = logging.getLogger("grassroots.events")
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 BRAKE_WINDOW = timedelta(hours=24)
 
@@ -338,6 +340,18 @@ def process_event(session: Session, event_id: str, limits: Limits) -> Routed | N
     ev.status = routed.status
     ev.error = routed.reason
     ev.updated_at = utcnow()
+    log.info(
+        "event %s",
+        routed.status,
+        extra={
+            "event_id": ev.id,
+            "event_type": ev.type,
+            "district_id": ev.district_id,
+            ("account_id" if ev.object_type == "user" else "object_id"): ev.object_id,
+            "reason": routed.reason,
+            **routed.outcome,
+        },
+    )
     if routed.status in ("done", "held"):
         session.add(
             AuditRecord(

@@ -27,6 +27,7 @@ from tasks import conversion, events, exits
 from tasks.errors import InvariantViolation
 from worker.celery_app import app
 from worker.db import session_scope
+from worker.logs import bound
 from worker.settings import get_settings
 
 log = logging.getLogger("grassroots.tasks")
@@ -199,14 +200,15 @@ def process_event(self: Task[Any, Any], event_id: str) -> str | None:
             _lock_timeout(session)
             return events.process_event(session, event_id, _limits())
 
-    routed = _guarded(
-        self,
-        name="grassroots.process_event",
-        args={"event_id": event_id},
-        event_id=event_id,
-        attempt=_bump_event(event_id),
-        work=work,
-    )
+    with bound(event_id=event_id):
+        routed = _guarded(
+            self,
+            name="grassroots.process_event",
+            args={"event_id": event_id},
+            event_id=event_id,
+            attempt=_bump_event(event_id),
+            work=work,
+        )
     if routed is None:
         return None
     if routed.exit_id is not None:

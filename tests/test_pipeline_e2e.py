@@ -298,3 +298,17 @@ def test_brake_holds_mass_removal_until_released(tmp_path: Path, pg_databases: P
         wait_until(lambda: stack.event(second["id"])["status"] == "done", what="release")
         assert stack.account(p.maria)["kind"] == "grassroots"
         assert stack.cli_json("held", "list", "--json") == []
+
+
+def test_logs_are_json_lines_with_ids_bound_and_no_personal_data(stack: Stack, p: People) -> None:
+    event = p.event("log-1", "users.deleted", p.user(p.maria, {"student": {}}), created=T0)
+    assert send(stack, event) == "done"
+    lines = [json.loads(line) for line in stack.log("worker0").splitlines() if line.startswith("{")]
+    applied = [r for r in lines if r.get("event_id") == event["id"] and r["msg"] == "event done"]
+    assert applied and applied[0]["account_id"] == p.maria
+    assert applied[0]["task"] == "grassroots.process_event" and applied[0]["level"] == "info"
+    people = p.copy.data["users"]
+    text = stack.log("worker0") + stack.log("serve")
+    for person in people:
+        assert person["email"] is None or person["email"] not in text
+        assert person["name"]["last"] not in text

@@ -121,3 +121,18 @@ def _refuse_unsafe(sender: Any = None, **_: Any) -> None:
         check_safe(app.conf, get_settings())
     except UnsafeConfiguration as exc:
         raise SystemExit(f"grassroots: {exc}") from exc
+
+
+@signals.setup_logging.connect
+def _json_logs(**_: Any) -> None:
+    # Connecting here stops Celery from installing its own handlers: worker and beat log JSON.
+    from worker.logs import configure
+
+    configure("celery")
+
+
+@signals.task_prerun.connect
+def _bind_task(task_id: str | None = None, task: Any = None, **_: Any) -> None:
+    from worker.logs import _bound
+
+    _bound.set({"task": getattr(task, "name", None), "task_id": task_id})

@@ -286,8 +286,11 @@ def serve(host: str, port: int, workers: int) -> None:
     """Run the webhook receiver and ops API."""
     import uvicorn
 
+    from worker.logs import configure
+
+    configure("serve")
     uvicorn.run(
-        "worker.api:app", host=host, port=port, workers=workers, access_log=False, log_level="info"
+        "worker.api:app", host=host, port=port, workers=workers, access_log=False, log_config=None
     )
 
 

@@ -562,5 +562,15 @@ def run(host: str, port: int, flower_port: int) -> None:
     sys.exit(run_stack(host=host, port=port, flower_port=flower_port))
 
 
+@main.command()
+@click.option("--url", default="http://127.0.0.1:8000/webhooks/clever", show_default=True)
+def demo(url: str) -> None:
+    """A first look, beside `grassroots run`: seed an example district, send two signed roster
+    events, show the accounts before and after."""
+    from worker.demo import run_demo
+
+    run_demo(url)
+
+
 if __name__ == "__main__":
     main()

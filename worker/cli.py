@@ -533,14 +533,19 @@ def send_webhook(file: Path, url: str) -> None:
 def flower(address: str, port: int) -> None:
     """Run Flower (queue depth per queue, workers, tasks). FLOWER_BASIC_AUTH (user:password) is
     required unless it listens on loopback only."""
-    from worker.celery_app import app
-
     auth = get_settings().flower_basic_auth
     loopback = address in ("127.0.0.1", "localhost", "::1")
     if not auth and not loopback:
-        fail(f"refusing to serve Flower on {address} without FLOWER_BASIC_AUTH (user:password)")
-    if auth and ":" not in auth:
-        fail("FLOWER_BASIC_AUTH must be user:password (several: comma-separated)")
+        fail(
+            f"refusing to serve Flower on {address or 'every interface'} without"
+            " FLOWER_BASIC_AUTH (user:password)"
+        )
+    if auth and not all(
+        user and password for user, _, password in (c.partition(":") for c in auth.split(","))
+    ):
+        fail("FLOWER_BASIC_AUTH must be user:password, neither empty (several: comma-separated)")
+    from worker.celery_app import app
+
     # With the Redis broker Flower reads each named queue's depth from Redis itself.
     argv = ["flower", f"--address={address}", f"--port={port}", "--purge_offline_workers=60"]
     if auth:

@@ -1,0 +1,169 @@
+"""``grassroots flower`` for real: basic auth on its UI and API, the depth of each of our named
+queues, and the refusal to listen beyond loopback without credentials (SPEC §5.6, §7)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from tests.stack import BIN, RedisServer, spare_port, wait_until
+from worker.celery_app import QUEUES, app
+
+pytestmark = pytest.mark.slow
+
+CREDENTIALS = ("user", "pass")
+PROTECTED = ("/", "/api/workers", "/api/queues/length")
+# Addresses that listen on every interface (Tornado takes "" so too).
+EVERY_INTERFACE = ("0.0.0.0", "::", "")  # noqa: S104
+
+
+def clean_env(**env: str) -> dict[str, str]:
+    # Flower takes any FLOWER_* variable as an option: only the test's own may reach it.
+    inherited = {
+        k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "FLOWER_", "BROKER_"))
+    }
+    return {**inherited, **env}
+
+
+@dataclass
+class Flower:
+    base: str
+    broker: RedisServer
+
+    def get(self, path: str, auth: tuple[str, str] | None = None) -> httpx.Response:
+        return httpx.get(f"{self.base}{path}", auth=auth, timeout=10)
+
+    def queue_depths(self) -> dict[str, int]:
+        response = self.get("/api/queues/length", auth=CREDENTIALS)
+        assert response.status_code == 200, response.text
+        return {q["name"]: q["messages"] for q in response.json()["active_queues"]}
+
+
+# One broker and one Flower for the module: starting Flower takes seconds, and only
+# test_flower_reports_the_depth_of_each_named_queue puts anything in the broker (after emptying it).
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("flower")
+
+
+@pytest.fixture(scope="module")
+def broker(workdir: Path) -> Iterator[RedisServer]:
+    server = RedisServer(workdir)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def flower(broker: RedisServer, workdir: Path) -> Iterator[Flower]:
+    port = spare_port()
+    log = workdir / "flower.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(BIN), "flower", "--address", "127.0.0.1", "--port", str(port)],
+            env=clean_env(BROKER_URL=broker.url, FLOWER_BASIC_AUTH=":".join(CREDENTIALS)),
+            cwd=workdir,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    running = Flower(f"http://127.0.0.1:{port}", broker)
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"flower exited {proc.returncode}: {log.read_text()}")
+        try:
+            # Flower's one page without credentials, and what docker-compose.yml's healthcheck asks.
+            return running.get("/healthcheck").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(up, timeout=60, what="flower")
+        yield running
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+@pytest.mark.parametrize("path", PROTECTED)
+def test_flower_refuses_requests_without_valid_credentials(flower: Flower, path: str) -> None:
+    assert flower.get(path).status_code == 401
+    assert flower.get(path, auth=("user", "wrong")).status_code == 401
+    assert flower.get(path, auth=("intruder", "pass")).status_code == 401
+
+
+def test_flower_ui_asks_a_browser_for_credentials(flower: Flower) -> None:
+    response = flower.get("/")
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"].startswith("Basic ")
+
+
+@pytest.mark.parametrize("path", PROTECTED)
+def test_flower_answers_requests_with_valid_credentials(flower: Flower, path: str) -> None:
+    assert flower.get(path, auth=CREDENTIALS).status_code == 200
+
+
+def test_flower_reports_the_depth_of_each_named_queue(flower: Flower) -> None:
+    with redis.Redis.from_url(flower.broker.url) as client:
+        client.delete(*QUEUES)
+    # No worker is running: Flower knows our queues from the app's configuration.
+    assert flower.queue_depths() == dict.fromkeys(QUEUES, 0)
+    # Sent by our own app and its routes (grassroots.relay goes to maintenance), over a
+    # connection to the private broker only.
+    with app.connection_for_write(flower.broker.url) as connection:
+        app.send_task("grassroots.relay", connection=connection)
+        for _ in range(2):
+            app.send_task("grassroots.relay", queue="conversions", connection=connection)
+    assert flower.queue_depths() == {"events": 0, "conversions": 2, "fanout": 0, "maintenance": 1}
+
+
+@pytest.mark.parametrize("address", EVERY_INTERFACE, ids=["ipv4", "ipv6", "empty"])
+def test_flower_will_not_listen_beyond_loopback_without_basic_auth(
+    tmp_path: Path, address: str
+) -> None:
+    port = spare_port()
+    result = subprocess.run(
+        [str(BIN), "flower", "--address", address, "--port", str(port)],
+        env=clean_env(BROKER_URL="redis://127.0.0.1:1/0"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"grassroots: refusing to serve Flower on {address or 'every interface'} without"
+        " FLOWER_BASIC_AUTH (user:password)"
+    ]
+
+
+@pytest.mark.parametrize("auth", ["user", "user:", ":pass", ":", "user:pass,bob"])
+def test_flower_refuses_basic_auth_without_a_user_and_password(tmp_path: Path, auth: str) -> None:
+    result = subprocess.run(
+        [str(BIN), "flower", "--address", EVERY_INTERFACE[0], "--port", str(spare_port())],
+        env=clean_env(BROKER_URL="redis://127.0.0.1:1/0", FLOWER_BASIC_AUTH=auth),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "FLOWER_BASIC_AUTH must be user:password" in result.stderr

@@ -875,18 +875,28 @@ def exit_account_ids(session: Session, district_id: str) -> list[str]:
 def exit_teacher_unit(
     session: Session, district_id: str, teacher_id: str, *, root_id: int, trigger: str
 ) -> Outcome:
-    """Drop the district classes this teacher teaches (and so coaching through them)."""
-    class_ids = session.scalars(
-        select(ClassTeacher.class_id)
-        .join(Class, Class.id == ClassTeacher.class_id)
-        .where(
-            ClassTeacher.teacher_id == teacher_id,
-            ClassTeacher.removed_by.is_(None),
-            Class.district_id == district_id,
-            Class.removed_by.is_(None),
+    """Drop the district classes this teacher teaches (and so coaching through them).
+
+    The classes are locked in id order: a co-taught class is in two teachers' units, and the
+    second waits for the first, then finds it gone.
+    """
+    class_ids = list(
+        session.scalars(
+            select(Class.id)
+            .join(ClassTeacher, ClassTeacher.class_id == Class.id)
+            .where(
+                ClassTeacher.teacher_id == teacher_id,
+                ClassTeacher.removed_by.is_(None),
+                Class.district_id == district_id,
+                Class.removed_by.is_(None),
+            )
+            .order_by(Class.id)
+            .with_for_update(of=Class)
         )
-    ).all()
-    return drop_classes(session, class_ids, trigger=trigger, rule="district_exit", under=root_id)
+    )
+    if not class_ids:
+        return Outcome()
+    return _drop_under(session, class_ids, root_id)
 
 
 def exit_account_batch(

@@ -96,17 +96,21 @@ class UnitResult:
 def run_unit(session: Session, exit_id: int, key: str, *, trigger: str) -> UnitResult:
     """Run one unit exactly once: its work, its ``done`` mark and the exit's count commit
     together."""
-    unit = session.get(ExitUnit, (exit_id, key), with_for_update=True)
-    if unit is None:
+    found = session.execute(
+        select(ExitUnit, DistrictExit.district_id)
+        .join(DistrictExit, DistrictExit.id == ExitUnit.exit_id)
+        .where(ExitUnit.exit_id == exit_id, ExitUnit.key == key)
+        .with_for_update(of=ExitUnit)
+    ).one_or_none()
+    if found is None:
         raise NotFound(f"no unit {key} in exit {exit_id}")
+    unit, district_id = found
     if unit.status != "pending":
         return UnitResult(False, False, conversion.Outcome())
-    district_exit = session.get(DistrictExit, exit_id)
-    assert district_exit is not None
     if unit.kind == "teacher":
         outcome = conversion.exit_teacher_unit(
             session,
-            district_exit.district_id,
+            district_id,
             unit.account_ids[0],
             root_id=exit_id,
             trigger=trigger,

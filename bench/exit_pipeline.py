@@ -1,0 +1,233 @@
+#!/usr/bin/env python3
+"""Benchmark: a whole district exit through the real pipeline.
+
+Seeds a synthetic district (shared/tools/make_district.py) into a fresh Postgres database, starts
+a private redis-server and `grassroots worker` processes, starts the exit with
+`grassroots district exit ID`, and times it until the exit is done. Reports accounts/s and the peak
+resident memory of each worker process tree.
+
+    .venv/bin/python bench/exit_pipeline.py                       # the 100,000-student district
+    .venv/bin/python bench/exit_pipeline.py --students 5000 --teachers 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+BIN = Path(sys.executable).parent / "grassroots"
+OUT = ROOT / "bench" / "out"
+ADMIN_URL = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def spare_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def district_file(students: int, teachers: int) -> Path:
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / f"district-s{students}-t{teachers}.json"
+    if not path.exists():
+        subprocess.run(
+            [
+                sys.executable,
+                str(SHARED / "tools" / "make_district.py"),
+                "--students",
+                str(students),
+                "--teachers",
+                str(teachers),
+                "--out",
+                str(path),
+            ],
+            check=True,
+        )
+    return path
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of a process and all its descendants."""
+    parents: dict[int, int] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            status = Path(f"/proc/{entry}/status").read_text()
+        except OSError:
+            continue
+        parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                rss[int(entry)] = int(line.split()[1]) * 1024
+    family = {pid}
+    changed = True
+    while changed:
+        changed = False
+        for child, parent in parents.items():
+            if parent in family and child not in family:
+                family.add(child)
+                changed = True
+    return sum(rss.get(p, 0) for p in family)
+
+
+class Sampler(threading.Thread):
+    def __init__(self, pids: list[int]) -> None:
+        super().__init__(daemon=True)
+        self.pids = pids
+        self.peak = dict.fromkeys(pids, 0)
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for pid in self.pids:
+                self.peak[pid] = max(self.peak[pid], tree_rss(pid))
+            self.stop.wait(0.2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--students", type=int, default=100_000)
+    parser.add_argument("--teachers", type=int, default=4_000)
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (main + pool)")
+    parser.add_argument("--concurrency", type=int, default=2, help="pool size of each worker")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    roster = district_file(args.students, args.teachers)
+    district_id = json.loads(roster.read_text())["districts"][0]["id"]
+    name = f"grbench_exit_{os.getpid()}"
+    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"'.encode())
+    url = ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    tmp = Path(tempfile.mkdtemp(prefix="grbench-"))
+    redis_port = spare_port()
+    redis = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(redis_port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    env = {
+        **os.environ,
+        "DATABASE_URL": url,
+        "BROKER_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "LOG_LEVEL": "WARNING",
+    }
+    workers: list[subprocess.Popen[bytes]] = []
+    result: dict[str, Any] = {
+        "students": args.students,
+        "teachers": args.teachers,
+        "workers": args.workers,
+        "concurrency": args.concurrency,
+    }
+    try:
+        subprocess.run([str(BIN), "db", "upgrade"], env=env, check=True, capture_output=True)
+        started = time.monotonic()
+        subprocess.run([str(BIN), "seed", str(roster)], env=env, check=True, capture_output=True)
+        result["seed_s"] = round(time.monotonic() - started, 1)
+        with psycopg.connect(url) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM accounts WHERE district_id = %s", (district_id,)
+            ).fetchone()
+            assert row is not None
+            result["accounts"] = int(row[0])
+        for n in range(args.workers):
+            with (tmp / f"worker{n}.log").open("wb") as log:
+                workers.append(
+                    subprocess.Popen(
+                        [
+                            str(BIN),
+                            "worker",
+                            "--concurrency",
+                            str(args.concurrency),
+                            "-l",
+                            "warning",
+                        ],
+                        env=env,
+                        cwd=tmp,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
+        sampler = Sampler([w.pid for w in workers])
+        sampler.start()
+        started = time.monotonic()
+        subprocess.run(
+            [str(BIN), "district", "exit", district_id], env=env, check=True, capture_output=True
+        )
+        with psycopg.connect(url, autocommit=True) as conn:
+            while True:
+                row = conn.execute(
+                    "SELECT status, units_done, units_total FROM district_exits"
+                    " WHERE district_id = %s ORDER BY id DESC LIMIT 1",
+                    (district_id,),
+                ).fetchone()
+                if row is not None and row[0] == "done":
+                    break
+                if any(w.poll() is not None for w in workers):
+                    raise SystemExit("a worker died: see " + str(tmp))
+                time.sleep(0.2)
+            elapsed = time.monotonic() - started
+            left = conn.execute(
+                "SELECT count(*) FROM accounts WHERE district_id = %s", (district_id,)
+            ).fetchone()
+            units = row[2]
+        sampler.stop.set()
+        sampler.join()
+        assert left == (0,), f"{left} accounts left in the district"
+        result.update(
+            {
+                "exit_s": round(elapsed, 2),
+                "units": units,
+                "accounts_per_s": round(result["accounts"] / elapsed),
+                "peak_worker_rss_mb": [round(v / 2**20) for v in sampler.peak.values()],
+            }
+        )
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                os.killpg(w.pid, signal.SIGKILL)
+                w.wait()
+        redis.terminate()
+        redis.wait()
+        with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
+        shutil.rmtree(tmp, ignore_errors=True)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>20}  {value}")
+
+
+if __name__ == "__main__":
+    main()

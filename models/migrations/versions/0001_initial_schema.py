@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-28 14:34:22.807656
+Create Date: 2026-11-28 15:16:20.817565
 
 """
 from typing import Sequence, Union
@@ -134,7 +134,6 @@ def upgrade() -> None:
     sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
     sa.CheckConstraint('(district_synced AND district_id IS NOT NULL) OR (NOT district_synced AND district_id IS NULL)', name=op.f('ck_classes_synced_has_district')),
     sa.ForeignKeyConstraint(['district_id'], ['districts.id'], name=op.f('fk_classes_district_id_districts'), ondelete='RESTRICT'),
-    sa.ForeignKeyConstraint(['removed_by'], ['conversion_journal.id'], name=op.f('fk_classes_removed_by_conversion_journal'), ondelete='RESTRICT'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_classes'))
     )
     op.create_index(op.f('ix_classes_district_id'), 'classes', ['district_id'], unique=False)
@@ -185,7 +184,6 @@ def upgrade() -> None:
     sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['class_id'], ['classes.id'], name=op.f('fk_assignments_class_id_classes'), ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['created_by'], ['accounts.id'], name=op.f('fk_assignments_created_by_accounts'), ondelete='SET NULL'),
-    sa.ForeignKeyConstraint(['removed_by'], ['conversion_journal.id'], name=op.f('fk_assignments_removed_by_conversion_journal'), ondelete='RESTRICT'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_assignments'))
     )
     op.create_index(op.f('ix_assignments_class_id'), 'assignments', ['class_id'], unique=False)
@@ -195,7 +193,6 @@ def upgrade() -> None:
     sa.Column('teacher_id', sa.String(length=64), nullable=False),
     sa.Column('removed_by', sa.Integer(), nullable=True),
     sa.ForeignKeyConstraint(['class_id'], ['classes.id'], name=op.f('fk_class_teachers_class_id_classes'), ondelete='CASCADE'),
-    sa.ForeignKeyConstraint(['removed_by'], ['conversion_journal.id'], name=op.f('fk_class_teachers_removed_by_conversion_journal'), ondelete='RESTRICT'),
     sa.ForeignKeyConstraint(['teacher_id'], ['accounts.id'], name=op.f('fk_class_teachers_teacher_id_accounts'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('class_id', 'teacher_id', name=op.f('pk_class_teachers'))
     )
@@ -206,7 +203,6 @@ def upgrade() -> None:
     sa.Column('student_id', sa.String(length=64), nullable=False),
     sa.Column('removed_by', sa.Integer(), nullable=True),
     sa.ForeignKeyConstraint(['class_id'], ['classes.id'], name=op.f('fk_enrollments_class_id_classes'), ondelete='CASCADE'),
-    sa.ForeignKeyConstraint(['removed_by'], ['conversion_journal.id'], name=op.f('fk_enrollments_removed_by_conversion_journal'), ondelete='RESTRICT'),
     sa.ForeignKeyConstraint(['student_id'], ['accounts.id'], name=op.f('fk_enrollments_student_id_accounts'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('class_id', 'student_id', name=op.f('pk_enrollments'))
     )
@@ -237,7 +233,6 @@ def upgrade() -> None:
     sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['class_id'], ['classes.id'], name=op.f('fk_goals_class_id_classes'), ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['created_by'], ['accounts.id'], name=op.f('fk_goals_created_by_accounts'), ondelete='SET NULL'),
-    sa.ForeignKeyConstraint(['removed_by'], ['conversion_journal.id'], name=op.f('fk_goals_removed_by_conversion_journal'), ondelete='RESTRICT'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_goals'))
     )
     op.create_index(op.f('ix_goals_class_id'), 'goals', ['class_id'], unique=False)
@@ -250,7 +245,6 @@ def upgrade() -> None:
     sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['account_id'], ['accounts.id'], name=op.f('fk_report_access_account_id_accounts'), ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['district_id'], ['districts.id'], name=op.f('fk_report_access_district_id_districts'), ondelete='CASCADE'),
-    sa.ForeignKeyConstraint(['removed_by'], ['conversion_journal.id'], name=op.f('fk_report_access_removed_by_conversion_journal'), ondelete='RESTRICT'),
     sa.PrimaryKeyConstraint('account_id', 'district_id', name=op.f('pk_report_access'))
     )
     op.create_index(op.f('ix_report_access_district_id'), 'report_access', ['district_id'], unique=False)

@@ -169,7 +169,7 @@ def main() -> None:
                             "--concurrency",
                             str(args.concurrency),
                             "-l",
-                            "warning",
+                            os.environ.get("BENCH_WORKER_LOGLEVEL", "warning"),
                         ],
                         env=env,
                         cwd=tmp,

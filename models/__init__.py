@@ -13,6 +13,7 @@ from models.goal import Goal
 from models.journal import JournalEntry
 from models.klass import Class
 from models.object_version import ObjectVersion
+from models.poll_cursor import PollCursor
 from models.report_access import ReportAccess
 from models.roster_event import EVENT_STATUSES, FINAL_STATUSES, RosterEvent
 from models.skill_progress import MASTERY_LEVELS, SkillProgress
@@ -41,6 +42,7 @@ __all__ = [
     "Goal",
     "JournalEntry",
     "ObjectVersion",
+    "PollCursor",
     "ReportAccess",
     "RosterEvent",
     "SkillProgress",

@@ -26,3 +26,8 @@ class InvariantViolation(GrassrootsError):
             f"invariant_violated: learner-owned data of {len(account_ids)} account(s) would change"
             f" ({', '.join(account_ids[:5])}{'…' if len(account_ids) > 5 else ''})"
         )
+
+
+class WaitForRoster(GrassrootsError):
+    """An event names people whose own roster events have not been applied yet (events about
+    different objects race between workers). Transient: the event is retried shortly."""

@@ -31,12 +31,13 @@ from models import (
     utcnow,
 )
 from tasks import conversion, exits, roster
-from tasks.errors import NotFound, RestoreRefused
+from tasks.errors import NotFound, RestoreRefused, WaitForRoster
 from tasks.inbox import event_object, previous_attributes
 
 log = logging.getLogger("grassroots.events")
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 BRAKE_WINDOW = timedelta(hours=24)
+UNKNOWN_MEMBER_ATTEMPTS = 3
 
 
 @dataclass
@@ -245,15 +246,19 @@ def on_section_changed(session: Session, ev: RosterEvent, limits: Limits) -> Rou
         return Routed("ignored", "district unknown or not in the program")
     if klass is not None and (klass.removed_by is not None or not klass.district_synced):
         return Routed("ignored", "class already removed")
-    known = set(
-        session.scalars(
-            select(Account.id).where(
-                Account.id.in_([*section.all_teachers, *section.students]),
-                Account.kind == "district",
-            )
-        )
+    members = [*section.all_teachers, *section.students]
+    accounts = dict(
+        session.execute(select(Account.id, Account.kind).where(Account.id.in_(members)))
+        .tuples()
+        .all()
     )
-    result: dict[str, Any] = {}
+    known = {a for a, kind in accounts.items() if kind == "district"}
+    unknown = set(members) - set(accounts)
+    if unknown and ev.attempts < UNKNOWN_MEMBER_ATTEMPTS:
+        # Their users.created may be in flight on another worker: try again shortly. After a few
+        # attempts the section is applied with the people we know, and the rest are reported.
+        raise WaitForRoster(f"section {section.id} names {len(unknown)} user(s) not known yet")
+    result: dict[str, Any] = {"unknown_members": len(unknown)} if unknown else {}
     if klass is not None:
         prev = previous_attributes(ev.payload)
         gone_students: set[str] = set()
@@ -269,13 +274,14 @@ def on_section_changed(session: Session, ev: RosterEvent, limits: Limits) -> Rou
             )
             gone_teachers = before - set(section.all_teachers)
         if gone_students or gone_teachers:
-            result = conversion.shrink_section(
+            shrunk = conversion.shrink_section(
                 session,
                 section.id,
                 students=sorted(gone_students),
                 teachers=sorted(gone_teachers),
                 trigger=_trigger(ev),
-            ).as_dict()
+            )
+            result.update(shrunk.as_dict())
             session.refresh(klass)
             if klass.removed_by is not None:
                 return Routed("done", outcome=result)

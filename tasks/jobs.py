@@ -24,7 +24,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_rand
 
 from models import DeadLetter, DistrictExit, ExitUnit, RosterEvent, utcnow
 from tasks import conversion, events, exits
-from tasks.errors import InvariantViolation
+from tasks.errors import InvariantViolation, WaitForRoster
 from worker.celery_app import app
 from worker.db import session_scope
 from worker.logs import bound
@@ -41,7 +41,9 @@ T = TypeVar("T")
 def is_transient(exc: BaseException) -> bool:
     """Worth trying again: the database or broker was unreachable, a lock wait timed out, a
     deadlock was broken. Anything else (a missing row, bad data, an invariant) is permanent."""
-    if isinstance(exc, OperationalError | BrokerError | RedisConnectionError | ConnectionError):
+    if isinstance(
+        exc, OperationalError | BrokerError | RedisConnectionError | ConnectionError | WaitForRoster
+    ):
         return True
     return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
 
@@ -406,4 +408,5 @@ TASK_NAMES = (
     "grassroots.finish_exit",
     "grassroots.relay",
     "grassroots.purge",
+    "grassroots.poll",
 )

@@ -77,6 +77,19 @@ def build_config(settings: Settings) -> dict[str, Any]:
         "beat_schedule": {
             "relay": {"task": "grassroots.relay", "schedule": settings.relay_interval},
             "purge": {"task": "grassroots.purge", "schedule": 3600.0},
+            # Only with district tokens to poll. A pass that waited a whole interval in the
+            # queue is dropped: the next one reads the same feed from the same cursor.
+            **(
+                {
+                    "poll": {
+                        "task": "grassroots.poll",
+                        "schedule": settings.poll_interval,
+                        "options": {"expires": settings.poll_interval},
+                    }
+                }
+                if settings.clever_district_tokens
+                else {}
+            ),
         },
         "timezone": "UTC",
         "enable_utc": True,
@@ -105,7 +118,7 @@ def check_safe(conf: Any, settings: Settings) -> None:
 
 def create_app() -> Celery:
     settings = get_settings()
-    celery = Celery("grassroots", include=["tasks.jobs"])
+    celery = Celery("grassroots", include=["tasks.jobs", "tasks.poll_jobs"])
     celery.conf.update(build_config(settings))
     return celery
 

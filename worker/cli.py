@@ -15,6 +15,7 @@ import click
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from worker.cli_poll import poll as poll_command
 from worker.db import refresh_statistics, session_scope
 from worker.settings import ConfigError, get_settings
 
@@ -575,6 +576,9 @@ def demo(url: str) -> None:
     from worker.demo import run_demo
 
     run_demo(url)
+
+
+main.add_command(poll_command)
 
 
 if __name__ == "__main__":

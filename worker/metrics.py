@@ -15,7 +15,16 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from models import DeadLetter, DistrictExit, ExitUnit, JournalEntry, RosterEvent, utcnow
+from models import (
+    DeadLetter,
+    DistrictExit,
+    ExitUnit,
+    JournalEntry,
+    PollCursor,
+    RosterEvent,
+    utcnow,
+)
+from models.poll_cursor import POLL_STATUSES
 from worker.db import session_scope
 from worker.ops import queue_depths
 
@@ -109,8 +118,21 @@ class PipelineCollector(Collector):
             units = session.scalar(
                 select(func.count()).select_from(ExitUnit).where(ExitUnit.status == "pending")
             )
+            polled = GaugeMetricFamily(
+                "grassroots_poll_districts",
+                "Districts read from the Clever Events API, by poller status",
+                labels=["status"],
+            )
+            by_status = dict(
+                session.execute(select(PollCursor.status, func.count()).group_by(PollCursor.status))
+                .tuples()
+                .all()
+            )
+            for status in POLL_STATUSES:
+                polled.add_metric([status], by_status.get(status, 0))
         yield events
         yield conversions
+        yield polled
         yield CounterMetricFamily(
             "grassroots_task_retries", "Event task attempts beyond the first", value=retries or 0
         )

@@ -28,6 +28,7 @@ ENVIRONMENT_VARIABLES = (
     "BROKER_VISIBILITY_TIMEOUT",
     "RELAY_INTERVAL",
     "RELAY_AFTER_SECONDS",
+    "POLL_INTERVAL",
     "EXIT_BATCH_SIZE",
     "LOG_LEVEL",
 )
@@ -95,6 +96,7 @@ class Settings:
     flower_basic_auth: str | None = None
     relay_interval: float = 5.0
     relay_after_seconds: float = 30.0
+    poll_interval: float = 60.0
     exit_batch_size: int = 1000
 
     @property
@@ -120,6 +122,7 @@ def load_settings() -> Settings:
         flower_basic_auth=os.environ.get("FLOWER_BASIC_AUTH") or None,
         relay_interval=_float("RELAY_INTERVAL", 5.0, minimum=0.1),
         relay_after_seconds=_float("RELAY_AFTER_SECONDS", 30.0),
+        poll_interval=_float("POLL_INTERVAL", 60.0, minimum=1.0),
         exit_batch_size=_int("EXIT_BATCH_SIZE", 1000, minimum=1),
     )
 

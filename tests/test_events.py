@@ -1,0 +1,71 @@
+"""Event routing as plain functions: events about different objects that race between workers."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from models import RosterEvent
+from tasks import events
+from tasks.errors import WaitForRoster
+from tasks.inbox import ingest
+from tasks.roster import load_snapshot
+from tasks.view import account_view
+from tests.scenario import DISTRICT, MARIA, RIVERA, S3, example, ids
+
+NEWCOMER = "58c81dcea36279271500beef"
+
+
+def grown_section_event(event_id: str) -> dict[str, object]:
+    section = {
+        "id": S3,
+        "district": DISTRICT,
+        "name": "Grade 6",
+        "teacher": RIVERA,
+        "teachers": [RIVERA],
+        "students": [MARIA, NEWCOMER],
+    }
+    return {
+        "id": event_id,
+        "type": "sections.updated",
+        "created": "2026-10-01T00:00:00Z",
+        "data": {"object": section, "previous_attributes": {"students": [MARIA]}},
+    }
+
+
+def attempt(session: Session, event_id: str, n: int) -> None:
+    session.execute(update(RosterEvent).where(RosterEvent.id == event_id).values(attempts=n))
+
+
+def test_section_naming_a_user_not_yet_created_waits_for_that_user(session: Session) -> None:
+    load_snapshot(session, example())
+    ingest(session, grown_section_event("s-1"), source="webhook")
+    attempt(session, "s-1", 1)
+    with pytest.raises(WaitForRoster):
+        events.process_event(session, "s-1", events.Limits())
+    newcomer = {"id": NEWCOMER, "district": DISTRICT, "roles": {"student": {}}}
+    ingest(
+        session,
+        {
+            "id": "u-1",
+            "type": "users.created",
+            "created": "2026-10-01T00:00:00Z",
+            "data": {"object": newcomer},
+        },
+        source="webhook",
+    )
+    assert events.process_event(session, "u-1", events.Limits()) is not None
+    routed = events.process_event(session, "s-1", events.Limits())
+    assert routed is not None and routed.status == "done"
+    assert ids(account_view(session, NEWCOMER)["classes"]) == [S3]
+
+
+def test_section_applies_the_people_it_knows_after_a_few_attempts(session: Session) -> None:
+    load_snapshot(session, example())
+    ingest(session, grown_section_event("s-2"), source="webhook")
+    attempt(session, "s-2", events.UNKNOWN_MEMBER_ATTEMPTS)
+    routed = events.process_event(session, "s-2", events.Limits())
+    assert routed is not None and routed.status == "done"
+    assert routed.outcome["unknown_members"] == 1
+    assert S3 in ids(account_view(session, MARIA)["classes"])

@@ -1,0 +1,138 @@
+"""``grassroots poll``: pull each district's Clever Events API feed into the inbox (SPEC §5.3).
+
+Registered on the main command line as ``main.add_command(poll)``; ``python -m worker.cli_poll``
+runs it alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import click
+
+from worker.settings import ConfigError, get_settings
+
+if TYPE_CHECKING:
+    from worker.poller import PollResult
+
+
+def _configure_logging(forever: bool) -> None:
+    if logging.getLogger().handlers:
+        return  # somebody (a test, the main CLI) already decided
+    default = "INFO" if forever else "WARNING"
+    logging.basicConfig(
+        level=os.environ.get("LOG_LEVEL") or default,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # httpx logs every request at INFO; the poller logs what matters per district.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def _line(result: PollResult) -> str:
+    counts = f"{result.pages} page(s), {result.events} event(s), {result.new} new"
+    if result.ok:
+        return f"district {result.district_id}: {result.outcome}, {counts}; cursor {result.cursor}"
+    return f"district {result.district_id}: {result.outcome} ({result.error}), {counts}"
+
+
+@click.command("poll")
+@click.option("--forever", is_flag=True, help="Keep polling, one pass every --interval seconds.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=1.0),
+    default=60.0,
+    show_default=True,
+    envvar="POLL_INTERVAL",
+    help="Seconds between passes with --forever (env POLL_INTERVAL).",
+)
+@click.option(
+    "--from-start",
+    is_flag=True,
+    help="Replay each district's whole 30-day window (events already stored are skipped by id).",
+)
+@click.option(
+    "--district",
+    "districts",
+    multiple=True,
+    metavar="ID",
+    help="Only this district (repeatable; default: every district in CLEVER_DISTRICT_TOKENS).",
+)
+@click.option(
+    "--reset",
+    is_flag=True,
+    help="Poll a disconnected or resync_needed district again, from its newest event on.",
+)
+@click.option(
+    "--page-size",
+    type=click.IntRange(1, 10000),
+    default=None,
+    help="Events per request (default 1000; Clever allows up to 10000).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print each pass as a JSON array.")
+def poll(
+    forever: bool,
+    interval: float,
+    from_start: bool,
+    districts: tuple[str, ...],
+    reset: bool,
+    page_size: int | None,
+    as_json: bool,
+) -> None:
+    """Pull the Clever Events API of every district token into the inbox.
+
+    A district's first pass starts at its newest event (history is not replayed unless
+    --from-start asks). Exit status 1 when a district needs attention.
+    """
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from worker.cli import fail
+    from worker.db import session_scope
+    from worker.poller import PollOptions, parse_tokens, poll_all, reset_district
+
+    _configure_logging(forever)
+    try:
+        settings = get_settings()
+        tokens = parse_tokens(settings.clever_district_tokens)
+    except ConfigError as exc:
+        fail(str(exc))
+    if not tokens:
+        fail("CLEVER_DISTRICT_TOKENS names no district to poll")
+    if districts:
+        unknown = sorted(set(districts) - {t.district_id for t in tokens})
+        if unknown:
+            raise click.UsageError(f"no token for district {', '.join(unknown)}")
+        tokens = [t for t in tokens if t.district_id in districts]
+    options = PollOptions.from_settings(settings)
+    if page_size is not None:
+        options = replace(options, page_size=page_size)
+    try:
+        if reset:
+            for token in tokens:
+                reset_district(session_scope, token.district_id)
+        while True:
+            # Each district's failure is caught (and logged) inside: one never stops the others.
+            results = poll_all(session_scope, tokens, options=options, from_start=from_start)
+            if as_json:
+                click.echo(json.dumps([r.as_dict() for r in results]))
+            else:
+                for result in results:
+                    click.echo(_line(result))
+            if not forever:
+                break
+            from_start = False  # the window is replayed once, then the feed is followed
+            time.sleep(interval)
+    except SQLAlchemyError as exc:
+        fail(f"database unavailable: {type(exc).__name__}")
+    troubled = [r for r in results if not r.ok]
+    if troubled:
+        names = ", ".join(f"{r.district_id} ({r.outcome})" for r in troubled)
+        fail(f"{len(troubled)} of {len(results)} district(s) need attention: {names}")
+
+
+if __name__ == "__main__":
+    poll()

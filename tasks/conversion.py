@@ -1077,6 +1077,7 @@ def restore(
     _mark_restored(session, [e.id for e in entries], now)
     result.entries = len(entries)
     result.links_restored += _reconcile_classes(session, now)
+    result.links_restored -= _rehide_links_of_people_who_left(session)
     result.accounts = sorted(set(result.accounts))
     _audit(
         session,
@@ -1128,8 +1129,13 @@ def _reconcile_classes(session: Session, now: datetime) -> int:
             .distinct()
             .join(ClassTeacher, ClassTeacher.class_id == Class.id)
             .join(JournalEntry, JournalEntry.id == Class.removed_by)
-            # Only a class's own drop entry: never a whole exit's.
-            .where(JournalEntry.kind == "class", ClassTeacher.removed_by.is_(None))
+            # Only a drop that a teacher's leaving caused: never a section Clever deleted, nor a
+            # whole exit.
+            .where(
+                JournalEntry.kind == "class",
+                JournalEntry.rule == "last_teacher_left",
+                ClassTeacher.removed_by.is_(None),
+            )
         )
     )
     if not entry_ids:
@@ -1137,6 +1143,50 @@ def _reconcile_classes(session: Session, now: datetime) -> int:
     restored = _undo(session, [e for e in entry_ids if e is not None])
     _mark_restored(session, [e for e in entry_ids if e is not None], now)
     return restored
+
+
+def _rehide_links_of_people_who_left(session: Session) -> int:
+    """Undoing a class drop brings back every link the drop removed, including those of people
+    converted since (their own conversion found the class already gone). Such a link belongs with
+    that person's conversion: it is stamped with their latest journal entry, so it stays hidden
+    now and comes back if they are restored."""
+    hidden = 0
+    link_tables: tuple[tuple[Any, Any], ...] = (
+        (Enrollment, Enrollment.student_id),
+        (ClassTeacher, ClassTeacher.teacher_id),
+    )
+    for link, who in link_tables:
+        stray = session.execute(
+            select(link.class_id, who)
+            .join(Class, Class.id == link.class_id)
+            .join(Account, Account.id == who)
+            .where(
+                link.removed_by.is_(None),
+                Class.district_synced.is_(True),
+                or_(Account.kind != "district", Account.status != "active"),
+            )
+        ).all()
+        for class_id, account_id in stray:
+            entry = session.scalar(
+                select(JournalEntry.id)
+                .where(
+                    JournalEntry.kind == "account",
+                    JournalEntry.account_id == account_id,
+                    JournalEntry.restored_at.is_(None),
+                )
+                .order_by(JournalEntry.id.desc())
+                .limit(1)
+            )
+            if entry is None:
+                raise InvariantViolation([account_id])
+            session.execute(
+                update(link)
+                .where(link.class_id == class_id, who == account_id)
+                .values(removed_by=entry)
+                .execution_options(synchronize_session=False)
+            )
+            hidden += 1
+    return hidden
 
 
 def purge(session: Session, *, retention_days: int, now: datetime | None = None) -> int:

@@ -139,7 +139,7 @@ def main() -> None:
         **os.environ,
         "DATABASE_URL": url,
         "BROKER_URL": f"redis://127.0.0.1:{redis_port}/0",
-        "LOG_LEVEL": "WARNING",
+        "LOG_LEVEL": os.environ.get("LOG_LEVEL", "WARNING"),
     }
     workers: list[subprocess.Popen[bytes]] = []
     result: dict[str, Any] = {

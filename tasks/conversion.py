@@ -38,6 +38,7 @@ from models import (
     utcnow,
 )
 from tasks.errors import InvariantViolation, NotFound, RestoreRefused
+from tasks.sql import in_ids
 
 # Tables whose rows a conversion can soft-remove, children before parents (purge order).
 REMOVABLE = (Goal, Assignment, Enrollment, ClassTeacher, ReportAccess, Class)
@@ -200,7 +201,7 @@ def learner_checksums(session: Session, account_ids: Sequence[str]) -> dict[str,
     for ids in _chunks(account_ids):
         for ident in session.execute(
             select(Account.id, Account.clever_id, Account.email, Account.name).where(
-                Account.id.in_(ids)
+                in_ids(Account.id, ids)
             )
         ):
             parts[ident[0]].append(("account", *ident[1:]))
@@ -210,7 +211,7 @@ def learner_checksums(session: Session, account_ids: Sequence[str]) -> dict[str,
                 SkillProgress.skill,
                 SkillProgress.points,
                 SkillProgress.mastery,
-            ).where(SkillProgress.student_id.in_(ids))
+            ).where(in_ids(SkillProgress.student_id, ids))
         ):
             parts[row[0]].append(("progress", *row[1:]))
         independent: dict[str, set[str]] = defaultdict(set)
@@ -221,7 +222,7 @@ def learner_checksums(session: Session, account_ids: Sequence[str]) -> dict[str,
             for acct, class_id, removed in session.execute(
                 select(who, link.class_id, link.removed_by)
                 .join(Class, Class.id == link.class_id)
-                .where(who.in_(ids), Class.district_synced.is_(False))
+                .where(in_ids(who, ids), Class.district_synced.is_(False))
             ):
                 parts[acct].append((link.__tablename__, class_id, removed))
                 independent[class_id].add(acct)
@@ -230,7 +231,7 @@ def learner_checksums(session: Session, account_ids: Sequence[str]) -> dict[str,
             for owned in (Goal, Assignment):
                 for item_id, class_id, removed in session.execute(
                     select(owned.id, owned.class_id, owned.removed_by).where(
-                        owned.class_id.in_(class_ids)
+                        in_ids(owned.class_id, class_ids)
                     )
                 ):
                     for acct in independent[class_id]:
@@ -283,7 +284,7 @@ def _lock_accounts(session: Session, ids: Sequence[str]) -> dict[str, Any]:
                 Account.status,
                 Account.district_id,
             )
-            .where(Account.id.in_(chunk))
+            .where(in_ids(Account.id, chunk))
             .order_by(Account.id)
             .with_for_update()
         ):
@@ -316,7 +317,7 @@ def apply_plans(
                 select(Enrollment.student_id)
                 .distinct()
                 .where(
-                    Enrollment.student_id.in_(students),
+                    in_ids(Enrollment.student_id, students),
                     Enrollment.removed_by.is_(None),
                     Enrollment.class_id.in_(live_synced),
                 )
@@ -329,7 +330,7 @@ def apply_plans(
         list(
             session.execute(
                 select(ClassTeacher.class_id, ClassTeacher.teacher_id).where(
-                    ClassTeacher.teacher_id.in_(teachers),
+                    in_ids(ClassTeacher.teacher_id, teachers),
                     ClassTeacher.removed_by.is_(None),
                     ClassTeacher.class_id.in_(live_synced),
                 )
@@ -342,7 +343,7 @@ def apply_plans(
         set(
             session.scalars(
                 select(ReportAccess.account_id).where(
-                    ReportAccess.account_id.in_(admins), ReportAccess.removed_by.is_(None)
+                    in_ids(ReportAccess.account_id, admins), ReportAccess.removed_by.is_(None)
                 )
             )
         )
@@ -387,7 +388,7 @@ def apply_plans(
     affected = sorted({c for c, _ in teaching})
     for chunk in _chunks(affected):
         session.execute(
-            select(Class.id).where(Class.id.in_(chunk)).order_by(Class.id).with_for_update()
+            select(Class.id).where(in_ids(Class.id, chunk)).order_by(Class.id).with_for_update()
         )
 
     if enrolled:
@@ -423,7 +424,7 @@ def apply_plans(
         for chunk in _chunks(group):
             session.execute(
                 update(Account)
-                .where(Account.id.in_(chunk))
+                .where(in_ids(Account.id, chunk))
                 .values(**target.columns(), updated_at=utcnow())
                 .execution_options(synchronize_session=False)
             )
@@ -467,7 +468,7 @@ def _mark(
     total = 0
     journal_subject = JournalEntry.account_id if kind == "account" else JournalEntry.class_id
     for chunk in _chunks(subject_ids):
-        conditions = [subject.in_(chunk), model.removed_by.is_(None)]
+        conditions = [in_ids(subject, chunk), model.removed_by.is_(None)]
         if extra is not None:
             conditions.append(extra)
         # UPDATE ... FROM the journal: one join, on Postgres and SQLite alike.
@@ -495,7 +496,7 @@ def _drop_under(session: Session, class_ids: list[str], entry_id: int) -> Outcom
     for model, subject in targets:
         result = session.execute(
             update(model)
-            .where(subject.in_(class_ids), model.removed_by.is_(None))
+            .where(in_ids(subject, class_ids), model.removed_by.is_(None))
             .values(removed_by=entry_id)
             .execution_options(synchronize_session=False)
         )
@@ -517,7 +518,7 @@ def _drop_orphaned_classes(
     for chunk in _chunks(class_ids):
         orphaned += session.scalars(
             select(Class.id).where(
-                Class.id.in_(chunk),
+                in_ids(Class.id, chunk),
                 Class.removed_by.is_(None),
                 ~exists().where(
                     ClassTeacher.class_id == Class.id, ClassTeacher.removed_by.is_(None)
@@ -564,7 +565,9 @@ def drop_classes(
             session.execute(
                 select(Class.id, Class.district_id)
                 .where(
-                    Class.id.in_(chunk), Class.removed_by.is_(None), Class.district_synced.is_(True)
+                    in_ids(Class.id, chunk),
+                    Class.removed_by.is_(None),
+                    Class.district_synced.is_(True),
                 )
                 .order_by(Class.id)
                 .with_for_update()
@@ -704,7 +707,7 @@ def shrink_section(
             session.scalars(
                 select(Enrollment.student_id).where(
                     Enrollment.class_id == class_id,
-                    Enrollment.student_id.in_(list(students)),
+                    in_ids(Enrollment.student_id, list(students)),
                     Enrollment.removed_by.is_(None),
                 )
             )
@@ -717,7 +720,7 @@ def shrink_section(
             session.scalars(
                 select(ClassTeacher.teacher_id).where(
                     ClassTeacher.class_id == class_id,
-                    ClassTeacher.teacher_id.in_(list(teachers)),
+                    in_ids(ClassTeacher.teacher_id, list(teachers)),
                     ClassTeacher.removed_by.is_(None),
                 )
             )
@@ -751,7 +754,7 @@ def shrink_section(
             [class_id],
             batch,
             "class",
-            extra=Enrollment.student_id.in_(live_students),
+            extra=in_ids(Enrollment.student_id, live_students),
         )
     if live_teachers:
         out.links_removed += _mark(
@@ -761,7 +764,7 @@ def shrink_section(
             [class_id],
             batch,
             "class",
-            extra=ClassTeacher.teacher_id.in_(live_teachers),
+            extra=in_ids(ClassTeacher.teacher_id, live_teachers),
         )
         still_taught = session.scalar(
             select(
@@ -969,7 +972,7 @@ def _descendants(session: Session, roots: Sequence[int]) -> list[int]:
         for chunk in _chunks(frontier):  # type: ignore[arg-type]
             children += session.scalars(
                 select(JournalEntry.id).where(
-                    JournalEntry.parent_id.in_(chunk), JournalEntry.restored_at.is_(None)
+                    in_ids(JournalEntry.parent_id, chunk), JournalEntry.restored_at.is_(None)
                 )
             ).all()
         found += children
@@ -1038,7 +1041,9 @@ def restore(
         return result
     entry_ids = _descendants(session, roots)
     entries = session.scalars(
-        select(JournalEntry).where(JournalEntry.id.in_(entry_ids)).order_by(JournalEntry.id.desc())
+        select(JournalEntry)
+        .where(in_ids(JournalEntry.id, entry_ids))
+        .order_by(JournalEntry.id.desc())
     ).all()
     cutoff = now - timedelta(days=retention_days)
     for e in entries:
@@ -1102,7 +1107,7 @@ def _undo(session: Session, entry_ids: Sequence[int]) -> int:
         for model in REMOVABLE:
             result = session.execute(
                 update(model)
-                .where(model.removed_by.in_(chunk))
+                .where(in_ids(model.removed_by, chunk))
                 .values(removed_by=None)
                 .execution_options(synchronize_session=False)
             )
@@ -1114,7 +1119,7 @@ def _mark_restored(session: Session, entry_ids: Sequence[int], now: datetime) ->
     for start in range(0, len(entry_ids), CHUNK):
         session.execute(
             update(JournalEntry)
-            .where(JournalEntry.id.in_(list(entry_ids[start : start + CHUNK])))
+            .where(in_ids(JournalEntry.id, list(entry_ids[start : start + CHUNK])))
             .values(restored_at=now)
             .execution_options(synchronize_session=False)
         )
@@ -1205,23 +1210,23 @@ def purge(session: Session, *, retention_days: int, now: datetime | None = None)
     )
     for start in range(0, len(expired), CHUNK):
         chunk = expired[start : start + CHUNK]
-        classes = list(session.scalars(select(Class.id).where(Class.removed_by.in_(chunk))))
+        classes = list(session.scalars(select(Class.id).where(in_ids(Class.removed_by, chunk))))
         for model in REMOVABLE[:-1]:
-            condition: ColumnElement[bool] = model.removed_by.in_(chunk)
+            condition: ColumnElement[bool] = in_ids(model.removed_by, chunk)
             if classes and hasattr(model, "class_id"):
-                condition = or_(condition, model.class_id.in_(classes))
+                condition = or_(condition, in_ids(model.class_id, classes))
             session.execute(
                 delete(model).where(condition).execution_options(synchronize_session=False)
             )
         if classes:
             session.execute(
                 delete(Class)
-                .where(Class.id.in_(classes))
+                .where(in_ids(Class.id, classes))
                 .execution_options(synchronize_session=False)
             )
         session.execute(
             update(JournalEntry)
-            .where(JournalEntry.id.in_(chunk))
+            .where(in_ids(JournalEntry.id, chunk))
             .values(purged_at=now)
             .execution_options(synchronize_session=False)
         )

@@ -164,6 +164,7 @@ def main() -> None:
         result["burst_events_per_s"] = round(
             asyncio.run(burst(url, requests(secret, "burst", args.burst), args.concurrency))
         )
+        print(f"burst: {result['burst_events_per_s']} events/s", file=sys.stderr, flush=True)
         n = int(args.rate * args.seconds)
         latencies = sorted(asyncio.run(steady(url, requests(secret, "steady", n), args.rate)))
         result.update(

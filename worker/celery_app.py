@@ -70,7 +70,6 @@ def build_config(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "worker_send_task_events": True,
-        "task_send_sent_event": True,
         "task_default_queue": "events",
         "task_queues": [Queue(name) for name in QUEUES],
         "task_routes": ROUTES,

@@ -1,0 +1,149 @@
+"""Engine guarantees beyond the fixture scenarios: the learner-data invariant, purge after the
+retention window, and the roster loader refusing a malformed snapshot whole."""
+
+from __future__ import annotations
+
+import copy
+import re
+import json
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+
+from models import Account, Enrollment, JournalEntry, SkillProgress, utcnow
+from tasks import conversion
+from tasks.errors import InvariantViolation, RestoreRefused
+from tasks.roster import SnapshotError, load_snapshot
+from tasks.view import account_view
+from tests.scenario import KIM, MARIA, S1, STEVE, example, ids
+
+GRASSROOTS = Path(sys.executable).parent / "grassroots"
+
+
+def count(session: Session, model: Any) -> int:
+    return session.scalar(select(func.count()).select_from(model)) or 0
+
+
+def test_conversion_that_would_touch_learner_data_is_rolled_back_whole(
+    session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    load_snapshot(session, example())
+    before = account_view(session, STEVE)
+    real_mark = conversion._mark
+
+    def mark_and_lose_progress(*args: Any, **kwargs: Any) -> int:
+        # A fault inside the conversion: a statement that deletes a learner's progress.
+        session.execute(delete(SkillProgress).where(SkillProgress.student_id == STEVE))
+        return real_mark(*args, **kwargs)
+
+    monkeypatch.setattr(conversion, "_mark", mark_and_lose_progress)
+    savepoint = session.begin_nested()
+    with pytest.raises(InvariantViolation) as failure:
+        conversion.convert_account(session, STEVE, trigger="test")
+    savepoint.rollback()
+    assert failure.value.reason == "invariant_violated"
+    assert failure.value.account_ids == [STEVE]
+    assert account_view(session, STEVE) == before
+    assert count(session, JournalEntry) == 0
+
+
+def test_purge_deletes_removed_rows_after_the_retention_window_and_keeps_live_ones(
+    session: Session,
+) -> None:
+    load_snapshot(session, example())
+    conversion.convert_account(session, KIM, trigger="test")  # drops 3a01 (Kim taught it alone)
+    enrollments = count(session, Enrollment)
+    assert conversion.purge(session, retention_days=30) == 0
+    later = utcnow() + timedelta(days=31)
+    purged = conversion.purge(session, retention_days=30, now=later)
+    assert purged > 0
+    assert count(session, Enrollment) < enrollments
+    assert S1 not in ids(account_view(session, MARIA)["classes"])
+    assert ids(account_view(session, KIM)["classes"]) == ["class-math-club"]
+    with pytest.raises(RestoreRefused, match="retention window"):
+        conversion.restore(session, KIM, trigger="test", retention_days=30, now=later)
+    assert conversion.purge(session, retention_days=30, now=later) == 0
+
+
+def test_restore_is_refused_past_the_retention_window(session: Session) -> None:
+    load_snapshot(session, example())
+    conversion.convert_account(session, STEVE, trigger="test")
+    with pytest.raises(RestoreRefused, match="retention window"):
+        conversion.restore(
+            session, STEVE, trigger="test", retention_days=30, now=utcnow() + timedelta(days=31)
+        )
+
+
+def broken(path: list[Any], value: Any) -> dict[str, Any]:
+    data = copy.deepcopy(example())
+    node: Any = data
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return data
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            broken(["users", 3, "roles"], {"janitor": {}}),
+            "users[3].roles (id 58c81dcea3627927150003ed)",
+        ),
+        (broken(["sections", 0, "students", 0], "0" * 24), "unknown student"),
+        (broken(["platform", "progress", 0, "points"], -5), "platform.progress[0]"),
+        (broken(["districts", 0, "policy", "admin_removal"], "delete"), "districts[0]"),
+        (broken(["users", 1, "id"], "5f8e2c1a9b7d4e0012ab0001"), "duplicate id"),
+    ],
+)
+def test_malformed_snapshot_is_refused_whole_naming_the_bad_record(
+    session: Session, data: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(SnapshotError, match=re.escape(message)):
+        load_snapshot(session, data)
+    assert count(session, Account) == 0
+
+
+def test_seed_command_is_idempotent_and_refuses_a_bad_file_with_nothing_written(
+    database_url: str, tmp_path: Path
+) -> None:
+    env = {"DATABASE_URL": database_url, "PATH": "/usr/bin:/bin"}
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(example()))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(broken(["sections", 1, "teachers"], ["nobody"])))
+
+    def grassroots(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(GRASSROOTS), *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+        )
+
+    refused = grassroots("seed", str(bad))
+    assert refused.returncode == 1
+    assert "sections[1] (id 60a1b2c3d4e5f60718293a02)" in refused.stderr
+    assert "nothing was loaded" in refused.stderr
+    assert grassroots("account", "show", STEVE).returncode == 1
+    assert grassroots("seed", str(good)).returncode == 0
+    first = json.loads(grassroots("account", "show", STEVE, "--json").stdout)
+    assert grassroots("seed", str(good)).returncode == 0
+    assert json.loads(grassroots("account", "show", STEVE, "--json").stdout) == first
+    exit_ = grassroots("district", "exit", "5b2a6f0c8e9d7a0011223344", "--in-process")
+    assert exit_.returncode == 0, exit_.stderr
+    steve = json.loads(grassroots("account", "show", STEVE, "--json").stdout)
+    assert steve["kind"] == "grassroots" and ids(steve["classes"]) == ["class-math-club"]
+    assert steve["progress"] == first["progress"]
+    assert grassroots("restore", "5b2a6f0c8e9d7a0011223344").returncode == 0
+    assert json.loads(grassroots("account", "show", STEVE, "--json").stdout) == first
+    missing = grassroots("seed", str(tmp_path / "nope.json"))
+    assert missing.returncode == 1 and "no such file" in missing.stderr

@@ -4,8 +4,8 @@ retention window, and the roster loader refusing a malformed snapshot whole."""
 from __future__ import annotations
 
 import copy
-import re
 import json
+import re
 import subprocess
 import sys
 from datetime import timedelta

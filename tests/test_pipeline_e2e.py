@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests import scenario
@@ -312,3 +313,21 @@ def test_logs_are_json_lines_with_ids_bound_and_no_personal_data(stack: Stack, p
     for person in people:
         assert person["email"] is None or person["email"] not in text
         assert person["name"]["last"] not in text
+
+
+def test_metrics_report_events_conversions_and_queues(stack: Stack, p: People) -> None:
+    event = p.event("m-1", "users.deleted", p.user(p.leo, {"student": {}}), created=T0)
+    assert send(stack, event) == "done"
+    text = httpx.get(f"{stack.base}/metrics", timeout=10).text
+    samples = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert samples['grassroots_events_total{status="done",type="users.deleted"}'] >= 1
+    assert samples['grassroots_conversions_total{outcome="converted",role="student"}'] >= 1
+    for queue in ("events", "conversions", "fanout", "maintenance"):
+        assert f'grassroots_queue_depth_messages{{queue="{queue}"}}' in samples
+    assert samples['grassroots_up{dependency="database"}'] == 1
+    assert samples['grassroots_up{dependency="broker"}'] == 1
+    assert "grassroots_dead_letters" in samples and "grassroots_held_removals" in samples

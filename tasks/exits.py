@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from models import DistrictExit, ExitUnit, utcnow
@@ -76,14 +76,19 @@ def start_exit(
 
 
 def pending_units(session: Session, exit_id: int) -> list[tuple[str, str]]:
-    return [
+    """Units still to run, in their phase: every teacher's classes first, then the account
+    batches. A batch run beside the teacher units would detach teachers one account at a time
+    and contend with them for the same class locks; after them it only converts accounts."""
+    units = [
         (key, kind)
         for key, kind in session.execute(
             select(ExitUnit.key, ExitUnit.kind)
             .where(ExitUnit.exit_id == exit_id, ExitUnit.status == "pending")
-            .order_by(ExitUnit.kind.desc(), ExitUnit.key)  # teachers first: whole-class drops
+            .order_by(ExitUnit.key)
         )
     ]
+    teachers = [u for u in units if u[1] == "teacher"]
+    return teachers or units
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,7 @@ class UnitResult:
     ran: bool  # False: the unit was already done (a redelivery)
     exit_complete: bool  # every unit is done: the finish step may run
     outcome: conversion.Outcome
+    teachers_complete: bool = False  # the last teacher unit: the account batches may start
 
 
 def run_unit(session: Session, exit_id: int, key: str, *, trigger: str) -> UnitResult:
@@ -128,7 +134,19 @@ def run_unit(session: Session, exit_id: int, key: str, *, trigger: str) -> UnitR
         .values(units_done=DistrictExit.units_done + 1, progressed_at=utcnow())
         .returning(DistrictExit.units_done, DistrictExit.units_total)
     ).one()
-    return UnitResult(True, done >= total, outcome)
+    teachers_complete = False
+    if unit.kind == "teacher":
+        # Counted after the counter row is locked: exactly one teacher unit sees none left.
+        teachers_complete = not session.scalar(
+            select(func.count())
+            .select_from(ExitUnit)
+            .where(
+                ExitUnit.exit_id == exit_id,
+                ExitUnit.kind == "teacher",
+                ExitUnit.status == "pending",
+            )
+        )
+    return UnitResult(True, done >= total, outcome, teachers_complete)
 
 
 def finish(session: Session, exit_id: int, *, trigger: str) -> conversion.Outcome | None:

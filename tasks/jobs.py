@@ -25,6 +25,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_rand
 from models import DeadLetter, DistrictExit, ExitUnit, RosterEvent, utcnow
 from tasks import conversion, events, exits
 from tasks.errors import InvariantViolation, WaitForRoster
+from tasks.sql import in_ids
 from worker.celery_app import app
 from worker.db import session_scope
 from worker.logs import bound
@@ -268,13 +269,14 @@ def district_exit(self: Task[Any, Any], district_id: str, trigger: str = "ops") 
 
 
 def dispatch_exit(exit_id: int) -> None:
-    """Send the exit's pending units (all of them, the first time; what is missing, after a
-    crash). Units are idempotent, so sending one twice does no harm."""
+    """Send the exit's pending units of its current phase (teachers, then account batches): all
+    of them the first time, what is missing after a crash. Units are idempotent, so sending one
+    twice does no harm."""
     with session_scope() as session:
         pending = exits.pending_units(session, exit_id)
         session.execute(
             update(ExitUnit)
-            .where(ExitUnit.exit_id == exit_id, ExitUnit.status == "pending")
+            .where(ExitUnit.exit_id == exit_id, in_ids(ExitUnit.key, [k for k, _ in pending]))
             .values(dispatched_at=utcnow())
         )
     if not pending:
@@ -318,6 +320,8 @@ def exit_unit(self: Task[Any, Any], exit_id: int, key: str) -> bool | None:
     )
     if result is not None and result.exit_complete:
         finish_exit.apply_async((exit_id,))
+    elif result is not None and result.teachers_complete:
+        dispatch_exit(exit_id)
     return None if result is None else result.ran
 
 

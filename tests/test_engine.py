@@ -147,3 +147,19 @@ def test_seed_command_is_idempotent_and_refuses_a_bad_file_with_nothing_written(
     assert json.loads(grassroots("account", "show", STEVE, "--json").stdout) == first
     missing = grassroots("seed", str(tmp_path / "nope.json"))
     assert missing.returncode == 1 and "no such file" in missing.stderr
+
+
+def test_bulk_copy_path_loads_exactly_what_the_row_path_loads(
+    session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks import roster
+    from tests.scenario import PEOPLE
+
+    savepoint = session.begin_nested()
+    load_snapshot(session, example())
+    by_rows = {p: account_view(session, p) for p in PEOPLE}
+    savepoint.rollback()
+    monkeypatch.setattr(roster, "COPY_MIN_ROWS", 1)  # every table through COPY on Postgres
+    load_snapshot(session, example())
+    load_snapshot(session, example())  # and again: existing rows take the upsert
+    assert {p: account_view(session, p) for p in PEOPLE} == by_rows

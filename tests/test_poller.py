@@ -545,8 +545,10 @@ def _apply(db: Db, event_ids: list[str]) -> list[str]:
         statuses.append(routed.status)
         if routed.exit_id is not None:
             with db.session() as s:
-                for key, _ in exits.pending_units(s, routed.exit_id):
-                    exits.run_unit(s, routed.exit_id, key, trigger="test")
+                # Phase by phase (teachers, then account batches), as the workers are sent them.
+                while pending := exits.pending_units(s, routed.exit_id):
+                    for key, _ in pending:
+                        exits.run_unit(s, routed.exit_id, key, trigger="test")
                 exits.finish(s, routed.exit_id, trigger="test")
     return statuses
 

@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from tests.app_env import configure  # noqa: F401  (a fixture for the HTTP tests)
 from worker.db import make_engine
 from worker.migrate import upgrade
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from datetime import timedelta
-from typing import Any, Protocol
+from typing import Any
 
 import httpx
 import pytest
@@ -33,6 +33,7 @@ from tasks import conversion, events
 from tasks.inbox import ingest
 from tasks.roster import load_snapshot
 from tasks.view import DISTRICT_ACCESS_ENDED
+from tests.app_env import CLOSED_BROKER, CLOSED_DATABASE, Configure
 from tests.scenario import (
     DISTRICT,
     KIM,
@@ -50,14 +51,10 @@ from tests.scenario import (
 from worker import db
 from worker.api import app
 from worker.celery_app import QUEUES
-from worker.celery_app import app as celery_app
-from worker.settings import get_settings
 
 TOKEN = "ops-token-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 # Nothing listens on port 1: connecting fails at once.
-CLOSED_BROKER = "redis://127.0.0.1:1/0"
-CLOSED_DATABASE = "postgresql://postgres@127.0.0.1:1/x"
 # The machine's Redis, on a database nothing else in the project uses.
 LIVE_BROKER = "redis://127.0.0.1:6379/15"
 TRIGGER = "test"
@@ -78,39 +75,6 @@ VIEW_KEYS = {
     "students",
     "progress",
 }
-
-
-def _reset_caches() -> None:
-    if db.get_engine.cache_info().currsize:
-        db.get_engine().dispose()
-    db._sessionmaker.cache_clear()
-    db.get_engine.cache_clear()
-    get_settings.cache_clear()
-
-
-class Configure(Protocol):
-    def __call__(self, **env: str | None) -> None: ...
-
-
-@pytest.fixture
-def configure(monkeypatch: pytest.MonkeyPatch) -> Iterator[Configure]:
-    """Set the app's environment; settings, engine and Celery broker follow it."""
-
-    def apply(**env: str | None) -> None:
-        for name, value in env.items():
-            if value is None:
-                monkeypatch.delenv(name, raising=False)
-            else:
-                monkeypatch.setenv(name, value)
-        _reset_caches()
-        # The Celery app reads BROKER_URL once, at import: point it (and its connection pools,
-        # built on first use) at the broker the settings now name.
-        monkeypatch.setattr(celery_app.conf, "broker_url", get_settings().broker_url)
-        monkeypatch.setattr(celery_app, "_pool", None)
-        monkeypatch.setattr(celery_app.amqp, "_producer_pool", None)
-
-    yield apply
-    _reset_caches()
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any, Protocol
+from typing import Any
 
 import httpx
 import pytest
@@ -20,11 +20,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from models import RosterEvent
+from tests.app_env import CLOSED_BROKER, CLOSED_DATABASE, Configure
 from tests.scenario import DISTRICT, STEVE
 from worker import db
 from worker.api import MAX_BODY, app
-from worker.celery_app import app as celery_app
-from worker.settings import get_settings
 from worker.signing import signed_headers
 
 URL = "/webhooks/clever"
@@ -34,42 +33,7 @@ NEW_SECRET = "whsec_" + base64.b64encode(b"grassroots-new-webhook-secret-32b").d
 STRANGER_SECRET = "whsec_" + base64.b64encode(b"somebody-else-webhook-secret-32b").decode()
 SECRET = NEW_SECRET
 # Nothing listens on port 1: connecting fails at once.
-CLOSED_BROKER = "redis://127.0.0.1:1/0"
-CLOSED_DATABASE = "postgresql://postgres@127.0.0.1:1/x"
 BROKER_DOWN_LOG = "broker unavailable"
-
-
-def _reset_caches() -> None:
-    if db.get_engine.cache_info().currsize:
-        db.get_engine().dispose()
-    db._sessionmaker.cache_clear()
-    db.get_engine.cache_clear()
-    get_settings.cache_clear()
-
-
-class Configure(Protocol):
-    def __call__(self, **env: str | None) -> None: ...
-
-
-@pytest.fixture
-def configure(monkeypatch: pytest.MonkeyPatch) -> Iterator[Configure]:
-    """Set the app's environment; settings, engine and Celery broker follow it."""
-
-    def apply(**env: str | None) -> None:
-        for name, value in env.items():
-            if value is None:
-                monkeypatch.delenv(name, raising=False)
-            else:
-                monkeypatch.setenv(name, value)
-        _reset_caches()
-        # The Celery app reads BROKER_URL once, at import: point it (and its connection pools,
-        # built on first use) at the broker the settings now name.
-        monkeypatch.setattr(celery_app.conf, "broker_url", get_settings().broker_url)
-        monkeypatch.setattr(celery_app, "_pool", None)
-        monkeypatch.setattr(celery_app.amqp, "_producer_pool", None)
-
-    yield apply
-    _reset_caches()
 
 
 @pytest.fixture

@@ -402,16 +402,19 @@ def _held(session: Session, event_id: str | None, district_id: str | None) -> li
     )
 
 
-def release_held(
-    session: Session, *, event_id: str | None = None, district_id: str | None = None, by: str
+def _settle_held(
+    session: Session, event_id: str | None, district_id: str | None, *, action: str, by: str
 ) -> list[str]:
-    """Let held removals through the brake: they go back to ``accepted`` to be processed."""
     events = _held(session, event_id, district_id)
     for ev in events:
-        ev.status, ev.brake_released, ev.error, ev.updated_at = "accepted", True, None, utcnow()
+        if action == "release":
+            ev.status, ev.brake_released, ev.error = "accepted", True, None
+        else:
+            ev.status = "discarded"
+        ev.updated_at = utcnow()
         session.add(
             AuditRecord(
-                action="release",
+                action=action,
                 trigger=by,
                 subject_type="event",
                 subject_id=ev.id[:64],
@@ -419,24 +422,20 @@ def release_held(
             )
         )
     return [ev.id for ev in events]
+
+
+def release_held(
+    session: Session, *, event_id: str | None = None, district_id: str | None = None, by: str
+) -> list[str]:
+    """Let held removals through the brake: they go back to ``accepted`` to be processed."""
+    return _settle_held(session, event_id, district_id, action="release", by=by)
 
 
 def discard_held(
     session: Session, *, event_id: str | None = None, district_id: str | None = None, by: str
 ) -> list[str]:
-    events = _held(session, event_id, district_id)
-    for ev in events:
-        ev.status, ev.updated_at = "discarded", utcnow()
-        session.add(
-            AuditRecord(
-                action="discard",
-                trigger=by,
-                subject_type="event",
-                subject_id=ev.id[:64],
-                details={"district": ev.district_id},
-            )
-        )
-    return [ev.id for ev in events]
+    """Drop held removals for good: the accounts stay as they are."""
+    return _settle_held(session, event_id, district_id, action="discard", by=by)
 
 
 def mark_replay(session: Session, event_id: str, *, by: str) -> bool:

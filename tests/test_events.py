@@ -12,7 +12,7 @@ from tasks.errors import WaitForRoster
 from tasks.inbox import ingest
 from tasks.roster import load_snapshot
 from tasks.view import account_view
-from tests.scenario import DISTRICT, MARIA, RIVERA, S3, example, ids
+from tests.scenario import DISTRICT, MARIA, RIVERA, S3, STEVE, example, ids
 
 NEWCOMER = "58c81dcea36279271500beef"
 
@@ -69,3 +69,30 @@ def test_section_applies_the_people_it_knows_after_a_few_attempts(session: Sessi
     assert routed is not None and routed.status == "done"
     assert routed.outcome["unknown_members"] == 1
     assert S3 in ids(account_view(session, MARIA)["classes"])
+
+
+def test_held_removal_discarded_by_an_operator_leaves_the_account_as_it_was(
+    session: Session,
+) -> None:
+    load_snapshot(session, example())
+    limits = events.Limits(brake_percent=10)
+    for n, who in enumerate((STEVE, MARIA)):
+        obj = {"id": who, "district": DISTRICT, "roles": {"student": {}}}
+        ingest(
+            session,
+            {
+                "id": f"d-{n}",
+                "type": "users.deleted",
+                "created": f"2026-10-01T00:00:0{n}Z",
+                "data": {"object": obj},
+            },
+            source="webhook",
+        )
+    first = events.process_event(session, "d-0", limits)
+    second = events.process_event(session, "d-1", limits)
+    assert first is not None and first.status == "done"
+    assert second is not None and second.status == "held"
+    assert events.discard_held(session, district_id=DISTRICT, by="test") == ["d-1"]
+    assert events.process_event(session, "d-1", limits) is None
+    assert account_view(session, MARIA)["kind"] == "district"
+    assert events.held_events(session) == []

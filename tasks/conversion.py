@@ -71,10 +71,6 @@ class Outcome:
         self.journal_entries += other.journal_entries
         return self
 
-    @property
-    def changed(self) -> bool:
-        return self.journal_entries > 0 or bool(self.classes_removed)
-
     def as_dict(self) -> dict[str, Any]:
         return {
             "converted": len(self.converted),

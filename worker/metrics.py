@@ -29,11 +29,12 @@ from worker.db import session_scope
 from worker.ops import queue_depths
 
 
-def _outcome(rule: str, after: dict[str, Any] | None) -> tuple[str, str]:
-    """(role, outcome) of a conversion from its journal rule, e.g. ``admin+teacher:remove``."""
+def _outcome(rule: str) -> tuple[str, str]:
+    """(role, outcome) of a conversion from its journal rule: ``admin+teacher:remove`` (a full
+    conversion under a policy) or ``lost:admin`` (a role that ended)."""
     roles, _, policy = rule.partition(":")
-    if roles.startswith("lost"):
-        return roles.removeprefix("lost:") or "none", "role_removed"
+    if roles == "lost":
+        return policy or "none", "role_removed"
     outcome = "removed" if policy == "remove" and roles == "admin" else "converted"
     return roles or "none", outcome
 
@@ -101,7 +102,7 @@ class PipelineCollector(Collector):
                 .where(JournalEntry.kind == "account")
                 .group_by(JournalEntry.rule)
             ):
-                key = _outcome(rule, None)
+                key = _outcome(rule)
                 totals[key] = totals.get(key, 0) + n
             for (role, outcome), n in sorted(totals.items()):
                 conversions.add_metric([role, outcome], n)

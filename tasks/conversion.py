@@ -18,7 +18,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import ColumnElement, Select, delete, exists, insert, or_, select, update
 from sqlalchemy.orm import Session
@@ -44,6 +44,8 @@ from tasks.sql import in_ids
 REMOVABLE = (Goal, Assignment, Enrollment, ClassTeacher, ReportAccess, Class)
 # Tables hanging off a class, dropped with it.
 CLASS_CHILDREN = (Goal, Assignment, Enrollment, ClassTeacher)
+
+T = TypeVar("T")
 
 # Keeps every IN (...) list well under SQLite's and Postgres' bound-parameter limits.
 CHUNK = 1000
@@ -249,7 +251,7 @@ def _check_invariant(session: Session, before: dict[str, str]) -> None:
 # Applying plans
 
 
-def _chunks(items: Sequence[str], size: int = CHUNK) -> Iterable[list[str]]:
+def _chunks(items: Sequence[T], size: int = CHUNK) -> Iterable[list[T]]:
     for start in range(0, len(items), size):
         yield list(items[start : start + size])
 
@@ -965,7 +967,7 @@ def _descendants(session: Session, roots: Sequence[int]) -> list[int]:
     frontier = list(roots)
     while frontier:
         children: list[int] = []
-        for chunk in _chunks(frontier):  # type: ignore[arg-type]
+        for chunk in _chunks(frontier):
             children += session.scalars(
                 select(JournalEntry.id).where(
                     in_ids(JournalEntry.parent_id, chunk), JournalEntry.restored_at.is_(None)
@@ -1098,8 +1100,7 @@ def restore(
 
 def _undo(session: Session, entry_ids: Sequence[int]) -> int:
     total = 0
-    for start in range(0, len(entry_ids), CHUNK):
-        chunk = list(entry_ids[start : start + CHUNK])
+    for chunk in _chunks(entry_ids):
         for model in REMOVABLE:
             result = session.execute(
                 update(model)
@@ -1112,10 +1113,10 @@ def _undo(session: Session, entry_ids: Sequence[int]) -> int:
 
 
 def _mark_restored(session: Session, entry_ids: Sequence[int], now: datetime) -> None:
-    for start in range(0, len(entry_ids), CHUNK):
+    for chunk in _chunks(entry_ids):
         session.execute(
             update(JournalEntry)
-            .where(in_ids(JournalEntry.id, list(entry_ids[start : start + CHUNK])))
+            .where(in_ids(JournalEntry.id, chunk))
             .values(restored_at=now)
             .execution_options(synchronize_session=False)
         )
@@ -1204,8 +1205,7 @@ def purge(session: Session, *, retention_days: int, now: datetime | None = None)
             )
         )
     )
-    for start in range(0, len(expired), CHUNK):
-        chunk = expired[start : start + CHUNK]
+    for chunk in _chunks(expired):
         classes = list(session.scalars(select(Class.id).where(in_ids(Class.removed_by, chunk))))
         for model in REMOVABLE[:-1]:
             condition: ColumnElement[bool] = in_ids(model.removed_by, chunk)

@@ -33,6 +33,7 @@ from models import (
 from tasks import conversion, exits, roster
 from tasks.errors import NotFound, RestoreRefused, WaitForRoster
 from tasks.inbox import event_object, previous_attributes
+from tasks.sql import dialect_insert
 
 log = logging.getLogger("grassroots.events")
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -63,7 +64,7 @@ def _fence(session: Session, ev: RosterEvent) -> ObjectVersion | None:
     if ev.object_type is None or ev.object_id is None:
         return None
     session.execute(
-        roster._insert(session, ObjectVersion)
+        dialect_insert(session, ObjectVersion)
         .values(object_type=ev.object_type, object_id=ev.object_id, occurred_at=EPOCH, event_id="")
         .on_conflict_do_nothing()
     )

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from models import RosterEvent, utcnow
-from tasks.roster import _insert
+from tasks.sql import dialect_insert
 
 OBJECT_TYPES = {"users": "user", "sections": "section", "districts": "district"}
 
@@ -96,7 +96,7 @@ def ingest(session: Session, raw: Any, *, source: str) -> Ingested:
     now = utcnow()
     status = "rejected" if problem else "accepted"
     stmt = (
-        _insert(session, RosterEvent)
+        dialect_insert(session, RosterEvent)
         .values(
             id=event_id,
             type=event_type,

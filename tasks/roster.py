@@ -17,7 +17,6 @@ import psycopg
 from psycopg import sql
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sqlalchemy import column, exists, insert, literal, select, table
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -34,6 +33,7 @@ from models import (
     utcnow,
 )
 from tasks.errors import GrassrootsError
+from tasks.sql import dialect_insert
 
 Id = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:\-]+$")]
 CLEVER_ROLES = {"district_admin": "admin", "teacher": "teacher", "student": "student"}
@@ -318,15 +318,6 @@ def check_references(session: Session, snap: Snapshot) -> None:
 # Writing
 
 
-def _insert(session: Session, model: Any) -> Any:
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        return postgresql.insert(model)
-    if dialect == "sqlite":
-        return sqlite.insert(model)
-    raise GrassrootsError(f"unsupported database {dialect}")
-
-
 # Below this many rows an executemany is cheapest (a roster event upserts one user or section).
 # From it on, Postgres gets COPY into a temporary table and one INSERT … SELECT.
 COPY_MIN_ROWS = 1000
@@ -432,7 +423,7 @@ class MirrorResult:
 
 def upsert_districts(session: Session, districts: Sequence[DistrictRecord]) -> None:
     now = utcnow()
-    stmt = _insert(session, District)
+    stmt = dialect_insert(session, District)
     stmt = stmt.on_conflict_do_update(
         index_elements=[District.id],
         set_={
@@ -461,7 +452,7 @@ def upsert_users(session: Session, users: Sequence[CleverUser]) -> None:
     names and emails and add roles they gained. A converted account is not brought back here:
     that is ``restore``'s job."""
     now = utcnow()
-    stmt = _insert(session, Account)
+    stmt = dialect_insert(session, Account)
     ex = stmt.excluded
     stmt = stmt.on_conflict_do_update(
         index_elements=[Account.id],
@@ -509,7 +500,7 @@ def upsert_users(session: Session, users: Sequence[CleverUser]) -> None:
                 )
             )
         }
-        grant = _insert(session, ReportAccess).on_conflict_do_nothing()
+        grant = dialect_insert(session, ReportAccess).on_conflict_do_nothing()
         _bulk(
             session,
             grant,
@@ -522,7 +513,7 @@ def upsert_sections(session: Session, sections: Sequence[CleverSection]) -> None
     """Create or rename district classes and add the teachers and students they list. Links that
     a conversion removed stay removed."""
     now = utcnow()
-    stmt = _insert(session, Class)
+    stmt = dialect_insert(session, Class)
     stmt = stmt.on_conflict_do_update(
         index_elements=[Class.id],
         set_={"name": stmt.excluded.name, "updated_at": now},
@@ -536,12 +527,12 @@ def upsert_sections(session: Session, sections: Sequence[CleverSection]) -> None
     )
     _bulk(
         session,
-        _insert(session, ClassTeacher).on_conflict_do_nothing(),
+        dialect_insert(session, ClassTeacher).on_conflict_do_nothing(),
         ({"class_id": s.id, "teacher_id": t} for s in sections for t in s.all_teachers),
     )
     _bulk(
         session,
-        _insert(session, Enrollment).on_conflict_do_nothing(),
+        dialect_insert(session, Enrollment).on_conflict_do_nothing(),
         (
             {"class_id": s.id, "student_id": st}
             for s in sections
@@ -552,7 +543,7 @@ def upsert_sections(session: Session, sections: Sequence[CleverSection]) -> None
 
 def upsert_platform(session: Session, platform: Platform) -> None:
     now = utcnow()
-    stmt = _insert(session, Account)
+    stmt = dialect_insert(session, Account)
     stmt = stmt.on_conflict_do_update(
         index_elements=[Account.id],
         set_={"email": stmt.excluded.email, "name": stmt.excluded.name, "updated_at": now},
@@ -581,7 +572,7 @@ def upsert_platform(session: Session, platform: Platform) -> None:
             "updated_at": now,
         },
     )
-    stmt = _insert(session, Class)
+    stmt = dialect_insert(session, Class)
     stmt = stmt.on_conflict_do_update(
         index_elements=[Class.id],
         set_={"name": stmt.excluded.name, "updated_at": now},
@@ -600,12 +591,12 @@ def upsert_platform(session: Session, platform: Platform) -> None:
     )
     _bulk(
         session,
-        _insert(session, ClassTeacher).on_conflict_do_nothing(),
+        dialect_insert(session, ClassTeacher).on_conflict_do_nothing(),
         ({"class_id": c.id, "teacher_id": c.teacher} for c in platform.classes),
     )
     _bulk(
         session,
-        _insert(session, Enrollment).on_conflict_do_nothing(),
+        dialect_insert(session, Enrollment).on_conflict_do_nothing(),
         (
             {"class_id": c.id, "student_id": st}
             for c in platform.classes
@@ -617,7 +608,7 @@ def upsert_platform(session: Session, platform: Platform) -> None:
         (Goal, platform.goals, "course"),
         (Assignment, platform.assignments, "title"),
     ):
-        stmt = _insert(session, model)
+        stmt = dialect_insert(session, model)
         stmt = stmt.on_conflict_do_update(
             index_elements=[model.id], set_={attr: getattr(stmt.excluded, attr), "updated_at": now}
         )
@@ -635,7 +626,7 @@ def upsert_platform(session: Session, platform: Platform) -> None:
             ),
             shared={"created_at": now, "updated_at": now},
         )
-    stmt = _insert(session, SkillProgress)
+    stmt = dialect_insert(session, SkillProgress)
     stmt = stmt.on_conflict_do_update(
         index_elements=[SkillProgress.student_id, SkillProgress.skill],
         set_={"points": stmt.excluded.points, "mastery": stmt.excluded.mastery, "updated_at": now},

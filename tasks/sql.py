@@ -6,10 +6,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import any_, bindparam
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.sqltypes import NullType
+
+from tasks.errors import GrassrootsError
 
 
 class InIds(ColumnElement[bool]):
@@ -39,3 +43,13 @@ def _any_array(element: InIds, compiler: Any, **kw: Any) -> str:
 
 def in_ids(column: Any, ids: Sequence[Any]) -> ColumnElement[bool]:
     return InIds(column, ids)
+
+
+def dialect_insert(session: Session, model: Any) -> Any:
+    """The backend's own INSERT, which has ``on_conflict_do_nothing`` / ``_do_update``."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(model)
+    if dialect == "sqlite":
+        return sqlite.insert(model)
+    raise GrassrootsError(f"unsupported database {dialect}")

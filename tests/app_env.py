@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Protocol
 
+import httpx
 import pytest
 
 from worker import db
@@ -48,3 +49,14 @@ def configure(monkeypatch: pytest.MonkeyPatch) -> Iterator[Configure]:
 
     yield apply
     _reset_caches()
+
+
+def assert_error(response: httpx.Response, status: int, code: str | None = None) -> None:
+    """Every error the HTTP side answers is JSON with a machine code and a message."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert set(body) == {"error", "message"}
+    assert isinstance(body["message"], str) and body["message"]
+    if code is not None:
+        assert body["error"] == code

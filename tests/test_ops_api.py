@@ -33,7 +33,7 @@ from tasks import conversion, events
 from tasks.inbox import ingest
 from tasks.roster import load_snapshot
 from tasks.view import DISTRICT_ACCESS_ENDED
-from tests.app_env import CLOSED_BROKER, CLOSED_DATABASE, Configure
+from tests.app_env import CLOSED_BROKER, CLOSED_DATABASE, Configure, assert_error
 from tests.scenario import (
     DISTRICT,
     KIM,
@@ -94,16 +94,6 @@ def seed(policy: str = "convert") -> None:
 def seeded(client: TestClient) -> TestClient:
     seed()
     return client
-
-
-def assert_error(response: httpx.Response, status: int, code: str | None = None) -> None:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/json"
-    body = response.json()
-    assert set(body) == {"error", "message"}
-    assert isinstance(body["message"], str) and body["message"]
-    if code is not None:
-        assert body["error"] == code
 
 
 def get(client: TestClient, path: str, **params: str | int) -> httpx.Response:

@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from models import RosterEvent
-from tests.app_env import CLOSED_BROKER, CLOSED_DATABASE, Configure
+from tests.app_env import CLOSED_BROKER, CLOSED_DATABASE, Configure, assert_error
 from tests.scenario import DISTRICT, STEVE
 from worker import db
 from worker.api import MAX_BODY, app
@@ -81,16 +81,6 @@ def post(
 def inbox() -> list[RosterEvent]:
     with db.session_scope() as session:
         return list(session.scalars(select(RosterEvent).order_by(RosterEvent.id)))
-
-
-def assert_error(response: httpx.Response, status: int, code: str | None = None) -> None:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/json"
-    body = response.json()
-    assert set(body) == {"error", "message"}
-    assert isinstance(body["message"], str) and body["message"]
-    if code is not None:
-        assert body["error"] == code
 
 
 # --------------------------------------------------------------------------------------------

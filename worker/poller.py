@@ -31,7 +31,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_ran
 
 from models import PollCursor, utcnow
 from tasks.inbox import BadEvent, ingest
-from tasks.roster import _insert
+from tasks.sql import dialect_insert
 from worker.settings import ConfigError, Settings
 
 log = logging.getLogger("grassroots.poller")
@@ -414,7 +414,7 @@ def _begin(session_factory: SessionFactory, token: DistrictToken, *, from_start:
     now = utcnow()
     with session_factory() as session:
         session.execute(
-            _insert(session, PollCursor)
+            dialect_insert(session, PollCursor)
             .values(
                 district_id=token.district_id,
                 status="ok",

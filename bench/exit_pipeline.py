@@ -110,6 +110,11 @@ def main() -> None:
     parser.add_argument("--teachers", type=int, default=4_000)
     parser.add_argument("--workers", type=int, default=1, help="worker processes (main + pool)")
     parser.add_argument("--concurrency", type=int, default=2, help="pool size of each worker")
+    parser.add_argument(
+        "--template",
+        metavar="DATABASE",
+        help="copy this already seeded database (CREATE DATABASE … TEMPLATE) instead of seeding",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -117,7 +122,8 @@ def main() -> None:
     district_id = json.loads(roster.read_text())["districts"][0]["id"]
     name = f"grbench_exit_{os.getpid()}"
     with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"'.encode())
+        template = f' TEMPLATE "{args.template}"' if args.template else ""
+        conn.execute(f'CREATE DATABASE "{name}"{template}'.encode())
     url = ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
     tmp = Path(tempfile.mkdtemp(prefix="grbench-"))
     redis_port = spare_port()
@@ -150,9 +156,12 @@ def main() -> None:
     }
     try:
         subprocess.run([str(BIN), "db", "upgrade"], env=env, check=True, capture_output=True)
-        started = time.monotonic()
-        subprocess.run([str(BIN), "seed", str(roster)], env=env, check=True, capture_output=True)
-        result["seed_s"] = round(time.monotonic() - started, 1)
+        if not args.template:
+            started = time.monotonic()
+            subprocess.run(
+                [str(BIN), "seed", str(roster)], env=env, check=True, capture_output=True
+            )
+            result["seed_s"] = round(time.monotonic() - started, 1)
         with psycopg.connect(url) as conn:
             row = conn.execute(
                 "SELECT count(*) FROM accounts WHERE district_id = %s", (district_id,)
@@ -201,6 +210,21 @@ def main() -> None:
                 "SELECT count(*) FROM accounts WHERE district_id = %s", (district_id,)
             ).fetchone()
             units = row[2]
+            # Where the time went: the exit's start, each phase's last unit, the finish step.
+            marks = conn.execute(
+                "SELECT e.started_at,"
+                " max(u.finished_at) FILTER (WHERE u.kind = 'teacher'),"
+                " max(u.finished_at) FILTER (WHERE u.kind = 'accounts'), e.finished_at"
+                " FROM district_exits e JOIN exit_units u ON u.exit_id = e.id"
+                " WHERE e.district_id = %s GROUP BY e.id ORDER BY e.id DESC LIMIT 1",
+                (district_id,),
+            ).fetchone()
+            assert marks is not None
+            phases = {
+                "teacher_units_s": marks[1] - marks[0],
+                "account_batches_s": marks[2] - marks[1],
+                "finish_s": marks[3] - marks[2],
+            }
         sampler.stop.set()
         sampler.join()
         assert left == (0,), f"{left} accounts left in the district"
@@ -208,6 +232,7 @@ def main() -> None:
             {
                 "exit_s": round(elapsed, 2),
                 "units": units,
+                **{k: round(v.total_seconds(), 2) for k, v in phases.items()},
                 "accounts_per_s": round(result["accounts"] / elapsed),
                 "peak_worker_rss_mb": [round(v / 2**20) for v in sampler.peak.values()],
             }

@@ -27,6 +27,8 @@ class DistrictExit(Base):
     trigger: Mapped[str] = mapped_column(String(200))
     status: Mapped[str] = mapped_column(String(16), default="running", index=True)
     units_total: Mapped[int] = mapped_column(default=0)
+    # The first phase: once this many units are done, the account batches start.
+    teacher_units: Mapped[int] = mapped_column(default=0, server_default="0")
     units_done: Mapped[int] = mapped_column(default=0)
     accounts_total: Mapped[int] = mapped_column(default=0)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)

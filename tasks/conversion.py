@@ -12,7 +12,6 @@ the retention window. A second run finds nothing live to remove and writes no jo
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -20,7 +19,20 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, Select, delete, exists, insert, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    String,
+    bindparam,
+    delete,
+    exists,
+    func,
+    literal,
+    or_,
+    select,
+    union_all,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from models import (
@@ -38,7 +50,7 @@ from models import (
     utcnow,
 )
 from tasks.errors import InvariantViolation, NotFound, RestoreRefused
-from tasks.sql import in_ids
+from tasks.sql import RowHash, in_ids, insert_rows, record_text
 
 # Tables whose rows a conversion can soft-remove, children before parents (purge order).
 REMOVABLE = (Goal, Assignment, Enrollment, ClassTeacher, ReportAccess, Class)
@@ -62,6 +74,7 @@ class Outcome:
     converted: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     classes_removed: list[str] = field(default_factory=list)
+    # Links stamped removed one by one; those a district exit hides with their class are not.
     links_removed: int = 0
     journal_entries: int = 0
 
@@ -194,50 +207,61 @@ def learner_checksums(session: Session, account_ids: Sequence[str]) -> dict[str,
 
     Identity and login fields, every skill-progress row, and its independent classes with their
     memberships, goals and assignments. A conversion must leave every digest as it found it.
+
+    The database computes it: each owned row becomes a text record, hashed; an account's digest is
+    the count and the sum of its records' hashes. One statement per thousand accounts, and no
+    learner data crosses the wire.
     """
-    parts: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
+    digests: dict[str, str] = {}
     for ids in _chunks(account_ids):
-        for ident in session.execute(
-            select(Account.id, Account.clever_id, Account.email, Account.name).where(
-                in_ids(Account.id, ids)
-            )
-        ):
-            parts[ident[0]].append(("account", *ident[1:]))
-        for row in session.execute(
-            select(
-                SkillProgress.student_id,
-                SkillProgress.skill,
-                SkillProgress.points,
-                SkillProgress.mastery,
-            ).where(in_ids(SkillProgress.student_id, ids))
-        ):
-            parts[row[0]].append(("progress", *row[1:]))
-        independent: dict[str, set[str]] = defaultdict(set)
-        for link, who in (
-            (ClassTeacher, ClassTeacher.teacher_id),
-            (Enrollment, Enrollment.student_id),
-        ):
-            for acct, class_id, removed in session.execute(
-                select(who, link.class_id, link.removed_by)
+        # The account's memberships of independent classes, first: the few rows the goals and
+        # assignments of those classes are then looked up by.
+        links = union_all(
+            *(
+                select(
+                    who.label("owner"),
+                    literal(link.__tablename__, String).label("tag"),
+                    link.class_id.label("class_id"),
+                    link.removed_by.label("removed_by"),
+                )
                 .join(Class, Class.id == link.class_id)
                 .where(in_ids(who, ids), Class.district_synced.is_(False))
-            ):
-                parts[acct].append((link.__tablename__, class_id, removed))
-                independent[class_id].add(acct)
-        if independent:
-            class_ids = sorted(independent)
-            for owned in (Goal, Assignment):
-                for item_id, class_id, removed in session.execute(
-                    select(owned.id, owned.class_id, owned.removed_by).where(
-                        in_ids(owned.class_id, class_ids)
-                    )
-                ):
-                    for acct in independent[class_id]:
-                        parts[acct].append((owned.__tablename__, item_id, class_id, removed))
-    return {
-        acct: hashlib.sha256(repr(sorted(parts.get(acct, []), key=repr)).encode()).hexdigest()
-        for acct in account_ids
-    }
+                for link, who in (
+                    (ClassTeacher, ClassTeacher.teacher_id),
+                    (Enrollment, Enrollment.student_id),
+                )
+            )
+        ).cte("links")
+        records: list[Select[tuple[str, str]]] = [
+            select(
+                Account.id.label("owner"),
+                record_text("account", Account.clever_id, Account.email, Account.name).label(
+                    "record"
+                ),
+            ).where(in_ids(Account.id, ids)),
+            select(
+                SkillProgress.student_id,
+                record_text(
+                    "progress", SkillProgress.skill, SkillProgress.points, SkillProgress.mastery
+                ),
+            ).where(in_ids(SkillProgress.student_id, ids)),
+            select(links.c.owner, record_text(links.c.tag, links.c.class_id, links.c.removed_by)),
+            *(
+                select(
+                    links.c.owner,
+                    record_text(owned.__tablename__, owned.id, owned.class_id, owned.removed_by),
+                ).join(owned, owned.class_id == links.c.class_id)
+                for owned in (Goal, Assignment)
+            ),
+        ]
+        rows = union_all(*records).subquery()
+        for owner, count, total in session.execute(
+            select(rows.c.owner, func.count(), func.sum(RowHash(rows.c.record))).group_by(
+                rows.c.owner
+            )
+        ):
+            digests[owner] = f"{count}:{int(total)}"
+    return {acct: digests.get(acct, "0:0") for acct in account_ids}
 
 
 def _check_invariant(session: Session, before: dict[str, str]) -> None:
@@ -266,7 +290,7 @@ def _live_synced_classes() -> Select[tuple[str]]:
 
 def _audit(session: Session, rows: list[dict[str, Any]]) -> None:
     if rows:
-        session.execute(insert(AuditRecord), rows)
+        insert_rows(session, AuditRecord, rows)
 
 
 def _lock_accounts(session: Session, ids: Sequence[str]) -> dict[str, Any]:
@@ -291,18 +315,25 @@ def _lock_accounts(session: Session, ids: Sequence[str]) -> dict[str, Any]:
 
 
 def apply_plans(
-    session: Session, plans: Sequence[Plan], *, trigger: str, parent_id: int | None = None
+    session: Session,
+    plans: Sequence[Plan],
+    *,
+    trigger: str,
+    parent_id: int | None = None,
+    locked: dict[str, Any] | None = None,
 ) -> Outcome:
     """Carry out conversion plans for up to a batch of accounts, with a bounded number of
-    statements however many accounts and links there are."""
+    statements however many accounts and links there are. ``locked``: the accounts' rows, if the
+    caller already holds their locks."""
     out = Outcome()
     if not plans:
         return out
     ids = [p.account_id for p in plans]
-    current = _lock_accounts(session, ids)
+    current = locked if locked is not None else _lock_accounts(session, ids)
     missing = sorted(set(ids) - set(current))
     if missing:
         raise NotFound(f"no account {missing[0]}")
+    state = {a: AccountState.of(current[a]) for a in ids}
     before_sums = learner_checksums(session, ids)
 
     students = [p.account_id for p in plans if p.strip_student]
@@ -353,7 +384,7 @@ def apply_plans(
     changing = [
         p
         for p in plans
-        if AccountState.of(current[p.account_id]) != p.target
+        if state[p.account_id] != p.target
         or p.account_id in enrolled
         or p.account_id in teaching_ids
         or p.account_id in granted
@@ -363,8 +394,9 @@ def apply_plans(
         return out
 
     batch = _new_batch()
-    session.execute(
-        insert(JournalEntry),
+    insert_rows(
+        session,
+        JournalEntry,
         [
             {
                 "parent_id": parent_id,
@@ -374,7 +406,7 @@ def apply_plans(
                 "district_id": current[p.account_id].district_id,
                 "rule": p.rule,
                 "trigger": trigger,
-                "before": AccountState.of(current[p.account_id]).as_json(),
+                "before": state[p.account_id].as_json(),
             }
             for p in changing
         ],
@@ -416,7 +448,7 @@ def apply_plans(
 
     by_target: dict[AccountState, list[str]] = defaultdict(list)
     for p in changing:
-        if AccountState.of(current[p.account_id]) != p.target:
+        if state[p.account_id] != p.target:
             by_target[p.target].append(p.account_id)
     for target, group in by_target.items():
         for chunk in _chunks(group):
@@ -486,21 +518,16 @@ def _mark(
 
 
 def _drop_under(session: Session, class_ids: list[str], entry_id: int) -> Outcome:
-    out = Outcome(classes_removed=class_ids)
-    targets: tuple[tuple[Any, Any], ...] = (
-        *((model, model.class_id) for model in CLASS_CHILDREN),
-        (Class, Class.id),
+    """Hide classes under one journal entry. Only the class rows are stamped: their teacher
+    links, enrollments (so the coaching through them), goals and assignments are hidden with them,
+    as everything reads only live rows of live classes, and come back with them on restore."""
+    session.execute(
+        update(Class)
+        .where(in_ids(Class.id, class_ids), Class.removed_by.is_(None))
+        .values(removed_by=entry_id)
+        .execution_options(synchronize_session=False)
     )
-    for model, subject in targets:
-        result = session.execute(
-            update(model)
-            .where(in_ids(subject, class_ids), model.removed_by.is_(None))
-            .values(removed_by=entry_id)
-            .execution_options(synchronize_session=False)
-        )
-        if model is not Class:
-            out.links_removed += _rowcount(result)
-    return out
+    return Outcome(classes_removed=class_ids)
 
 
 def _drop_orphaned_classes(
@@ -552,9 +579,9 @@ def drop_classes(
     so the coaching through them), goals and assignments. Progress is not touched.
 
     Each class gets a journal entry of its own (under ``parent_id``, or its ``parents`` entry), so
-    restoring the cause restores it. A district exit passes ``under``, its own entry: every row is
-    stamped with that directly, as only the whole exit is ever restored, and 20,000 classes then
-    cost no journal rows at all.
+    restoring the cause restores it. A district exit passes ``under``, its own entry: the classes
+    are stamped with that directly, as only the whole exit is ever restored, and 20,000 classes
+    then cost no journal rows at all (see ``_drop_under``).
     """
     out = Outcome()
     live: list[tuple[str, str | None]] = []
@@ -579,8 +606,9 @@ def drop_classes(
     if under is not None:
         return _drop_under(session, ids, under)
     batch = _new_batch()
-    session.execute(
-        insert(JournalEntry),
+    insert_rows(
+        session,
+        JournalEntry,
         [
             {
                 "parent_id": (parents or {}).get(cid, parent_id),
@@ -658,7 +686,7 @@ def convert_accounts(
             full_conversion(a, AccountState.of(rows[a]), policies[rows[a].district_id])
             for a in chunk
         ]
-        out.merge(apply_plans(session, plans, trigger=trigger, parent_id=parent_id))
+        out.merge(apply_plans(session, plans, trigger=trigger, parent_id=parent_id, locked=rows))
     return out
 
 
@@ -729,8 +757,9 @@ def shrink_section(
     if not live_students and not live_teachers:
         return out
     batch = _new_batch()
-    session.execute(
-        insert(JournalEntry),
+    insert_rows(
+        session,
+        JournalEntry,
         [
             {
                 "batch": batch,
@@ -873,31 +902,46 @@ def exit_account_ids(session: Session, district_id: str) -> list[str]:
     )
 
 
-def exit_teacher_unit(
-    session: Session, district_id: str, teacher_id: str, *, root_id: int, trigger: str
-) -> Outcome:
-    """Drop the district classes this teacher teaches (and so coaching through them).
-
-    The classes are locked in id order: a co-taught class is in two teachers' units, and the
-    second waits for the first, then finds it gone.
-    """
-    class_ids = list(
-        session.scalars(
+# Built once (a district has thousands of teacher units). The classes are locked in id order: a
+# co-taught class is in two teachers' units, and the second waits for the first, then finds it
+# gone.
+_TEACHER_CLASSES_DROP = (
+    update(Class)
+    .where(
+        Class.id.in_(
             select(Class.id)
             .join(ClassTeacher, ClassTeacher.class_id == Class.id)
             .where(
-                ClassTeacher.teacher_id == teacher_id,
+                ClassTeacher.teacher_id == bindparam("unit_teacher"),
                 ClassTeacher.removed_by.is_(None),
-                Class.district_id == district_id,
+                Class.district_id == bindparam("unit_district"),
                 Class.removed_by.is_(None),
             )
             .order_by(Class.id)
             .with_for_update(of=Class)
-        )
+            .scalar_subquery()
+        ),
+        Class.removed_by.is_(None),
     )
-    if not class_ids:
-        return Outcome()
-    return _drop_under(session, class_ids, root_id)
+    .values(removed_by=bindparam("exit_root"), updated_at=bindparam("exit_now"))
+    .returning(Class.id)
+)
+
+
+def exit_teacher_unit(
+    session: Session, district_id: str, teacher_id: str, *, root_id: int, trigger: str
+) -> Outcome:
+    """Drop the district classes this teacher teaches (and so coaching through them)."""
+    dropped = session.connection().scalars(
+        _TEACHER_CLASSES_DROP,
+        {
+            "unit_teacher": teacher_id,
+            "unit_district": district_id,
+            "exit_root": root_id,
+            "exit_now": utcnow(),
+        },
+    )
+    return Outcome(classes_removed=sorted(dropped))
 
 
 def exit_account_batch(
@@ -1165,6 +1209,8 @@ def _rehide_links_of_people_who_left(session: Session) -> int:
             .where(
                 link.removed_by.is_(None),
                 Class.district_synced.is_(True),
+                # A link in a class that is still removed (a district exit's) is hidden with it.
+                Class.removed_by.is_(None),
                 or_(Account.kind != "district", Account.status != "active"),
             )
         ).all()

@@ -10,12 +10,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from models import DistrictExit, ExitUnit, utcnow
 from tasks import conversion
 from tasks.errors import NotFound
+from tasks.sql import insert_rows
 
 
 @dataclass(frozen=True)
@@ -54,19 +55,17 @@ def start_exit(
                 district_id=district_id,
                 trigger=trigger,
                 units_total=len(units),
+                teacher_units=len(teachers),
                 accounts_total=len(accounts),
             )
         )
         session.flush()
         now = utcnow()
-        for start_at in range(0, len(units), conversion.CHUNK):
-            session.execute(
-                insert(ExitUnit),
-                [
-                    {**u, "status": "pending", "attempts": 0, "dispatched_at": now}
-                    for u in units[start_at : start_at + conversion.CHUNK]
-                ],
-            )
+        insert_rows(
+            session,
+            ExitUnit,
+            [{**u, "status": "pending", "attempts": 0, "dispatched_at": now} for u in units],
+        )
     return ExitPlan(
         exit_id=start.root_id,
         district_id=district_id,
@@ -99,54 +98,63 @@ class UnitResult:
     teachers_complete: bool = False  # the last teacher unit: the account batches may start
 
 
+# The statements every unit runs, built once: thousands of units each building them afresh spent
+# more time in SQLAlchemy's statement construction than in the database.
+_this_unit = (
+    ExitUnit.exit_id == bindparam("unit_exit"),
+    ExitUnit.key == bindparam("unit_key"),
+)
+# Marking the unit done is what locks it: a redelivered copy waits, then finds it done.
+_CLAIM = (
+    update(ExitUnit)
+    .where(*_this_unit, ExitUnit.status == "pending")
+    .values(status="done", finished_at=bindparam("unit_now"))
+    .returning(
+        ExitUnit.kind,
+        ExitUnit.account_ids,
+        select(DistrictExit.district_id)
+        .where(DistrictExit.id == ExitUnit.exit_id)
+        .scalar_subquery(),
+    )
+)
+_STATUS = select(ExitUnit.status).where(*_this_unit)
+# The counter row serialises concurrent units, so exactly one of them sees the last unit done,
+# and exactly one the last teacher unit (no account batch runs before that one).
+_COUNT_DONE = (
+    update(DistrictExit)
+    .where(DistrictExit.id == bindparam("unit_exit"))
+    .values(units_done=DistrictExit.units_done + 1, progressed_at=bindparam("unit_now"))
+    .returning(DistrictExit.units_done, DistrictExit.units_total, DistrictExit.teacher_units)
+)
+BUMP_ATTEMPTS = (
+    update(ExitUnit)
+    .where(*_this_unit, ExitUnit.status == "pending")
+    .values(attempts=ExitUnit.attempts + 1)
+    .returning(ExitUnit.attempts)
+)
+
+
 def run_unit(session: Session, exit_id: int, key: str, *, trigger: str) -> UnitResult:
     """Run one unit exactly once: its work, its ``done`` mark and the exit's count commit
-    together."""
-    found = session.execute(
-        select(ExitUnit, DistrictExit.district_id)
-        .join(DistrictExit, DistrictExit.id == ExitUnit.exit_id)
-        .where(ExitUnit.exit_id == exit_id, ExitUnit.key == key)
-        .with_for_update(of=ExitUnit)
-    ).one_or_none()
-    if found is None:
+    together. A failure rolls the mark back."""
+    conn = session.connection()
+    unit = {"unit_exit": exit_id, "unit_key": key, "unit_now": utcnow()}
+    claimed = conn.execute(_CLAIM, unit).one_or_none()
+    if claimed is None:
+        if conn.scalar(_STATUS, unit):
+            return UnitResult(False, False, conversion.Outcome())  # done (or dead) already
         raise NotFound(f"no unit {key} in exit {exit_id}")
-    unit, district_id = found
-    if unit.status != "pending":
-        return UnitResult(False, False, conversion.Outcome())
-    if unit.kind == "teacher":
+    kind, account_ids, district_id = claimed
+    if kind == "teacher":
         outcome = conversion.exit_teacher_unit(
-            session,
-            district_id,
-            unit.account_ids[0],
-            root_id=exit_id,
-            trigger=trigger,
+            session, district_id, account_ids[0], root_id=exit_id, trigger=trigger
         )
     else:
         outcome = conversion.exit_account_batch(
-            session, unit.account_ids, root_id=exit_id, trigger=trigger
+            session, account_ids, root_id=exit_id, trigger=trigger
         )
-    unit.status = "done"
-    unit.finished_at = utcnow()
-    # The counter row serialises concurrent units, so exactly one of them sees the last unit done.
-    done, total = session.execute(
-        update(DistrictExit)
-        .where(DistrictExit.id == exit_id)
-        .values(units_done=DistrictExit.units_done + 1, progressed_at=utcnow())
-        .returning(DistrictExit.units_done, DistrictExit.units_total)
-    ).one()
-    teachers_complete = False
-    if unit.kind == "teacher":
-        # Counted after the counter row is locked: exactly one teacher unit sees none left.
-        teachers_complete = not session.scalar(
-            select(func.count())
-            .select_from(ExitUnit)
-            .where(
-                ExitUnit.exit_id == exit_id,
-                ExitUnit.kind == "teacher",
-                ExitUnit.status == "pending",
-            )
-        )
-    return UnitResult(True, done >= total, outcome, teachers_complete)
+    done, total, teachers = conn.execute(_COUNT_DONE, unit).one()
+    return UnitResult(True, done >= total, outcome, kind == "teacher" and done == teachers)
 
 
 def finish(session: Session, exit_id: int, *, trigger: str) -> conversion.Outcome | None:

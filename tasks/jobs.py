@@ -18,6 +18,7 @@ from celery.utils.time import get_exponential_backoff_interval
 from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy import select, text, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
@@ -27,7 +28,7 @@ from tasks import conversion, events, exits
 from tasks.errors import InvariantViolation, WaitForRoster
 from tasks.sql import in_ids
 from worker.celery_app import app
-from worker.db import session_scope
+from worker.db import autocommit, session_scope
 from worker.logs import bound
 from worker.settings import get_settings
 
@@ -62,17 +63,15 @@ def _short_retries(fn: Callable[[], T]) -> T:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _lock_timeout(session: Session, *, idempotent_unit: bool = False) -> None:
-    """A conversion waiting on a locked row gives up after LOCK_TIMEOUT_MS and is retried.
-
-    An exit unit also commits without waiting for the WAL flush: the unit and its ``done`` mark
+def _without_wal_wait(session: Session) -> None:
+    """An exit unit commits without waiting for the WAL flush: the unit and its ``done`` mark
     commit together, so if Postgres itself crashed and lost the last commits, those units would
     simply still be pending and run again. Thousands of units then cost no fsync each.
+
+    (LOCK_TIMEOUT_MS is set on every connection: see ``worker.db.postgres_options``.)
     """
     if session.get_bind().dialect.name == "postgresql":
-        ms = int(get_settings().lock_timeout_ms)
-        extra = "; SET LOCAL synchronous_commit = off" if idempotent_unit else ""
-        session.execute(text(f"SET LOCAL lock_timeout = {ms}{extra}"))
+        session.execute(text("SET LOCAL synchronous_commit = off"))
 
 
 def _limits() -> events.Limits:
@@ -142,13 +141,18 @@ def _guarded(
     name: str,
     args: dict[str, Any],
     event_id: str | None,
-    attempt: Callable[[Session], int | None],
+    attempt: Callable[[Connection], int | None],
     work: Callable[[], T],
 ) -> T | None:
-    """Count the attempt, run the work, and retry or dead-letter its failure."""
+    """Count the attempt (committed before the work starts), run the work, and retry or
+    dead-letter its failure."""
     settings = get_settings()
-    with session_scope() as session:
-        attempts = attempt(session)
+
+    def count() -> int | None:
+        with autocommit() as conn:
+            return attempt(conn)
+
+    attempts = _short_retries(count)
     if attempts is None:
         return None  # already done, held, dead or gone: a redelivery has nothing to do
     if attempts > settings.task_max_retries + 1:
@@ -190,9 +194,9 @@ def _guarded(
 # Events
 
 
-def _bump_event(event_id: str) -> Callable[[Session], int | None]:
-    def bump(session: Session) -> int | None:
-        return session.scalar(
+def _bump_event(event_id: str) -> Callable[[Connection], int | None]:
+    def bump(conn: Connection) -> int | None:
+        return conn.scalar(
             update(RosterEvent)
             .where(RosterEvent.id == event_id, RosterEvent.status.in_(("accepted", "processing")))
             .values(attempts=RosterEvent.attempts + 1, status="processing", updated_at=utcnow())
@@ -206,7 +210,6 @@ def _bump_event(event_id: str) -> Callable[[Session], int | None]:
 def process_event(self: Task[Any, Any], event_id: str) -> str | None:
     def work() -> events.Routed | None:
         with session_scope() as session:
-            _lock_timeout(session)
             return events.process_event(session, event_id, _limits())
 
     with bound(event_id=event_id):
@@ -249,7 +252,6 @@ def enqueue_events(event_ids: Iterable[str]) -> int:
 def district_exit(self: Task[Any, Any], district_id: str, trigger: str = "ops") -> int | None:
     def work() -> int:
         with session_scope() as session:
-            _lock_timeout(session)
             plan = exits.start_exit(
                 session, district_id, trigger=trigger, batch_size=get_settings().exit_batch_size
             )
@@ -260,7 +262,7 @@ def district_exit(self: Task[Any, Any], district_id: str, trigger: str = "ops") 
         name="grassroots.district_exit",
         args={"district_id": district_id, "trigger": trigger},
         event_id=None,
-        attempt=lambda session: 1,
+        attempt=lambda conn: 1,
         work=work,
     )
     if exit_id is not None:
@@ -291,14 +293,9 @@ def dispatch_exit(exit_id: int) -> None:
             )
 
 
-def _bump_unit(exit_id: int, key: str) -> Callable[[Session], int | None]:
-    def bump(session: Session) -> int | None:
-        return session.scalar(
-            update(ExitUnit)
-            .where(ExitUnit.exit_id == exit_id, ExitUnit.key == key, ExitUnit.status == "pending")
-            .values(attempts=ExitUnit.attempts + 1)
-            .returning(ExitUnit.attempts)
-        )
+def _bump_unit(exit_id: int, key: str) -> Callable[[Connection], int | None]:
+    def bump(conn: Connection) -> int | None:
+        return conn.scalar(exits.BUMP_ATTEMPTS, {"unit_exit": exit_id, "unit_key": key})
 
     return bump
 
@@ -307,7 +304,7 @@ def _bump_unit(exit_id: int, key: str) -> Callable[[Session], int | None]:
 def exit_unit(self: Task[Any, Any], exit_id: int, key: str) -> bool | None:
     def work() -> exits.UnitResult:
         with session_scope() as session:
-            _lock_timeout(session, idempotent_unit=True)
+            _without_wal_wait(session)
             return exits.run_unit(session, exit_id, key, trigger=f"exit:{exit_id}")
 
     result = _guarded(
@@ -329,7 +326,6 @@ def exit_unit(self: Task[Any, Any], exit_id: int, key: str) -> bool | None:
 def finish_exit(self: Task[Any, Any], exit_id: int) -> bool | None:
     def work() -> bool:
         with session_scope() as session:
-            _lock_timeout(session)
             return exits.finish(session, exit_id, trigger=f"exit:{exit_id}") is not None
 
     return _guarded(
@@ -337,7 +333,7 @@ def finish_exit(self: Task[Any, Any], exit_id: int) -> bool | None:
         name="grassroots.finish_exit",
         args={"exit_id": exit_id},
         event_id=None,
-        attempt=lambda session: 1,
+        attempt=lambda conn: 1,
         work=work,
     )
 

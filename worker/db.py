@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -9,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, event, text
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker.settings import get_settings, normalize_database_url
@@ -26,6 +28,22 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def postgres_options(own: str | None = None) -> str:
+    """Session settings for every Postgres connection, as libpq ``options``.
+
+    - ``lock_timeout``: a statement waiting on a row lock gives up after LOCK_TIMEOUT_MS and its
+      task is retried, on every transaction without a ``SET`` round trip each.
+    - ``random_page_cost``: the default (4) prices an index probe for a spinning disk, so looking
+      up a batch of 1,000 ids "costs" more than reading the whole table; the learner checksum of
+      one exit batch scanned 100,000 accounts and 500,000 progress rows (85 ms instead of 22 ms).
+      1.1 is what the Postgres documentation suggests for SSDs and data that fits in memory.
+
+    ``options`` given in DATABASE_URL come last, so they win.
+    """
+    ours = f"-c lock_timeout={get_settings().lock_timeout_ms} -c random_page_cost=1.1"
+    return f"{ours} {own}" if own else ours
+
+
 def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
     url = normalize_database_url(url or get_settings().database_url)
     parsed = make_url(url)
@@ -35,8 +53,43 @@ def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
         engine = create_engine(url, **kwargs)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    kwargs.setdefault("pool_pre_ping", True)
-    return create_engine(url, **kwargs)
+    own = parsed.query.get("options")
+    kwargs.setdefault("connect_args", {}).setdefault(
+        "options", postgres_options(own if isinstance(own, str) else None)
+    )
+    engine = create_engine(url, **kwargs)
+    if not kwargs.get("pool_pre_ping"):
+        _ping_when_idle(engine)
+    return engine
+
+
+# A pooled connection that sat unused this long is pinged before it is handed out.
+IDLE_PING_SECONDS = 5.0
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Pessimistic disconnect handling, without a round trip on every checkout.
+
+    ``pool_pre_ping`` pings each time a connection leaves the pool: an exit unit checks one out
+    twice, and under load the pings were a sixth of a worker's time. A connection in steady use
+    is known to be alive; only one that idled (through a database restart, say) is pinged, and
+    if the ping fails the pool replaces it. A connection lost mid-use still fails its task, which
+    the task's retries take care of.
+    """
+
+    @event.listens_for(engine, "checkin")
+    def _idle_from(dbapi_connection: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        since = record.info.get("idle_since")
+        if since is None or time.monotonic() - since < IDLE_PING_SECONDS:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except engine.dialect.loaded_dbapi.Error as exc:
+            raise DisconnectionError("the pooled connection is gone") from exc
 
 
 @lru_cache(maxsize=1)
@@ -62,6 +115,14 @@ def session_scope(bind: Engine | None = None) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+@contextmanager
+def autocommit() -> Iterator[Connection]:
+    """A connection whose every statement commits on its own: one round trip for a one-statement
+    write, where a session scope costs three (BEGIN, the statement, COMMIT)."""
+    with get_engine().connect() as conn:
+        yield conn.execution_options(isolation_level="AUTOCOMMIT")
 
 
 def refresh_statistics(session: Session) -> None:

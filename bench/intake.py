@@ -2,9 +2,16 @@
 """Benchmark: webhook intake of `grassroots serve` (verify, commit to the inbox, enqueue).
 
 Starts a private redis-server and `grassroots serve` against a fresh Postgres database, then:
-1. burst: N signed events as fast as C concurrent connections can send them -> events/s;
-2. steady: events at a fixed rate (open loop, default 500/s) -> p50 / p99 latency.
-No workers run: this measures the receiver alone. The load generator shares the machine.
+1. burst: N signed events as fast as C keep-alive connections can send them -> events/s;
+2. steady: events at a fixed rate (open loop, default 500/s) -> p50 / p99 latency, measured from
+   the moment each request was due to leave, so a client that falls behind shows up as latency;
+3. checks that every event sent is in the inbox and in the broker's queue.
+No workers run: this measures the receiver alone.
+
+The load generator shares the machine, so it is kept lean: requests are signed before a phase
+starts (timestamps stay well inside the 5-minute tolerance) and written as raw HTTP/1.1 on
+asyncio streams, one request at a time per connection. Every answer that is not a 202, and every
+connection error, is counted and reported.
 
     .venv/bin/python bench/intake.py [--burst 10000] [--rate 500] [--seconds 10]
 """
@@ -23,16 +30,20 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter, deque
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import httpx
 import psycopg
+import redis
 
 from worker.signing import generate_secret, signed_headers
 
 BIN = Path(sys.executable).parent / "grassroots"
 ADMIN_URL = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+PATH = "/webhooks/clever"
+T = TypeVar("T")
 
 
 def spare_port() -> int:
@@ -41,7 +52,8 @@ def spare_port() -> int:
         return int(s.getsockname()[1])
 
 
-def requests(secret: str, prefix: str, n: int) -> list[tuple[bytes, dict[str, str]]]:
+def requests(secret: str, prefix: str, n: int) -> list[bytes]:
+    """``n`` signed requests, whole HTTP/1.1 messages ready to write to a socket."""
     out = []
     for i in range(n):
         event = {
@@ -51,49 +63,167 @@ def requests(secret: str, prefix: str, n: int) -> list[tuple[bytes, dict[str, st
             "data": {"object": {"id": f"{i:024x}", "district": "d" * 24, "roles": {"student": {}}}},
         }
         body = json.dumps(event).encode()
-        out.append((body, {"content-type": "application/json", **signed_headers(secret, body)}))
+        headers = {
+            "host": "receiver",
+            "content-type": "application/json",
+            "content-length": str(len(body)),
+            **signed_headers(secret, body),
+        }
+        head = f"POST {PATH} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        out.append(head.encode() + b"\r\n" + body)
     return out
 
 
-async def burst(url: str, reqs: list[tuple[bytes, dict[str, str]]], concurrency: int) -> float:
-    queue: asyncio.Queue[tuple[bytes, dict[str, str]]] = asyncio.Queue()
-    for r in reqs:
-        queue.put_nowait(r)
+class Connection:
+    """One keep-alive HTTP/1.1 connection; one request in flight at a time."""
 
-    async def sender(client: httpx.AsyncClient) -> None:
-        while not queue.empty():
-            body, headers = queue.get_nowait()
-            response = await client.post(url, content=body, headers=headers)
-            assert response.status_code == 202, response.text
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
 
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
-        started = time.perf_counter()
-        await asyncio.gather(*(sender(client) for _ in range(concurrency)))
-        return len(reqs) / (time.perf_counter() - started)
+    @classmethod
+    async def open(cls, port: int) -> Connection:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        return cls(reader, writer)
+
+    async def send(self, request: bytes) -> tuple[int, bytes]:
+        """The status and body of the answer. Raises if the connection broke."""
+        self.writer.write(request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        length, close = 0, False
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            name = name.strip().lower()
+            if name == "content-length":
+                length = int(value)
+            elif name == "connection" and value.strip().lower() == "close":
+                close = True
+        body = await self.reader.readexactly(length)
+        if close:
+            raise ConnectionError(f"the server closed the connection after a {status}")
+        return status, body
+
+    def close(self) -> None:
+        self.writer.close()
 
 
-async def steady(url: str, reqs: list[tuple[bytes, dict[str, str]]], rate: float) -> list[float]:
+class Tally:
+    def __init__(self) -> None:
+        self.ok = 0
+        self.errors: Counter[str] = Counter()
+        self.examples: dict[str, str] = {}
+
+    def answer(self, status: int, body: bytes) -> None:
+        if status == 202:
+            self.ok += 1
+        else:
+            self._error(f"HTTP {status}", body.decode(errors="replace")[:200])
+
+    def failure(self, exc: BaseException) -> None:
+        self._error(type(exc).__name__, str(exc)[:200])
+
+    def _error(self, key: str, example: str) -> None:
+        self.errors[key] += 1
+        self.examples.setdefault(key, example)
+
+    def report(self) -> dict[str, Any]:
+        return {"ok": self.ok, "errors": dict(self.errors), "error_examples": self.examples}
+
+
+async def burst(port: int, reqs: list[bytes], concurrency: int) -> tuple[float, Tally]:
+    tally = Tally()
+    pending = iter(reqs)
+
+    async def sender(conn: Connection) -> None:
+        for request in pending:
+            try:
+                tally.answer(*await conn.send(request))
+            except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+                tally.failure(exc)
+                conn.close()
+                conn = await Connection.open(port)
+        conn.close()
+
+    conns = [await Connection.open(port) for _ in range(concurrency)]
+    started = time.perf_counter()
+    await asyncio.gather(*(sender(c) for c in conns))
+    return len(reqs) / (time.perf_counter() - started), tally
+
+
+async def steady(
+    port: int, reqs: list[bytes], rate: float, connections: int
+) -> tuple[list[float], Tally, int]:
+    """Open loop: request i is due at start + i/rate whatever became of the others. A request
+    finding no idle connection opens one (counted in the latency, and reported)."""
+    loop = asyncio.get_running_loop()
+    tally = Tally()
     latencies: list[float] = []
-    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
-    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+    # First in, first out: every connection is used every few hundred requests, so none sits
+    # idle long enough for the server's keep-alive timeout (uvicorn: 5 s) to close it.
+    idle = deque([await Connection.open(port) for _ in range(connections)])
+    opened = 0
+    tasks: set[asyncio.Task[None]] = set()
 
-        async def one(body: bytes, headers: dict[str, str]) -> None:
-            sent = time.perf_counter()
-            response = await client.post(url, content=body, headers=headers)
-            latencies.append(time.perf_counter() - sent)
-            assert response.status_code == 202, response.text
+    async def one(request: bytes, due: float) -> None:
+        nonlocal opened
+        while idle and idle[0].reader.at_eof():
+            idle.popleft().close()
+        if idle:
+            conn = idle.popleft()
+        else:
+            opened += 1
+            conn = await Connection.open(port)
+        try:
+            tally.answer(*await conn.send(request))
+        except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+            tally.failure(exc)
+            conn.close()
+        else:
+            idle.append(conn)
+        latencies.append(loop.time() - due)
 
-        started = time.perf_counter()
-        tasks = []
-        for i, (body, headers) in enumerate(reqs):
-            # Open loop: each request leaves on schedule whatever happened to the others.
-            delay = started + i / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(body, headers)))
+    start = loop.time() + 0.05
+    for i, request in enumerate(reqs):
+        due = start + i / rate
+        delay = due - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = loop.create_task(one(request, due))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    while tasks:
         await asyncio.gather(*tasks)
-    return latencies
+    for conn in idle:
+        conn.close()
+    return latencies, tally, opened
+
+
+def run(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """uvloop for the load generator too when it is installed: it is less CPU per request."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        return asyncio.run(main())
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main())
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its children that have ended or are running."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    pids = [pid]
+    while pids:
+        current = pids.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += sum(int(f) for f in fields[11:15]) / ticks
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+        except OSError:
+            continue
+        pids += [int(c) for c in children]
+    return total
 
 
 def main() -> None:
@@ -104,6 +234,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--rate", type=float, default=500)
     parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--connections", type=int, default=64, help="steady: connections ready")
     parser.add_argument("--server-workers", type=int, default=2, help="uvicorn processes")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -111,13 +242,16 @@ def main() -> None:
     name = f"grbench_intake_{os.getpid()}"
     with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"'.encode())
+    database_url = ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
     tmp = Path(tempfile.mkdtemp(prefix="grbench-"))
     redis_port, port = spare_port(), spare_port()
-    redis = subprocess.Popen(
+    redis_server = subprocess.Popen(
         [
             "redis-server",
             "--port",
             str(redis_port),
+            "--bind",
+            "127.0.0.1",
             "--save",
             "",
             "--appendonly",
@@ -130,13 +264,16 @@ def main() -> None:
     secret = generate_secret()
     env = {
         **os.environ,
-        "DATABASE_URL": ADMIN_URL.rsplit("/", 1)[0] + f"/{name}",
+        "DATABASE_URL": database_url,
         "BROKER_URL": f"redis://127.0.0.1:{redis_port}/0",
         "WEBHOOK_SECRETS": secret,
         "LOG_LEVEL": "WARNING",
     }
     server = None
-    result: dict[str, Any] = {"server_workers": args.server_workers}
+    result: dict[str, Any] = {
+        "server_workers": args.server_workers,
+        "loadavg_before": [round(x, 2) for x in os.getloadavg()],
+    }
     try:
         subprocess.run([str(BIN), "db", "upgrade"], env=env, check=True, capture_output=True)
         with (tmp / "serve.log").open("wb") as log:
@@ -147,41 +284,69 @@ def main() -> None:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
         while True:
             try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
                     break
-            except httpx.HTTPError:
+            except OSError:
                 pass
             if time.monotonic() > deadline:
                 raise SystemExit("the receiver did not start")
             time.sleep(0.2)
-        url = f"{base}/webhooks/clever"
-        asyncio.run(burst(url, requests(secret, "warm", 500), args.concurrency))
-        result["burst_events"] = args.burst
-        result["burst_events_per_s"] = round(
-            asyncio.run(burst(url, requests(secret, "burst", args.burst), args.concurrency))
+        sent = 0
+        # Warm-up: every server process opens its database and broker connections.
+        _, warm = run(lambda: burst(port, requests(secret, "warm", 500), args.concurrency))
+        sent += 500
+
+        reqs = requests(secret, "burst", args.burst)
+        cpu = cpu_seconds(server.pid)
+        rate, tally = run(lambda: burst(port, reqs, args.concurrency))
+        sent += args.burst
+        result.update(
+            burst_events=args.burst,
+            burst_concurrency=args.concurrency,
+            burst_events_per_s=round(rate),
+            burst_server_cpu_ms_per_event=round(
+                1000 * (cpu_seconds(server.pid) - cpu) / args.burst, 3
+            ),
+            burst=tally.report(),
         )
         print(f"burst: {result['burst_events_per_s']} events/s", file=sys.stderr, flush=True)
+
         n = int(args.rate * args.seconds)
-        latencies = sorted(asyncio.run(steady(url, requests(secret, "steady", n), args.rate)))
+        reqs = requests(secret, "steady", n)
+        latencies, tally, opened = run(lambda: steady(port, reqs, args.rate, args.connections))
+        sent += n
+        latencies.sort()
         result.update(
-            {
-                "steady_rate_per_s": args.rate,
-                "steady_events": n,
-                "p50_ms": round(1000 * statistics.median(latencies), 1),
-                "p99_ms": round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 1),
-                "max_ms": round(1000 * latencies[-1], 1),
-            }
+            steady_rate_per_s=args.rate,
+            steady_events=n,
+            p50_ms=round(1000 * statistics.median(latencies), 1),
+            p99_ms=round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 1),
+            max_ms=round(1000 * latencies[-1], 1),
+            steady_connections_opened=opened,
+            steady=tally.report(),
         )
+        # A graceful stop finishes the sends of answered events; then count what arrived.
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
+        with psycopg.connect(database_url) as conn:
+            row = conn.execute("SELECT count(*) FROM roster_events").fetchone()
+        queued = redis.Redis(port=redis_port).llen("events")
+        result.update(
+            events_sent=sent,
+            events_stored=row[0] if row else 0,
+            events_queued=queued,
+            warmup=warm.report(),
+        )
+        result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     finally:
         if server is not None and server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(30)
-        redis.terminate()
-        redis.wait()
+        redis_server.terminate()
+        redis_server.wait()
         with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
         shutil.rmtree(tmp, ignore_errors=True)
@@ -189,7 +354,7 @@ def main() -> None:
         print(json.dumps(result))
     else:
         for key, value in result.items():
-            print(f"{key:>20}  {value}")
+            print(f"{key:>32}  {value}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ An event is committed here before anything else happens to it; a task only ever 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -13,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from models import RosterEvent, utcnow
-from tasks.sql import dialect_insert
+from tasks.sql import dialect_insert, in_ids
 
 OBJECT_TYPES = {"users": "user", "sections": "section", "districts": "district"}
 
@@ -86,36 +87,68 @@ def interpret(raw: dict[str, Any], event_type: str) -> tuple[dict[str, Any], str
     return columns, None
 
 
-def ingest(session: Session, raw: Any, *, source: str) -> Ingested:
-    """Store an event exactly once. ``BadEvent`` if it has no id or type.
+def inbox_row(raw: Any, *, source: str, now: datetime | None = None) -> dict[str, Any]:
+    """The inbox row of an event, ready to insert. ``BadEvent`` if it has no id or type.
 
-    A signed event we cannot interpret is stored as ``rejected``, so nothing sent is lost.
+    A signed event we cannot interpret becomes a ``rejected`` row, so nothing sent is lost.
     """
     event_id, event_type = envelope(raw)
     columns, problem = interpret(raw, event_type)
-    now = utcnow()
-    status = "rejected" if problem else "accepted"
+    now = now or utcnow()
+    return {
+        "id": event_id,
+        "type": event_type,
+        "source": source,
+        "payload": raw,
+        "status": "rejected" if problem else "accepted",
+        "error": problem,
+        "attempts": 0,
+        "brake_released": False,
+        "received_at": now,
+        "updated_at": now,
+        # Every row of one multi-row INSERT has the same keys, also when interpret() stopped early.
+        "object_id": None,
+        "district_id": None,
+        **columns,
+        "occurred_at": columns["occurred_at"] or now,
+    }
+
+
+def store(session: Session, rows: Sequence[dict[str, Any]]) -> list[Ingested]:
+    """Store rows of :func:`inbox_row` exactly once by id, in one INSERT, and say what became of
+    each, in order. A repeated id is a duplicate just as if the rows had come one after another:
+    the first occurrence is new unless the inbox already held it, the later ones are not."""
+    first: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        first.setdefault(row["id"], row)
     stmt = (
         dialect_insert(session, RosterEvent)
-        .values(
-            id=event_id,
-            type=event_type,
-            source=source,
-            payload=raw,
-            status=status,
-            error=problem,
-            attempts=0,
-            brake_released=False,
-            received_at=now,
-            updated_at=now,
-            **{**columns, "occurred_at": columns["occurred_at"] or now},
-        )
         .on_conflict_do_nothing(index_elements=[RosterEvent.id])
         .returning(RosterEvent.id)
     )
     # RETURNING, not rowcount: drivers report -1 for an INSERT that hit ON CONFLICT DO NOTHING.
-    new = session.execute(stmt).scalar() is not None
-    if not new:
-        stored = session.scalar(select(RosterEvent.status).where(RosterEvent.id == event_id))
-        return Ingested(event_id, False, stored or status)
-    return Ingested(event_id, True, status)
+    # Core executemany: SQLAlchemy sends it as one multi-row INSERT ("insertmanyvalues").
+    new = set(session.connection().execute(stmt, list(first.values())).scalars())
+    existing = [event_id for event_id in first if event_id not in new]
+    stored: dict[str, str] = {}
+    if existing:
+        stored = {
+            event_id: status
+            for event_id, status in session.execute(
+                select(RosterEvent.id, RosterEvent.status).where(in_ids(RosterEvent.id, existing))
+            ).tuples()
+        }
+    outcomes: list[Ingested] = []
+    seen: set[str] = set()
+    for row in rows:
+        event_id = row["id"]
+        is_new = event_id in new and event_id not in seen
+        seen.add(event_id)
+        status = first[event_id]["status"] if event_id in new else stored.get(event_id)
+        outcomes.append(Ingested(event_id, is_new, status or row["status"]))
+    return outcomes
+
+
+def ingest(session: Session, raw: Any, *, source: str) -> Ingested:
+    """Store one event exactly once. ``BadEvent`` if it has no id or type."""
+    return store(session, [inbox_row(raw, source=source)])[0]

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from celery import Task
 from celery.utils.time import get_exponential_backoff_interval
+from kombu.exceptions import BatchPublishError  # type: ignore[attr-defined]  # kombu 5.7; stubs lag
 from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy import select, text, update
@@ -230,18 +231,26 @@ def process_event(self: Task[Any, Any], event_id: str) -> str | None:
 
 def enqueue_events(event_ids: Iterable[str]) -> int:
     """Send events to the workers, after their inbox rows are committed. Returns how many were
-    sent; a broker outage is logged, not raised: the relay sends them once it is back."""
-    sent = 0
+    sent; a broker outage is logged, not raised: the relay sends them once it is back.
+
+    All of them go over one connection in pipelined round trips (kombu's ``Producer.batch``:
+    Celery still builds and routes each message; only the final Redis writes are buffered).
+    A pipeline that fails may have delivered part of its messages; they count as unsent, and a
+    second copy sent by the relay is harmless (``process_event`` re-reads its row).
+    """
+    ids = list(event_ids)
+    if not ids:
+        return 0
     try:
-        with app.producer_or_acquire() as producer:
-            for event_id in event_ids:
+        with app.producer_or_acquire() as producer, producer.batch():
+            for event_id in ids:
                 process_event.apply_async((event_id,), producer=producer)
-                sent += 1
-    except (BrokerError, RedisConnectionError, OSError) as exc:
+    except (BrokerError, BatchPublishError, RedisConnectionError, OSError) as exc:
         log.warning(
-            "broker unavailable, %d event(s) left for the relay: %s", sent, type(exc).__name__
+            "broker unavailable, %d event(s) left for the relay: %s", len(ids), type(exc).__name__
         )
-    return sent
+        return 0
+    return len(ids)
 
 
 # --------------------------------------------------------------------------------------------

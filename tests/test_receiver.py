@@ -113,9 +113,12 @@ def test_same_event_id_again_is_a_duplicate_and_stays_one_row(client: TestClient
 
 
 def test_event_accepted_while_broker_is_down_is_kept_for_the_relay(
-    client: TestClient, caplog: pytest.LogCaptureFixture
+    configure: Configure, database_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="grassroots.tasks"):
+    configure(DATABASE_URL=database_url, BROKER_URL=CLOSED_BROKER, WEBHOOK_SECRETS=SECRET)
+    # The answer comes once the row is committed; the send to the workers follows it, and the
+    # receiver finishes its sends before it shuts down.
+    with caplog.at_level(logging.WARNING, logger="grassroots.tasks"), TestClient(app) as client:
         response = post(client, encode(clever_event("evt-no-broker")))
 
     assert response.status_code == 202
@@ -388,9 +391,15 @@ def test_signed_body_that_is_not_an_event_is_refused_with_400_and_nothing_stored
     ids=["no-data", "object-not-a-dict", "object-without-id", "created-text", "created-number"],
 )
 def test_signed_event_we_cannot_interpret_is_kept_as_rejected(
-    client: TestClient, caplog: pytest.LogCaptureFixture, event: dict[str, Any], problem: str
+    configure: Configure,
+    database_url: str,
+    caplog: pytest.LogCaptureFixture,
+    event: dict[str, Any],
+    problem: str,
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="grassroots.tasks"):
+    configure(DATABASE_URL=database_url, BROKER_URL=CLOSED_BROKER, WEBHOOK_SECRETS=SECRET)
+    # Read the log after shutdown, by which time the receiver has made every send it meant to.
+    with caplog.at_level(logging.WARNING, logger="grassroots.tasks"), TestClient(app) as client:
         response = post(client, encode(event))
 
     assert response.status_code == 202

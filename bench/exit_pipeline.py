@@ -3,11 +3,13 @@
 
 Seeds a synthetic district (shared/tools/make_district.py) into a fresh Postgres database, starts
 a private redis-server and `grassroots worker` processes, starts the exit with
-`grassroots district exit ID`, and times it until the exit is done. Reports accounts/s and the peak
-resident memory of each worker process tree.
+`grassroots district exit ID`, and times it until the exit is done. Reports accounts/s, the time
+of each phase (teacher units, account batches, the finish step) and the peak memory of each worker
+process tree: PSS (shared pages split among their sharers), the RSS sum, and the largest RSS.
 
     .venv/bin/python bench/exit_pipeline.py                       # the 100,000-student district
     .venv/bin/python bench/exit_pipeline.py --students 5000 --teachers 200
+    .venv/bin/python bench/exit_pipeline.py --template grperf     # copy a database seeded before
 """
 
 from __future__ import annotations
@@ -61,22 +63,17 @@ def district_file(students: int, teachers: int) -> Path:
     return path
 
 
-def tree_rss(pid: int) -> int:
-    """Resident bytes of a process and all its descendants."""
+def _family(pid: int) -> set[int]:
+    """A process and all its descendants."""
     parents: dict[int, int] = {}
-    rss: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             stat = Path(f"/proc/{entry}/stat").read_text()
-            status = Path(f"/proc/{entry}/status").read_text()
         except OSError:
             continue
         parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                rss[int(entry)] = int(line.split()[1]) * 1024
     family = {pid}
     changed = True
     while changed:
@@ -85,20 +82,45 @@ def tree_rss(pid: int) -> int:
             if parent in family and child not in family:
                 family.add(child)
                 changed = True
-    return sum(rss.get(p, 0) for p in family)
+    return family
+
+
+def _memory_kb(pid: int, field: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def tree_memory(pid: int) -> dict[str, int]:
+    """Bytes of a worker's process tree: the sum of its processes' RSS (which counts the pages
+    the forked pool children share with their parent once per process), their PSS (which
+    splits each shared page among its sharers: what the tree really holds), and the largest
+    single RSS."""
+    family = _family(pid)
+    rss = [_memory_kb(p, "Rss") * 1024 for p in family]
+    return {
+        "rss_sum": sum(rss),
+        "pss_sum": sum(_memory_kb(p, "Pss") * 1024 for p in family),
+        "rss_max": max(rss, default=0),
+    }
 
 
 class Sampler(threading.Thread):
     def __init__(self, pids: list[int]) -> None:
         super().__init__(daemon=True)
         self.pids = pids
-        self.peak = dict.fromkeys(pids, 0)
+        self.peak: dict[int, dict[str, int]] = {pid: {} for pid in pids}
         self.stop = threading.Event()
 
     def run(self) -> None:
         while not self.stop.is_set():
             for pid in self.pids:
-                self.peak[pid] = max(self.peak[pid], tree_rss(pid))
+                for key, value in tree_memory(pid).items():
+                    self.peak[pid][key] = max(self.peak[pid].get(key, 0), value)
             self.stop.wait(0.2)
 
 
@@ -234,7 +256,12 @@ def main() -> None:
                 "units": units,
                 **{k: round(v.total_seconds(), 2) for k, v in phases.items()},
                 "accounts_per_s": round(result["accounts"] / elapsed),
-                "peak_worker_rss_mb": [round(v / 2**20) for v in sampler.peak.values()],
+                **{
+                    f"peak_worker_{key}_mb": [
+                        round(p.get(key, 0) / 2**20) for p in sampler.peak.values()
+                    ]
+                    for key in ("pss_sum", "rss_sum", "rss_max")
+                },
             }
         )
     finally:

@@ -50,7 +50,7 @@ from models import (
     utcnow,
 )
 from tasks.errors import InvariantViolation, NotFound, RestoreRefused
-from tasks.sql import RowHash, in_ids, insert_rows, record_text
+from tasks.sql import CHUNK, RowHash, chunks, in_ids, insert_rows
 
 # Tables whose rows a conversion can soft-remove, children before parents (purge order).
 REMOVABLE = (Goal, Assignment, Enrollment, ClassTeacher, ReportAccess, Class)
@@ -58,9 +58,6 @@ REMOVABLE = (Goal, Assignment, Enrollment, ClassTeacher, ReportAccess, Class)
 CLASS_CHILDREN = (Goal, Assignment, Enrollment, ClassTeacher)
 
 T = TypeVar("T")
-
-# Keeps every IN (...) list well under SQLite's and Postgres' bound-parameter limits.
-CHUNK = 1000
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,6 +97,17 @@ class Outcome:
 # The rules: what an account becomes
 
 
+# Every combination of the role flags (admin, teacher, student), as the set of roles it means.
+_ROLE_SETS = {
+    (admin, teacher, student): frozenset(
+        role for role, has in (("admin", admin), ("teacher", teacher), ("student", student)) if has
+    )
+    for admin in (False, True)
+    for teacher in (False, True)
+    for student in (False, True)
+}
+
+
 @dataclass(frozen=True)
 class AccountState:
     roles: frozenset[str]
@@ -109,16 +117,8 @@ class AccountState:
 
     @classmethod
     def of(cls, row: Any) -> AccountState:
-        roles = {
-            r
-            for r, has in (
-                ("admin", row.is_admin),
-                ("teacher", row.is_teacher),
-                ("student", row.is_student),
-            )
-            if has
-        }
-        return cls(frozenset(roles), row.kind, row.status, row.district_id)
+        roles = _ROLE_SETS[bool(row.is_admin), bool(row.is_teacher), bool(row.is_student)]
+        return cls(roles, row.kind, row.status, row.district_id)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> AccountState:
@@ -208,12 +208,12 @@ def learner_checksums(session: Session, account_ids: Sequence[str]) -> dict[str,
     Identity and login fields, every skill-progress row, and its independent classes with their
     memberships, goals and assignments. A conversion must leave every digest as it found it.
 
-    The database computes it: each owned row becomes a text record, hashed; an account's digest is
-    the count and the sum of its records' hashes. One statement per thousand accounts, and no
+    The database computes it: each owned row is hashed (``RowHash``); an account's digest is the
+    count and the sum of its rows' hashes. One statement per thousand accounts, and no
     learner data crosses the wire.
     """
     digests: dict[str, str] = {}
-    for ids in _chunks(account_ids):
+    for ids in chunks(account_ids):
         # The account's memberships of independent classes, first: the few rows the goals and
         # assignments of those classes are then looked up by.
         links = union_all(
@@ -232,33 +232,29 @@ def learner_checksums(session: Session, account_ids: Sequence[str]) -> dict[str,
                 )
             )
         ).cte("links")
-        records: list[Select[tuple[str, str]]] = [
+        records: list[Select[tuple[str, int]]] = [
             select(
                 Account.id.label("owner"),
-                record_text("account", Account.clever_id, Account.email, Account.name).label(
-                    "record"
-                ),
+                RowHash("account", Account.clever_id, Account.email, Account.name).label("hash"),
             ).where(in_ids(Account.id, ids)),
             select(
                 SkillProgress.student_id,
-                record_text(
+                RowHash(
                     "progress", SkillProgress.skill, SkillProgress.points, SkillProgress.mastery
                 ),
             ).where(in_ids(SkillProgress.student_id, ids)),
-            select(links.c.owner, record_text(links.c.tag, links.c.class_id, links.c.removed_by)),
+            select(links.c.owner, RowHash(links.c.tag, links.c.class_id, links.c.removed_by)),
             *(
                 select(
                     links.c.owner,
-                    record_text(owned.__tablename__, owned.id, owned.class_id, owned.removed_by),
+                    RowHash(owned.__tablename__, owned.id, owned.class_id, owned.removed_by),
                 ).join(owned, owned.class_id == links.c.class_id)
                 for owned in (Goal, Assignment)
             ),
         ]
         rows = union_all(*records).subquery()
         for owner, count, total in session.execute(
-            select(rows.c.owner, func.count(), func.sum(RowHash(rows.c.record))).group_by(
-                rows.c.owner
-            )
+            select(rows.c.owner, func.count(), func.sum(rows.c.hash)).group_by(rows.c.owner)
         ):
             digests[owner] = f"{count}:{int(total)}"
     return {acct: digests.get(acct, "0:0") for acct in account_ids}
@@ -275,11 +271,6 @@ def _check_invariant(session: Session, before: dict[str, str]) -> None:
 # Applying plans
 
 
-def _chunks(items: Sequence[T], size: int = CHUNK) -> Iterable[list[T]]:
-    for start in range(0, len(items), size):
-        yield list(items[start : start + size])
-
-
 def _new_batch() -> str:
     return uuid.uuid4().hex
 
@@ -293,9 +284,10 @@ def _audit(session: Session, rows: list[dict[str, Any]]) -> None:
         insert_rows(session, AuditRecord, rows)
 
 
-def _lock_accounts(session: Session, ids: Sequence[str]) -> dict[str, Any]:
-    rows: dict[str, Any] = {}
-    for chunk in _chunks(sorted(set(ids))):
+def _lock_accounts(session: Session, ids: Sequence[str]) -> dict[str, AccountState]:
+    """Lock the accounts, in id order, and read their state."""
+    states: dict[str, AccountState] = {}
+    for chunk in chunks(sorted(set(ids))):
         for row in session.execute(
             select(
                 Account.id,
@@ -310,8 +302,8 @@ def _lock_accounts(session: Session, ids: Sequence[str]) -> dict[str, Any]:
             .order_by(Account.id)
             .with_for_update()
         ):
-            rows[row.id] = row
-    return rows
+            states[row.id] = AccountState.of(row)
+    return states
 
 
 def apply_plans(
@@ -320,20 +312,19 @@ def apply_plans(
     *,
     trigger: str,
     parent_id: int | None = None,
-    locked: dict[str, Any] | None = None,
+    locked: dict[str, AccountState] | None = None,
 ) -> Outcome:
     """Carry out conversion plans for up to a batch of accounts, with a bounded number of
-    statements however many accounts and links there are. ``locked``: the accounts' rows, if the
-    caller already holds their locks."""
+    statements however many accounts and links there are. ``locked``: the accounts' states, if
+    the caller already holds their locks."""
     out = Outcome()
     if not plans:
         return out
     ids = [p.account_id for p in plans]
-    current = locked if locked is not None else _lock_accounts(session, ids)
-    missing = sorted(set(ids) - set(current))
+    state = locked if locked is not None else _lock_accounts(session, ids)
+    missing = sorted(set(ids) - set(state))
     if missing:
         raise NotFound(f"no account {missing[0]}")
-    state = {a: AccountState.of(current[a]) for a in ids}
     before_sums = learner_checksums(session, ids)
 
     students = [p.account_id for p in plans if p.strip_student]
@@ -403,7 +394,7 @@ def apply_plans(
                 "batch": batch,
                 "kind": "account",
                 "account_id": p.account_id,
-                "district_id": current[p.account_id].district_id,
+                "district_id": state[p.account_id].district_id,
                 "rule": p.rule,
                 "trigger": trigger,
                 "before": state[p.account_id].as_json(),
@@ -416,7 +407,7 @@ def apply_plans(
     # Lock the classes whose teachers leave before detaching anyone: two co-teachers converted
     # at once would otherwise each see the other still teaching and neither drop the class.
     affected = sorted({c for c, _ in teaching})
-    for chunk in _chunks(affected):
+    for chunk in chunks(affected):
         session.execute(
             select(Class.id).where(in_ids(Class.id, chunk)).order_by(Class.id).with_for_update()
         )
@@ -451,7 +442,7 @@ def apply_plans(
         if state[p.account_id] != p.target:
             by_target[p.target].append(p.account_id)
     for target, group in by_target.items():
-        for chunk in _chunks(group):
+        for chunk in chunks(group):
             session.execute(
                 update(Account)
                 .where(in_ids(Account.id, chunk))
@@ -497,7 +488,7 @@ def _mark(
     stamped with its subject's journal entry of this batch."""
     total = 0
     journal_subject = JournalEntry.account_id if kind == "account" else JournalEntry.class_id
-    for chunk in _chunks(subject_ids):
+    for chunk in chunks(subject_ids):
         conditions = [in_ids(subject, chunk), model.removed_by.is_(None)]
         if extra is not None:
             conditions.append(extra)
@@ -540,7 +531,7 @@ def _drop_orphaned_classes(
     """Drop the district classes whose last in-program teacher just left; each drop hangs under
     the journal entry of a teacher who left it, so restoring that teacher brings the class back."""
     orphaned: list[str] = []
-    for chunk in _chunks(class_ids):
+    for chunk in chunks(class_ids):
         orphaned += session.scalars(
             select(Class.id).where(
                 in_ids(Class.id, chunk),
@@ -585,7 +576,7 @@ def drop_classes(
     """
     out = Outcome()
     live: list[tuple[str, str | None]] = []
-    for chunk in _chunks(sorted(set(class_ids))):
+    for chunk in chunks(sorted(set(class_ids))):
         live += (
             session.execute(
                 select(Class.id, Class.district_id)
@@ -676,17 +667,14 @@ def convert_accounts(
 ) -> Outcome:
     """Convert accounts that left the program (roster absence, or a batch of a district exit)."""
     out = Outcome()
-    for chunk in _chunks(list(dict.fromkeys(account_ids))):
-        rows = _lock_accounts(session, chunk)
-        missing = sorted(set(chunk) - set(rows))
+    for chunk in chunks(list(dict.fromkeys(account_ids))):
+        states = _lock_accounts(session, chunk)
+        missing = sorted(set(chunk) - set(states))
         if missing:
             raise NotFound(f"no account {missing[0]}")
-        policies = {did: _policy_of(session, did) for did in {r.district_id for r in rows.values()}}
-        plans = [
-            full_conversion(a, AccountState.of(rows[a]), policies[rows[a].district_id])
-            for a in chunk
-        ]
-        out.merge(apply_plans(session, plans, trigger=trigger, parent_id=parent_id, locked=rows))
+        policies = {d: _policy_of(session, d) for d in {s.district_id for s in states.values()}}
+        plans = [full_conversion(a, states[a], policies[states[a].district_id]) for a in chunk]
+        out.merge(apply_plans(session, plans, trigger=trigger, parent_id=parent_id, locked=states))
     return out
 
 
@@ -979,7 +967,7 @@ def run_district_exit(
             )
         )
     accounts = exit_account_ids(session, district_id)
-    for chunk in _chunks(accounts, batch_size):
+    for chunk in chunks(accounts, batch_size):
         out.merge(exit_account_batch(session, chunk, root_id=start.root_id, trigger=trigger))
     return out.merge(
         finish_district_exit(session, district_id, root_id=start.root_id, trigger=trigger)
@@ -1011,7 +999,7 @@ def _descendants(session: Session, roots: Sequence[int]) -> list[int]:
     frontier = list(roots)
     while frontier:
         children: list[int] = []
-        for chunk in _chunks(frontier):
+        for chunk in chunks(frontier):
             children += session.scalars(
                 select(JournalEntry.id).where(
                     in_ids(JournalEntry.parent_id, chunk), JournalEntry.restored_at.is_(None)
@@ -1144,7 +1132,7 @@ def restore(
 
 def _undo(session: Session, entry_ids: Sequence[int]) -> int:
     total = 0
-    for chunk in _chunks(entry_ids):
+    for chunk in chunks(entry_ids):
         for model in REMOVABLE:
             result = session.execute(
                 update(model)
@@ -1157,7 +1145,7 @@ def _undo(session: Session, entry_ids: Sequence[int]) -> int:
 
 
 def _mark_restored(session: Session, entry_ids: Sequence[int], now: datetime) -> None:
-    for chunk in _chunks(entry_ids):
+    for chunk in chunks(entry_ids):
         session.execute(
             update(JournalEntry)
             .where(in_ids(JournalEntry.id, chunk))
@@ -1251,7 +1239,7 @@ def purge(session: Session, *, retention_days: int, now: datetime | None = None)
             )
         )
     )
-    for chunk in _chunks(expired):
+    for chunk in chunks(expired):
         classes = list(session.scalars(select(Class.id).where(in_ids(Class.removed_by, chunk))))
         for model in REMOVABLE[:-1]:
             condition: ColumnElement[bool] = in_ids(model.removed_by, chunk)

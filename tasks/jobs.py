@@ -27,7 +27,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_rand
 from models import DeadLetter, DistrictExit, ExitUnit, RosterEvent, utcnow
 from tasks import conversion, events, exits
 from tasks.errors import InvariantViolation, WaitForRoster
-from tasks.sql import in_ids
+from tasks.sql import chunks, in_ids
 from worker.celery_app import app
 from worker.db import autocommit, session_scope
 from worker.logs import bound
@@ -279,6 +279,9 @@ def district_exit(self: Task[Any, Any], district_id: str, trigger: str = "ops") 
     return exit_id
 
 
+DISPATCH_CHUNK = 250
+
+
 def dispatch_exit(exit_id: int) -> None:
     """Send the exit's pending units of its current phase (teachers, then account batches): all
     of them the first time, what is missing after a crash. Units are idempotent, so sending one
@@ -293,13 +296,16 @@ def dispatch_exit(exit_id: int) -> None:
     if not pending:
         finish_exit.apply_async((exit_id,))
         return
+    # Pipelined a few hundred at a time: the first units start while the rest are being sent.
     with app.producer_or_acquire() as producer:
-        for key, kind in pending:
-            exit_unit.apply_async(
-                (exit_id, key),
-                producer=producer,
-                queue="fanout" if kind == "teacher" else "conversions",
-            )
+        for chunk in chunks(pending, DISPATCH_CHUNK):
+            with producer.batch():
+                for key, kind in chunk:
+                    exit_unit.apply_async(
+                        (exit_id, key),
+                        producer=producer,
+                        queue="fanout" if kind == "teacher" else "conversions",
+                    )
 
 
 def _bump_unit(exit_id: int, key: str) -> Callable[[Connection], int | None]:

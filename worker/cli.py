@@ -290,8 +290,16 @@ def serve(host: str, port: int, workers: int) -> None:
     from worker.logs import configure
 
     configure("serve")
+    # Keep idle connections longer than a client or load balancer does (60 s is common), so the
+    # server never closes one just as a request is sent on it (a reset the sender sees as lost).
     uvicorn.run(
-        "worker.api:app", host=host, port=port, workers=workers, access_log=False, log_config=None
+        "worker.api:app",
+        host=host,
+        port=port,
+        workers=workers,
+        access_log=False,
+        log_config=None,
+        timeout_keep_alive=75,
     )
 
 
@@ -318,7 +326,7 @@ def worker(concurrency: int | None, queues: str, loglevel: str) -> None:
         check_safe(app.conf, get_settings())
     except UnsafeConfiguration as exc:
         fail(str(exc))
-    argv = ["worker", "-l", loglevel, "-Q", queues, "-E"]
+    argv = ["worker", "-l", loglevel, "-Q", queues]
     if concurrency:
         argv += ["-c", str(concurrency)]
     app.worker_main(argv)

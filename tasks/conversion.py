@@ -20,10 +20,12 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import (
+    BigInteger,
     ColumnElement,
     Select,
     String,
     bindparam,
+    cast,
     delete,
     exists,
     func,
@@ -254,7 +256,11 @@ def learner_checksums(session: Session, account_ids: Sequence[str]) -> dict[str,
         ]
         rows = union_all(*records).subquery()
         for owner, count, total in session.execute(
-            select(rows.c.owner, func.count(), func.sum(rows.c.hash)).group_by(rows.c.owner)
+            # Up to 2**23 rows of 40-bit hashes per account, the sum fits a BIGINT, which reads
+            # back faster than the NUMERIC Postgres' sum() gives.
+            select(rows.c.owner, func.count(), cast(func.sum(rows.c.hash), BigInteger)).group_by(
+                rows.c.owner
+            )
         ):
             digests[owner] = f"{count}:{int(total)}"
     return {acct: digests.get(acct, "0:0") for acct in account_ids}

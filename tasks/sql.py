@@ -121,8 +121,8 @@ def dialect_insert(session: Session, model: Any) -> Any:
 
 
 class RowHash(ColumnElement[int]):
-    """A 48-bit hash of a row of values, as an integer, for digests summed in SQL: a sum of row
-    hashes digests a set of rows without ordering them, and 48 bits leave room to add up millions
+    """A 40-bit hash of a row of values, as an integer, for digests summed in SQL: a sum of row
+    hashes digests a set of rows without ordering them, and 40 bits leave room to add up millions
     of rows in a BIGINT.
 
     Postgres hashes the row's own text form, ``ROW(...)::text``, which quotes what needs quoting
@@ -140,33 +140,41 @@ class RowHash(ColumnElement[int]):
         self.values = tuple(literal(v, String) if isinstance(v, str) else v for v in values)
 
 
-SQLITE_HASH48 = "grassroots_hash48"
+SQLITE_ROW_HASH = "grassroots_row_hash"
 
 
-def hash48(text: str) -> int:
-    return int(hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()[:12], 16)
+ROW_HASH_BITS = 40
+
+
+def _hash_of_text(text: str) -> int:
+    return int(
+        hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()[: ROW_HASH_BITS // 4], 16
+    )
 
 
 @compiles(RowHash)
 def _hash_function(element: RowHash, compiler: Any, **kw: Any) -> str:
     values = ", ".join(compiler.process(v, **kw) for v in element.values)
-    return f"{SQLITE_HASH48}({values})"
+    return f"{SQLITE_ROW_HASH}({values})"
 
 
 @compiles(RowHash, "postgresql")
 def _hash_md5(element: RowHash, compiler: Any, **kw: Any) -> str:
     values = ", ".join(compiler.process(v, **kw) for v in element.values)
-    return f"('x' || substr(md5(ROW({values})::text), 1, 12))::bit(48)::bigint"
+    digits, bits = ROW_HASH_BITS // 4, ROW_HASH_BITS
+    return f"('x' || substr(md5(ROW({values})::text), 1, {digits}))::bit({bits})::bigint"
 
 
 @event.listens_for(Engine, "connect")
 def _register_sqlite_functions(dbapi_connection: Any, _record: Any) -> None:
     if isinstance(dbapi_connection, sqlite3.Connection):
-        dbapi_connection.create_function(SQLITE_HASH48, -1, _hash48_of_values, deterministic=True)
+        dbapi_connection.create_function(
+            SQLITE_ROW_HASH, -1, _row_hash_of_values, deterministic=True
+        )
 
 
-def _hash48_of_values(*values: Any) -> int:
-    return hash48(json.dumps(values))
+def _row_hash_of_values(*values: Any) -> int:
+    return _hash_of_text(json.dumps(values))
 
 
 # From this many rows on, Postgres gets the rows by COPY instead of an executemany, which psycopg

@@ -7,7 +7,7 @@ from sqlalchemy import Engine, String, func, literal, null, select, text
 from sqlalchemy.orm import Session
 
 from models import District
-from tasks.sql import ID_SEPARATOR, RowHash, in_ids
+from tasks.sql import ID_SEPARATOR, ROW_HASH_BITS, RowHash, in_ids
 from worker import db
 from worker.db import make_engine
 from worker.settings import get_settings
@@ -58,7 +58,7 @@ def test_row_hash_tells_rows_apart(session: Session) -> None:
         return session.scalar(select(RowHash(row[0], *values)))
 
     hashes = [row_hash(row) for row in rows]
-    assert all(isinstance(h, int) and 0 <= h < 2**48 for h in hashes)
+    assert all(isinstance(h, int) and 0 <= h < 2**ROW_HASH_BITS for h in hashes)
     assert len(set(hashes)) == len(rows)
     assert row_hash(rows[0]) == hashes[0]  # and the same row, the same hash
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from typing import Any
 
@@ -136,6 +137,13 @@ def _refuse_unsafe(sender: Any = None, **_: Any) -> None:
         check_safe(app.conf, get_settings())
     except UnsafeConfiguration as exc:
         raise SystemExit(f"grassroots: {exc}") from exc
+
+
+@signals.worker_init.connect
+def _share_memory_with_the_pool(**_: Any) -> None:
+    # Before the pool forks: a child's garbage collector then leaves the objects it inherited
+    # alone, instead of writing to (and so copying) every page that holds one.
+    gc.freeze()
 
 
 @signals.setup_logging.connect

@@ -6,8 +6,8 @@ import pytest
 from sqlalchemy import Engine, String, func, literal, null, select, text
 from sqlalchemy.orm import Session
 
-from models import District
-from tasks.sql import ID_SEPARATOR, ROW_HASH_BITS, RowHash, in_ids
+from models import District, JournalEntry
+from tasks.sql import COPY_MIN_ROWS, ID_SEPARATOR, ROW_HASH_BITS, RowHash, in_ids, insert_rows
 from worker import db
 from worker.db import make_engine
 from worker.settings import get_settings
@@ -112,3 +112,41 @@ def test_in_ids_matches_ids_holding_the_separator_or_other_types(session: Sessio
     assert _districts(session, ["d"]) == []
     in_order = select(func.count()).where(in_ids(literal(7), [5, 7, 9]))
     assert session.scalar(in_order) == 1
+
+
+@pytest.mark.parametrize("count", [3, COPY_MIN_ROWS + 5])
+def test_insert_rows_stores_every_row_as_given_with_defaults_filled(
+    session: Session, count: int
+) -> None:
+    """Few rows go by INSERT; many go to Postgres by COPY. Either way JSON arrives as JSON,
+    None as NULL, and a column left out takes its default."""
+    session.add(District(id="d1", name="District 1"))
+    session.flush()
+    rows = [
+        {
+            "kind": "account",
+            "batch": "b1",
+            "account_id": f"a{n:04d}",
+            "district_id": "d1" if n % 2 else None,
+            "rule": "test",
+            "trigger": "test",
+            "before": {"roles": ["student"], "n": n, "note": 'a "quoted",\ttabbed\nline'},
+        }
+        for n in range(count)
+    ]
+    insert_rows(session, JournalEntry, rows)
+    stored = session.execute(
+        select(
+            JournalEntry.account_id,
+            JournalEntry.district_id,
+            JournalEntry.before,
+            JournalEntry.created_at,
+            JournalEntry.restored_at,
+        )
+        .where(JournalEntry.batch == "b1")
+        .order_by(JournalEntry.account_id)
+    ).all()
+    assert [(r.account_id, r.district_id, r.before) for r in stored] == [
+        (row["account_id"], row["district_id"], row["before"]) for row in rows
+    ]
+    assert all(r.created_at is not None and r.restored_at is None for r in stored)

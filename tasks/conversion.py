@@ -32,6 +32,7 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    text,
     union_all,
     update,
 )
@@ -281,8 +282,17 @@ def _new_batch() -> str:
     return uuid.uuid4().hex
 
 
-def _live_synced_classes() -> Select[tuple[str]]:
-    return select(Class.id).where(Class.district_synced.is_(True), Class.removed_by.is_(None))
+def _live_synced_classes(states: Iterable[AccountState] = ()) -> Select[tuple[str]]:
+    """The live district classes that accounts in these states can be linked to: their own
+    districts' classes, or every district's if one of them has no district (a grassroots account
+    left with a stray link). Narrowing it is what lets an exit batch skip the enrollment scan:
+    once the exit's teacher units have dropped the district's classes the set is empty, and
+    Postgres does not read the other side of an empty join."""
+    live = select(Class.id).where(Class.district_synced.is_(True), Class.removed_by.is_(None))
+    districts = {s.district_id for s in states}
+    if not districts or None in districts:
+        return live
+    return live.where(in_ids(Class.district_id, sorted(d for d in districts if d is not None)))
 
 
 def _audit(session: Session, rows: list[dict[str, Any]]) -> None:
@@ -336,7 +346,7 @@ def apply_plans(
     students = [p.account_id for p in plans if p.strip_student]
     teachers = [p.account_id for p in plans if p.strip_teacher]
     admins = [p.account_id for p in plans if p.strip_admin]
-    live_synced = _live_synced_classes()
+    live_synced = _live_synced_classes(state[a] for a in ids)
     enrolled = (
         set(
             session.scalars(
@@ -941,6 +951,12 @@ def exit_teacher_unit(
 def exit_account_batch(
     session: Session, account_ids: Sequence[str], *, root_id: int, trigger: str
 ) -> Outcome:
+    if session.get_bind().dialect.name == "postgresql":
+        # The batch's statements run a hundred times with a thousand ids each: psycopg prepares
+        # them, and Postgres' generic plan for a prepared statement cannot see that the exit has
+        # left no live class to join, so it scans the batch's enrollments (17 ms) where a plan
+        # for the actual ids reads nothing (2 ms).
+        session.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
     return convert_accounts(session, account_ids, trigger=trigger, parent_id=root_id)
 
 

@@ -139,7 +139,7 @@ BUMP_ATTEMPTS = (
 # Postgres does a teacher unit in one statement: claim the unit, lock and drop the teacher's
 # classes, count the unit done. The same steps as ``run_unit`` takes one statement at a time, in
 # one round trip instead of four; a district has thousands of these units. An account batch is
-# claimed and counted the same way, and its conversion follows in the same transaction.
+# claimed by the same statement; its conversion and then its count follow in the transaction.
 _RUN_UNIT_PG = text(
     """
     WITH claimed AS (

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeGuard
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -35,11 +35,22 @@ def envelope(raw: Any) -> tuple[str, str]:
     if not isinstance(raw, dict):
         raise BadEvent("an event is a JSON object")
     event_id, event_type = raw.get("id"), raw.get("type")
-    if not isinstance(event_id, str) or not event_id.strip() or len(event_id) > 200:
+    if not _usable(event_id, 200):
         raise BadEvent("the event has no usable 'id'")
-    if not isinstance(event_type, str) or not event_type.strip() or len(event_type) > 100:
+    if not _usable(event_type, 100):
         raise BadEvent("the event has no usable 'type'")
     return event_id, event_type
+
+
+def _usable(value: Any, limit: int) -> TypeGuard[str]:
+    """Text we can store and index: not blank, not too long, no NUL (Postgres text cannot
+    hold one)."""
+    return (
+        isinstance(value, str)
+        and bool(value.strip())
+        and len(value) <= limit
+        and "\x00" not in value
+    )
 
 
 def parse_time(value: Any) -> datetime | None:
@@ -77,11 +88,11 @@ def interpret(raw: dict[str, Any], event_type: str) -> tuple[dict[str, Any], str
     if obj is None:
         return columns, "the event has no data.object"
     object_id = obj.get("id")
-    if not isinstance(object_id, str) or not object_id or len(object_id) > 64:
+    if not _usable(object_id, 64):
         return columns, "the event's object has no usable id"
     columns["object_id"] = object_id
     district = object_id if prefix == "districts" else obj.get("district")
-    columns["district_id"] = district if isinstance(district, str) and len(district) <= 64 else None
+    columns["district_id"] = district if _usable(district, 64) else None
     if raw.get("created") is not None and created is None:
         return columns, "the event's 'created' is not an ISO 8601 time"
     return columns, None

@@ -367,8 +367,19 @@ def test_malformed_webhook_secret_answers_a_json_error_not_a_bare_500(
         (encode({"id": "", "type": "users.updated"}), "invalid_event"),
         (encode({"id": 17, "type": "users.updated"}), "invalid_event"),
         (encode([clever_event()]), "invalid_event"),
+        (encode(clever_event("evt-\u0000")), "invalid_event"),
     ],
-    ids=["text", "truncated", "not-utf8", "no-id", "no-type", "empty-id", "int-id", "array"],
+    ids=[
+        "text",
+        "truncated",
+        "not-utf8",
+        "no-id",
+        "no-type",
+        "empty-id",
+        "int-id",
+        "array",
+        "nul-id",
+    ],
 )
 def test_signed_body_that_is_not_an_event_is_refused_with_400_and_nothing_stored(
     client: TestClient, body: bytes, code: str
@@ -385,10 +396,18 @@ def test_signed_body_that_is_not_an_event_is_refused_with_400_and_nothing_stored
         ({"id": "evt-odd", "type": "users.updated"}, "data.object"),
         (clever_event("evt-odd", data={"object": STEVE}), "data.object"),
         (clever_event("evt-odd", data={"object": {"name": "no id"}}), "id"),
+        (clever_event("evt-odd", data={"object": {"id": "u\u0000", "district": "d"}}), "id"),
         (clever_event("evt-odd", created="last tuesday"), "created"),
         (clever_event("evt-odd", created=1725372321), "created"),
     ],
-    ids=["no-data", "object-not-a-dict", "object-without-id", "created-text", "created-number"],
+    ids=[
+        "no-data",
+        "object-not-a-dict",
+        "object-without-id",
+        "object-id-with-nul",
+        "created-text",
+        "created-number",
+    ],
 )
 def test_signed_event_we_cannot_interpret_is_kept_as_rejected(
     configure: Configure,

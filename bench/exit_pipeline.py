@@ -17,50 +17,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import psycopg
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-BIN = Path(sys.executable).parent / "grassroots"
-OUT = ROOT / "bench" / "out"
-ADMIN_URL = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-
-
-def spare_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def district_file(students: int, teachers: int) -> Path:
-    OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / f"district-s{students}-t{teachers}.json"
-    if not path.exists():
-        subprocess.run(
-            [
-                sys.executable,
-                str(SHARED / "tools" / "make_district.py"),
-                "--students",
-                str(students),
-                "--teachers",
-                str(teachers),
-                "--out",
-                str(path),
-            ],
-            check=True,
-        )
-    return path
+from common import BIN, district_file, print_report, private_redis, throwaway_database
 
 
 def _family(pid: int) -> set[int]:
@@ -141,29 +108,20 @@ def main() -> None:
     args = parser.parse_args()
 
     roster = district_file(args.students, args.teachers)
+    with ExitStack() as stack:
+        url = stack.enter_context(
+            throwaway_database(f"grbench_exit_{os.getpid()}", template=args.template)
+        )
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="grbench-")))
+        redis_port = stack.enter_context(private_redis(tmp))
+        result = measure(args, roster, url, redis_port, tmp)
+    print_report(result, as_json=args.json)
+
+
+def measure(
+    args: argparse.Namespace, roster: Path, url: str, redis_port: int, tmp: Path
+) -> dict[str, Any]:
     district_id = json.loads(roster.read_text())["districts"][0]["id"]
-    name = f"grbench_exit_{os.getpid()}"
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        # FILE_COPY (Postgres 15+): copies the files instead of writing the whole database to WAL.
-        template = f' TEMPLATE "{args.template}" STRATEGY FILE_COPY' if args.template else ""
-        conn.execute(f'CREATE DATABASE "{name}"{template}'.encode())
-    url = ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    tmp = Path(tempfile.mkdtemp(prefix="grbench-"))
-    redis_port = spare_port()
-    redis = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(redis_port),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
     env = {
         **os.environ,
         "DATABASE_URL": url,
@@ -274,16 +232,7 @@ def main() -> None:
             if w.poll() is None:
                 os.killpg(w.pid, signal.SIGKILL)
                 w.wait()
-        redis.terminate()
-        redis.wait()
-        with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
-        shutil.rmtree(tmp, ignore_errors=True)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key:>20}  {value}")
+    return result
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import signal
 import socket
 import statistics
@@ -32,24 +31,18 @@ import tempfile
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Coroutine
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, TypeVar
 
 import psycopg
 import redis
+from common import BIN, print_report, private_redis, spare_port, throwaway_database
 
 from worker.signing import generate_secret, signed_headers
 
-BIN = Path(sys.executable).parent / "grassroots"
-ADMIN_URL = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 PATH = "/webhooks/clever"
 T = TypeVar("T")
-
-
-def spare_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def requests(secret: str, prefix: str, n: int) -> list[bytes]:
@@ -239,28 +232,18 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    name = f"grbench_intake_{os.getpid()}"
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"'.encode())
-    database_url = ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    tmp = Path(tempfile.mkdtemp(prefix="grbench-"))
-    redis_port, port = spare_port(), spare_port()
-    redis_server = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(redis_port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+    with ExitStack() as stack:
+        database_url = stack.enter_context(throwaway_database(f"grbench_intake_{os.getpid()}"))
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="grbench-")))
+        redis_port = stack.enter_context(private_redis(tmp))
+        result = measure(args, database_url, redis_port, tmp)
+    print_report(result, as_json=args.json)
+
+
+def measure(
+    args: argparse.Namespace, database_url: str, redis_port: int, tmp: Path
+) -> dict[str, Any]:
+    port = spare_port()
     secret = generate_secret()
     env = {
         **os.environ,
@@ -345,16 +328,7 @@ def main() -> None:
         if server is not None and server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(30)
-        redis_server.terminate()
-        redis_server.wait()
-        with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
-        shutil.rmtree(tmp, ignore_errors=True)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key:>32}  {value}")
+    return result
 
 
 if __name__ == "__main__":

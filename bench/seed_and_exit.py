@@ -22,7 +22,6 @@ import os
 import re
 import resource
 import signal
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -32,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psycopg
+from common import ADMIN_URL, OUT, ROOT, district_file, throwaway_database
 from sqlalchemy import event, func, inspect, select
 from sqlalchemy.engine import Engine
 
@@ -41,11 +40,6 @@ from tasks.conversion import run_district_exit
 from tasks.roster import load_snapshot
 from worker.db import make_engine, session_scope
 from worker.migrate import upgrade
-
-ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "bench" / "out"
-MAKE_DISTRICT = ROOT.parent / "shared" / "tools" / "make_district.py"
-DEFAULT_PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 class BenchError(Exception):
@@ -79,33 +73,6 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def district_file(students: int, teachers: int) -> Path:
-    path = OUT / f"district-s{students}-t{teachers}.json"
-    if not path.exists():
-        OUT.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".json.part")
-        subprocess.run(
-            [
-                sys.executable,
-                str(MAKE_DISTRICT),
-                "--students",
-                str(students),
-                "--teachers",
-                str(teachers),
-                "--out",
-                str(partial),
-            ],
-            check=True,
-        )
-        partial.rename(path)
-    return path
-
-
-def _pg_url(admin_url: str, database: str) -> str:
-    base, _, _ = admin_url.rpartition("/")
-    return f"{base}/{database}"
-
-
 @contextmanager
 def bench_database(sqlite: bool, admin_url: str) -> Iterator[str]:
     """A fresh database for this run, migrated; dropped (or deleted) on the way out."""
@@ -120,15 +87,9 @@ def bench_database(sqlite: bool, admin_url: str) -> Iterator[str]:
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{path}{suffix}").unlink(missing_ok=True)
         return
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"'.encode())
-    try:
-        url = _pg_url(admin_url, name)
+    with throwaway_database(name, admin_url=admin_url) as url:
         upgrade(url)
         yield url
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
 
 
 class StatementTimes:
@@ -300,7 +261,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sqlite", action="store_true", help="run against a SQLite file, not Postgres")
     p.add_argument(
         "--postgres-url",
-        default=os.environ.get("BENCH_POSTGRES_URL", DEFAULT_PG_ADMIN_URL),
+        default=ADMIN_URL,
         help="an admin connection the bench database is created from (env BENCH_POSTGRES_URL)",
     )
     p.add_argument("--no-exit", action="store_true", help="only time the two seeds")

@@ -15,6 +15,8 @@ from typing import Any
 
 import psycopg
 
+from worker.run import redis_server_argv
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out"
 MAKE_DISTRICT = ROOT.parent / "shared" / "tools" / "make_district.py"
@@ -80,20 +82,7 @@ def private_redis(directory: Path) -> Iterator[int]:
     """A redis-server of our own on a spare loopback port, keeping nothing on disk; its port."""
     port = spare_port()
     server = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(directory),
-        ],
-        stdout=subprocess.DEVNULL,
+        redis_server_argv(port, directory, persistent=False), stdout=subprocess.DEVNULL
     )
     try:
         yield port

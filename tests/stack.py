@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import httpx
 
+from worker.run import redis_server_argv
 from worker.signing import signed_headers
 
 T = TypeVar("T")
@@ -58,19 +59,7 @@ class RedisServer:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.directory),
-            ],
+            redis_server_argv(self.port, self.directory, persistent=False),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -28,6 +28,20 @@ from worker.signing import generate_secret
 VAR = Path("var")
 
 
+def redis_server_argv(
+    port: int, directory: Path, *, persistent: bool, executable: str = "redis-server"
+) -> list[str]:
+    """A redis-server listening on loopback only. Persistent for ``grassroots run`` (an
+    append-only file, and refusing writes rather than evicting queued tasks when full); otherwise
+    it keeps nothing on disk (tests and benchmarks)."""
+    keep = (
+        ["--appendonly", "yes", "--maxmemory-policy", "noeviction"]
+        if persistent
+        else ["--save", "", "--appendonly", "no"]
+    )
+    return [executable, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory), *keep]
+
+
 def _answers(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5) as s:
@@ -101,19 +115,9 @@ def run_stack(*, host: str = "127.0.0.1", port: int = 8000, flower_port: int = 5
         children.append(
             Child(
                 "redis",
-                [
-                    redis_server,
-                    "--port",
-                    str(broker.port or 6379),
-                    "--bind",
-                    "127.0.0.1",
-                    "--dir",
-                    str(VAR.resolve()),
-                    "--appendonly",
-                    "yes",
-                    "--maxmemory-policy",
-                    "noeviction",
-                ],
+                redis_server_argv(
+                    broker.port or 6379, VAR.resolve(), persistent=True, executable=redis_server
+                ),
                 env,
             )
         )

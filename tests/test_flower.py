@@ -133,20 +133,24 @@ def test_flower_reports_the_depth_of_each_named_queue(flower: Flower) -> None:
     assert flower.queue_depths() == {"events": 0, "conversions": 2, "fanout": 0, "maintenance": 1}
 
 
-@pytest.mark.parametrize("address", EVERY_INTERFACE, ids=["ipv4", "ipv6", "empty"])
-def test_flower_will_not_listen_beyond_loopback_without_basic_auth(
-    tmp_path: Path, address: str
-) -> None:
-    port = spare_port()
-    result = subprocess.run(
-        [str(BIN), "flower", "--address", address, "--port", str(port)],
-        env=clean_env(BROKER_URL="redis://127.0.0.1:1/0"),
+def start_flower(tmp_path: Path, address: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``grassroots flower`` on ``address``, expected to refuse before it ever reaches a broker."""
+    return subprocess.run(
+        [str(BIN), "flower", "--address", address, "--port", str(spare_port())],
+        env=clean_env(BROKER_URL="redis://127.0.0.1:1/0", **env),
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
+
+
+@pytest.mark.parametrize("address", EVERY_INTERFACE, ids=["ipv4", "ipv6", "empty"])
+def test_flower_will_not_listen_beyond_loopback_without_basic_auth(
+    tmp_path: Path, address: str
+) -> None:
+    result = start_flower(tmp_path, address)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f"grassroots: refusing to serve Flower on {address or 'every interface'} without"
@@ -156,14 +160,6 @@ def test_flower_will_not_listen_beyond_loopback_without_basic_auth(
 
 @pytest.mark.parametrize("auth", ["user", "user:", ":pass", ":", "user:pass,bob"])
 def test_flower_refuses_basic_auth_without_a_user_and_password(tmp_path: Path, auth: str) -> None:
-    result = subprocess.run(
-        [str(BIN), "flower", "--address", EVERY_INTERFACE[0], "--port", str(spare_port())],
-        env=clean_env(BROKER_URL="redis://127.0.0.1:1/0", FLOWER_BASIC_AUTH=auth),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = start_flower(tmp_path, EVERY_INTERFACE[0], FLOWER_BASIC_AUTH=auth)
     assert result.returncode == 1
     assert "FLOWER_BASIC_AUTH must be user:password" in result.stderr

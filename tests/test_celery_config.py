@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from tests.stack import spare_port
 from worker.celery_app import QUEUES, ROUTES, UnsafeConfiguration, app, check_safe
@@ -74,3 +75,18 @@ def test_worker_refuses_to_start_with_unsafe_settings(tmp_path: Path) -> None:
     )
     assert result.returncode != 0
     assert "unsafe Celery configuration" in result.stdout + result.stderr
+
+
+def test_a_broker_channel_builds_one_redis_client_per_connection_pool() -> None:
+    """kombu builds a Redis client for every delivery and ack; ours keeps one per pool."""
+    with app.connection_for_write() as conn:
+        channel: Any = conn.default_channel  # kombu's stubs know only the abstract channel
+        assert type(channel).__module__ == "worker.broker"
+        first = channel._create_client()
+        assert channel._create_client() is first
+        assert first.connection_pool is channel.pool
+        assert first.ping()
+        channel._disconnect_pools()  # what a fork or a reconnection does
+        again = channel._create_client()
+        assert again is not first and again.connection_pool is channel.pool
+        assert again.ping()

@@ -9,6 +9,7 @@ from typing import Any
 from celery import Celery, signals
 from kombu import Queue
 
+from worker import broker
 from worker.settings import Settings, get_settings
 
 QUEUES = ("events", "conversions", "fanout", "maintenance")
@@ -50,6 +51,7 @@ def transport_options(settings: Settings) -> dict[str, Any]:
 def build_config(settings: Settings) -> dict[str, Any]:
     return {
         "broker_url": settings.broker_url,
+        "broker_transport": broker.TRANSPORT,
         "broker_connection_retry_on_startup": True,
         "broker_connection_timeout": 3,
         "broker_transport_options": transport_options(settings),

@@ -555,7 +555,10 @@ def flower(address: str, port: int) -> None:
         fail("FLOWER_BASIC_AUTH must be user:password, neither empty (several: comma-separated)")
     from worker.celery_app import app
 
-    # With the Redis broker Flower reads each named queue's depth from Redis itself.
+    # With the Redis broker Flower reads each named queue's depth from Redis itself, choosing its
+    # reader by the scheme of the broker URL kombu gives back: it needs kombu's own transport
+    # for that (``worker.broker`` only serves the worker's message handling).
+    app.conf.broker_transport = None
     argv = ["flower", f"--address={address}", f"--port={port}", "--purge_offline_workers=60"]
     if auth:
         argv.append(f"--basic-auth={auth}")

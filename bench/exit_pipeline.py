@@ -22,6 +22,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,8 @@ import psycopg
 from common import BIN, district_file, print_report, private_redis, throwaway_database
 
 
-def _family(pid: int) -> set[int]:
-    """A process and all its descendants."""
-    parents: dict[int, int] = {}
+def _processes() -> Iterator[tuple[int, str, list[str]]]:
+    """Each live process: its pid, command name and the fields of /proc/PID/stat after it."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -40,7 +40,13 @@ def _family(pid: int) -> set[int]:
             stat = Path(f"/proc/{entry}/stat").read_text()
         except OSError:
             continue
-        parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+        head, _, tail = stat.rpartition(")")
+        yield int(entry), head.partition("(")[2], tail.split()
+
+
+def _family(pid: int) -> set[int]:
+    """A process and all its descendants."""
+    parents = {child: int(fields[1]) for child, _, fields in _processes()}
     family = {pid}
     changed = True
     while changed:
@@ -74,6 +80,16 @@ def tree_memory(pid: int) -> dict[str, int]:
         "pss_sum": sum(_memory_kb(p, "Pss") * 1024 for p in family),
         "rss_max": max(rss, default=0),
     }
+
+
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) used so far by the live processes, summed per command name:
+    where the machine's two cores went during the exit (postgres, redis-server, the workers)."""
+    ticks: dict[str, int] = {}
+    for _, name, fields in _processes():
+        ticks[name] = ticks.get(name, 0) + int(fields[11]) + int(fields[12])
+    hz = os.sysconf("SC_CLK_TCK")
+    return {name: t / hz for name, t in ticks.items()}
 
 
 class Sampler(threading.Thread):
@@ -174,6 +190,7 @@ def measure(
             conn.execute("CHECKPOINT")
         sampler = Sampler([w.pid for w in workers])
         sampler.start()
+        cpu_before = cpu_seconds()
         started = time.monotonic()
         subprocess.run(
             [str(BIN), "district", "exit", district_id], env=env, check=True, capture_output=True
@@ -191,6 +208,7 @@ def measure(
                     raise SystemExit("a worker died: see " + str(tmp))
                 time.sleep(0.2)
             elapsed = time.monotonic() - started
+            cpu_after = cpu_seconds()
             left = conn.execute(
                 "SELECT count(*) FROM accounts WHERE district_id = %s", (district_id,)
             ).fetchone()
@@ -219,6 +237,15 @@ def measure(
                 "units": units,
                 **{k: round(v.total_seconds(), 2) for k, v in phases.items()},
                 "accounts_per_s": round(result["accounts"] / elapsed),
+                # Processes that ended during the exit (the CLI that started it) are not counted.
+                "cpu_s": {
+                    name: round(used, 1)
+                    for name, used in sorted(
+                        ((n, cpu_after[n] - cpu_before.get(n, 0.0)) for n in cpu_after),
+                        key=lambda item: -item[1],
+                    )
+                    if used >= 0.1
+                },
                 **{
                     f"peak_worker_{key}_mb": [
                         round(p.get(key, 0) / 2**20) for p in sampler.peak.values()

@@ -17,8 +17,10 @@ from sqlalchemy.orm import Session
 
 from models import DistrictExit, ExitUnit, utcnow
 from tasks import conversion
-from tasks.errors import NotFound
-from tasks.sql import CHUNK, insert_rows
+from tasks.errors import GrassrootsError, NotFound
+from tasks.sql import CHUNK, AsyncCommit, insert_rows
+
+TEACHER_UNIT = "teacher:"  # a teacher unit's key: this, then the teacher's account id
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,12 @@ def start_exit(
         teachers = conversion.exit_teacher_ids(session, district_id)
         accounts = conversion.exit_account_ids(session, district_id)
         units: list[dict[str, Any]] = [
-            {"exit_id": start.root_id, "key": f"teacher:{t}", "kind": "teacher", "account_ids": [t]}
+            {
+                "exit_id": start.root_id,
+                "key": TEACHER_UNIT + t,
+                "kind": "teacher",
+                "account_ids": [t],
+            }
             for t in teachers
         ]
         for n, first in enumerate(range(0, len(accounts), batch_size)):
@@ -132,7 +139,7 @@ BUMP_ATTEMPTS = (
     update(ExitUnit)
     .where(*_this_unit, ExitUnit.status == "pending")
     .values(attempts=ExitUnit.attempts + 1)
-    .returning(ExitUnit.attempts)
+    .returning(ExitUnit.attempts, AsyncCommit())
 )
 
 
@@ -140,11 +147,14 @@ BUMP_ATTEMPTS = (
 # classes, count the unit done. The same steps as ``run_unit`` takes one statement at a time, in
 # one round trip instead of four; a district has thousands of these units. An account batch is
 # claimed by the same statement; its conversion and then its count follow in the transaction.
+# ``unit_alone``: the statement is its own transaction (autocommit), so it claims a teacher unit
+# only. Its last column is ``tasks.sql.AsyncCommit``: the unit commits without the WAL wait.
 _RUN_UNIT_PG = text(
     """
     WITH claimed AS (
         UPDATE exit_units SET status = 'done', finished_at = :unit_now
         WHERE exit_id = :unit_exit AND key = :unit_key AND status = 'pending'
+            AND (kind = 'teacher' OR NOT :unit_alone)
         RETURNING kind, account_ids
     ), locked AS (
         SELECT classes.id FROM classes
@@ -172,7 +182,8 @@ _RUN_UNIT_PG = text(
     SELECT claimed.kind, claimed.account_ids,
            (SELECT district_id FROM district_exits WHERE id = :unit_exit) AS district_id,
            ARRAY(SELECT id FROM dropped ORDER BY id) AS dropped,
-           counted.units_done, counted.units_total, counted.teacher_units
+           counted.units_done, counted.units_total, counted.teacher_units,
+           set_config('synchronous_commit', 'off', true)
     FROM claimed LEFT JOIN counted ON true
     """
 ).columns(account_ids=JSON(), dropped=ARRAY(String()))
@@ -188,10 +199,10 @@ def run_unit(session: Session, exit_id: int, key: str, *, trigger: str) -> UnitR
     unit = {"unit_exit": exit_id, "unit_key": key, "unit_now": utcnow()}
     counted = None
     if conn.dialect.name == "postgresql":
-        row = conn.execute(_RUN_UNIT_PG, unit).one_or_none()
+        row = conn.execute(_RUN_UNIT_PG, {**unit, "unit_alone": False}).one_or_none()
         if row is None:
             return _not_claimed(conn, unit)
-        kind, account_ids, district_id, dropped, *count = row
+        kind, account_ids, district_id, dropped, *count, _ = row
         outcome = conversion.Outcome(classes_removed=list(dropped))
         counted = count if kind == "teacher" else None
     else:
@@ -211,8 +222,25 @@ def run_unit(session: Session, exit_id: int, key: str, *, trigger: str) -> UnitR
     return UnitResult(True, done >= total, outcome, kind == "teacher" and done == teachers)
 
 
+def run_teacher_unit(conn: Connection, exit_id: int, key: str) -> UnitResult:
+    """Postgres: run a teacher unit as one statement on an autocommit connection, where that
+    statement is the whole transaction; no BEGIN, SET or COMMIT round trips around it."""
+    if conn.dialect.name != "postgresql" or not key.startswith(TEACHER_UNIT):
+        raise GrassrootsError(f"unit {key} cannot run as one statement here")
+    unit = {"unit_exit": exit_id, "unit_key": key, "unit_now": utcnow(), "unit_alone": True}
+    row = conn.execute(_RUN_UNIT_PG, unit).one_or_none()
+    if row is None:
+        return _not_claimed(conn, unit)
+    _, _, _, dropped, done, total, teachers, _ = row
+    outcome = conversion.Outcome(classes_removed=list(dropped))
+    return UnitResult(True, done >= total, outcome, done == teachers)
+
+
 def _not_claimed(conn: Connection, unit: dict[str, Any]) -> UnitResult:
-    if conn.scalar(_STATUS, unit):
+    status = conn.scalar(_STATUS, unit)
+    if status == "pending":  # only an account batch is not claimed while pending
+        raise GrassrootsError(f"unit {unit['unit_key']} needs a transaction of its own")
+    if status:
         return UnitResult(False, False, conversion.Outcome())  # done (or dead) already
     raise NotFound(f"no unit {unit['unit_key']} in exit {unit['unit_exit']}")
 

@@ -18,18 +18,17 @@ from celery.utils.time import get_exponential_backoff_interval
 from kombu.exceptions import BatchPublishError  # type: ignore[attr-defined]  # kombu 5.7; stubs lag
 from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from sqlalchemy import select, text, update
+from sqlalchemy import select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.orm import Session
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from models import DeadLetter, DistrictExit, ExitUnit, RosterEvent, utcnow
 from tasks import conversion, events, exits
 from tasks.errors import InvariantViolation, WaitForRoster
-from tasks.sql import chunks, in_ids
+from tasks.sql import AsyncCommit, chunks, in_ids
 from worker.celery_app import app
-from worker.db import autocommit, session_scope
+from worker.db import autocommit, get_engine, session_scope
 from worker.logs import bound
 from worker.settings import get_settings
 
@@ -62,17 +61,6 @@ def _short_retries(fn: Callable[[], T]) -> T:
         with attempt:
             return fn()
     raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _without_wal_wait(session: Session) -> None:
-    """An exit unit commits without waiting for the WAL flush: the unit and its ``done`` mark
-    commit together, so if Postgres itself crashed and lost the last commits, those units would
-    simply still be pending and run again. Thousands of units then cost no fsync each.
-
-    (LOCK_TIMEOUT_MS is set on every connection: see ``worker.db.postgres_options``.)
-    """
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SET LOCAL synchronous_commit = off"))
 
 
 def _limits() -> events.Limits:
@@ -150,6 +138,8 @@ def _guarded(
     settings = get_settings()
 
     def count() -> int | None:
+        # The counters commit without the WAL wait (``AsyncCommit``): an increment lost in a
+        # crash of Postgres itself only allows one more attempt.
         with autocommit() as conn:
             return attempt(conn)
 
@@ -197,12 +187,13 @@ def _guarded(
 
 def _bump_event(event_id: str) -> Callable[[Connection], int | None]:
     def bump(conn: Connection) -> int | None:
-        return conn.scalar(
+        attempts: int | None = conn.scalar(
             update(RosterEvent)
             .where(RosterEvent.id == event_id, RosterEvent.status.in_(("accepted", "processing")))
             .values(attempts=RosterEvent.attempts + 1, status="processing", updated_at=utcnow())
-            .returning(RosterEvent.attempts)
+            .returning(RosterEvent.attempts, AsyncCommit())
         )
+        return attempts
 
     return bump
 
@@ -310,7 +301,10 @@ def dispatch_exit(exit_id: int) -> None:
 
 def _bump_unit(exit_id: int, key: str) -> Callable[[Connection], int | None]:
     def bump(conn: Connection) -> int | None:
-        return conn.scalar(exits.BUMP_ATTEMPTS, {"unit_exit": exit_id, "unit_key": key})
+        attempts: int | None = conn.scalar(
+            exits.BUMP_ATTEMPTS, {"unit_exit": exit_id, "unit_key": key}
+        )
+        return attempts
 
     return bump
 
@@ -318,8 +312,13 @@ def _bump_unit(exit_id: int, key: str) -> Callable[[Connection], int | None]:
 @app.task(name="grassroots.exit_unit", bind=True)
 def exit_unit(self: Task[Any, Any], exit_id: int, key: str) -> bool | None:
     def work() -> exits.UnitResult:
+        # An exit unit commits without waiting for the WAL flush (``tasks.sql.AsyncCommit``), and
+        # on Postgres a teacher unit is a single statement, run in autocommit.
+        # (LOCK_TIMEOUT_MS is set on every connection: see ``worker.db.postgres_options``.)
+        if key.startswith(exits.TEACHER_UNIT) and get_engine().dialect.name == "postgresql":
+            with autocommit() as conn:
+                return exits.run_teacher_unit(conn, exit_id, key)
         with session_scope() as session:
-            _without_wal_wait(session)
             return exits.run_unit(session, exit_id, key, trigger=f"exit:{exit_id}")
 
     result = _guarded(

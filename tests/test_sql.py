@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import Engine, String, func, literal, null, select, text
+from sqlalchemy import Connection, Engine, Integer, String, func, literal, select, text
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session
 
 from models import District, JournalEntry
-from tasks.sql import COPY_MIN_ROWS, ID_SEPARATOR, ROW_HASH_BITS, RowHash, in_ids, insert_rows
+from tasks import exits
+from tasks.sql import (
+    COPY_MIN_ROWS,
+    ID_SEPARATOR,
+    ROW_HASH_BITS,
+    AsyncCommit,
+    RowHash,
+    in_ids,
+    insert_rows,
+)
 from worker import db
 from worker.db import make_engine
 from worker.settings import get_settings
@@ -54,13 +64,44 @@ def test_row_hash_tells_rows_apart(session: Session) -> None:
     ]
 
     def row_hash(row: tuple[str | None, ...]) -> int | None:
-        values = [literal(v, String) if v is not None else null() for v in row[1:]]
-        return session.scalar(select(RowHash(row[0], *values)))
+        # Typed values, as table columns are (a NULL of no type has no hash function).
+        return session.scalar(select(RowHash(row[0], *(literal(v, String) for v in row[1:]))))
 
     hashes = [row_hash(row) for row in rows]
     assert all(isinstance(h, int) and 0 <= h < 2**ROW_HASH_BITS for h in hashes)
     assert len(set(hashes)) == len(rows)
     assert row_hash(rows[0]) == hashes[0]  # and the same row, the same hash
+
+
+def test_row_hash_tells_numbers_apart_by_position(session: Session) -> None:
+    def row_hash(*numbers: int) -> int | None:
+        return session.scalar(select(RowHash("n", *(literal(n, Integer) for n in numbers))))
+
+    hashes = {row_hash(1, 2), row_hash(2, 1), row_hash(1, 3), row_hash(0, 3), row_hash(3)}
+    assert len(hashes) == 5
+
+
+def test_async_commit_skips_the_wal_wait_of_its_own_transaction_only(pg_engine: Engine) -> None:
+    def setting(conn: Connection) -> str | None:
+        value: str | None = conn.scalar(text("SELECT current_setting('synchronous_commit')"))
+        return value
+
+    with pg_engine.connect() as conn:
+        conn.execute(select(AsyncCommit()))
+        assert setting(conn) == "off"
+        conn.commit()
+        assert setting(conn) == "on"
+    with pg_engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        # A statement is its own transaction here: the setting ends with it.
+        conn.execute(select(AsyncCommit()))
+        assert setting(conn) == "on"
+
+
+def test_statements_with_async_commit_compile_once() -> None:
+    # Without a cache key SQLAlchemy compiles the statement again on every execution.
+    assert AsyncCommit()._generate_cache_key() is not None
+    assert exits.BUMP_ATTEMPTS._generate_cache_key() is not None
+    assert str(select(AsyncCommit()).compile(dialect=sqlite.dialect())) == "SELECT NULL AS anon_1"
 
 
 def test_postgres_connections_carry_the_lock_timeout_and_planner_costs(

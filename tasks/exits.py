@@ -6,13 +6,17 @@ progress is known from the start and a redelivered parent never plans twice.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
+import psycopg
 from sqlalchemy import JSON, String, bindparam, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from models import DistrictExit, ExitUnit, utcnow
@@ -148,13 +152,16 @@ BUMP_ATTEMPTS = (
 # one round trip instead of four; a district has thousands of these units. An account batch is
 # claimed by the same statement; its conversion and then its count follow in the transaction.
 # ``unit_alone``: the statement is its own transaction (autocommit), so it claims a teacher unit
-# only. Its last column is ``tasks.sql.AsyncCommit``: the unit commits without the WAL wait.
+# only. ``unit_max_attempts``, if not NULL: it claims no unit started more often than that (see
+# ``count_and_run_teacher_unit``). Its last column is ``tasks.sql.AsyncCommit``: the unit commits
+# without the WAL wait.
 _RUN_UNIT_PG = text(
     """
     WITH claimed AS (
         UPDATE exit_units SET status = 'done', finished_at = :unit_now
         WHERE exit_id = :unit_exit AND key = :unit_key AND status = 'pending'
             AND (kind = 'teacher' OR NOT :unit_alone)
+            AND (CAST(:unit_max_attempts AS integer) IS NULL OR attempts <= :unit_max_attempts)
         RETURNING kind, account_ids
     ), locked AS (
         SELECT classes.id FROM classes
@@ -199,7 +206,9 @@ def run_unit(session: Session, exit_id: int, key: str, *, trigger: str) -> UnitR
     unit = {"unit_exit": exit_id, "unit_key": key, "unit_now": utcnow()}
     counted = None
     if conn.dialect.name == "postgresql":
-        row = conn.execute(_RUN_UNIT_PG, {**unit, "unit_alone": False}).one_or_none()
+        row = conn.execute(
+            _RUN_UNIT_PG, {**unit, "unit_alone": False, "unit_max_attempts": None}
+        ).one_or_none()
         if row is None:
             return _not_claimed(conn, unit)
         kind, account_ids, district_id, dropped, *count, _ = row
@@ -222,18 +231,103 @@ def run_unit(session: Session, exit_id: int, key: str, *, trigger: str) -> UnitR
     return UnitResult(True, done >= total, outcome, kind == "teacher" and done == teachers)
 
 
+def _teacher_unit_params(conn: Connection, exit_id: int, key: str) -> dict[str, Any]:
+    if conn.dialect.name != "postgresql" or not key.startswith(TEACHER_UNIT):
+        raise GrassrootsError(f"unit {key} cannot run as one statement here")
+    return {"unit_exit": exit_id, "unit_key": key, "unit_now": utcnow(), "unit_alone": True}
+
+
+def _teacher_unit_result(row: Sequence[Any]) -> UnitResult:
+    _, _, _, dropped, done, total, teachers, _ = row
+    return UnitResult(
+        True, done >= total, conversion.Outcome(classes_removed=list(dropped)), done == teachers
+    )
+
+
 def run_teacher_unit(conn: Connection, exit_id: int, key: str) -> UnitResult:
     """Postgres: run a teacher unit as one statement on an autocommit connection, where that
     statement is the whole transaction; no BEGIN, SET or COMMIT round trips around it."""
-    if conn.dialect.name != "postgresql" or not key.startswith(TEACHER_UNIT):
-        raise GrassrootsError(f"unit {key} cannot run as one statement here")
-    unit = {"unit_exit": exit_id, "unit_key": key, "unit_now": utcnow(), "unit_alone": True}
+    unit = {**_teacher_unit_params(conn, exit_id, key), "unit_max_attempts": None}
     row = conn.execute(_RUN_UNIT_PG, unit).one_or_none()
     if row is None:
         return _not_claimed(conn, unit)
-    _, _, _, dropped, done, total, teachers, _ = row
-    outcome = conversion.Outcome(classes_removed=list(dropped))
-    return UnitResult(True, done >= total, outcome, done == teachers)
+    return _teacher_unit_result(row)
+
+
+class TeacherUnitFailed(Exception):
+    """The attempt was counted (``attempts``), then the unit's statement failed (``error``, as
+    SQLAlchemy would have raised it)."""
+
+    def __init__(self, attempts: int, error: Exception) -> None:
+        super().__init__(f"teacher unit failed on attempt {attempts}: {error}")
+        self.attempts = attempts
+        self.error = error
+
+
+@functools.cache
+def _driver_sql(dialect: Dialect) -> tuple[str, dict[str, Any], str]:
+    """The counter's and the unit's statements as the driver takes them, with the counter's own
+    constant parameters: compiled once, for a pipeline that bypasses SQLAlchemy's execution."""
+    bump = BUMP_ATTEMPTS.compile(dialect=dialect)
+    return bump.string, dict(bump.params), _RUN_UNIT_PG.compile(dialect=dialect).string
+
+
+def count_and_run_teacher_unit(
+    conn: Connection, exit_id: int, key: str, *, max_attempts: int
+) -> tuple[int | None, UnitResult | None]:
+    """Postgres, on an autocommit connection: count the attempt and run a teacher unit in one
+    round trip (a psycopg pipeline), where counting and running cost one each.
+
+    The count is a transaction of its own at the head of the pipeline (explicit BEGIN and COMMIT:
+    a pipeline is otherwise one implicit transaction), so it is committed before the unit's
+    statement starts, as every task's attempt count is. The unit's statement then claims the unit
+    only if the count is within ``max_attempts``.
+
+    Returns the count (None: the unit is no longer pending, nothing ran) and the unit's result
+    (None if the count was past ``max_attempts``). Raises ``TeacherUnitFailed`` (with the count)
+    if the unit's statement failed after the count committed; any other error (a
+    ``DBAPIError``) leaves the count unknown.
+    """
+    unit = {**_teacher_unit_params(conn, exit_id, key), "unit_max_attempts": max_attempts}
+    bump_sql, bump_constants, unit_sql = _driver_sql(conn.dialect)
+    driver = conn.connection.driver_connection
+    if not isinstance(driver, psycopg.Connection) or not driver.autocommit:
+        raise GrassrootsError("counting and running a unit at once needs psycopg in autocommit")
+    counted = None
+    try:
+        with driver.pipeline():
+            driver.execute("BEGIN")
+            counted = driver.execute(bump_sql, {**bump_constants, **unit})
+            driver.execute("COMMIT")
+            ran = driver.execute(unit_sql, unit)
+    except psycopg.Error as exc:
+        # What SQLAlchemy does with a driver error: a lost connection leaves the pool, and the
+        # error is raised as SQLAlchemy's (which the task's retries classify).
+        if conn.dialect.is_disconnect(cast(Any, exc), conn.connection, None):
+            conn.invalidate(exc)
+        error = DBAPIError.instance(
+            unit_sql,
+            unit,
+            exc,
+            psycopg.Error,
+            connection_invalidated=conn.invalidated,
+            dialect=conn.dialect,
+        )
+        row = counted.fetchone() if counted is not None and counted.pgresult else None
+        if row is None:
+            raise error from exc
+        raise TeacherUnitFailed(row[0], error) from exc
+    bumped = counted.fetchone()
+    if bumped is None:
+        return None, None
+    row = ran.fetchone()
+    if row is not None:
+        return bumped[0], _teacher_unit_result(row)
+    if bumped[0] > max_attempts:
+        return bumped[0], None
+    # Within the count but not claimed: another copy of the task has claimed the unit, or has
+    # counted past the cap and dead-letters it.
+    return bumped[0], UnitResult(False, False, conversion.Outcome())
 
 
 def _not_claimed(conn: Connection, unit: dict[str, Any]) -> UnitResult:

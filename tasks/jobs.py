@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import traceback
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from celery import Task
 from celery.utils.time import get_exponential_backoff_interval
@@ -124,6 +125,15 @@ def _dead_letter(
     log.error("dead-lettered %s %s: %s", task, args, reason)
 
 
+@dataclass(frozen=True)
+class FirstTry(Generic[T]):
+    """An attempt counted and the work's first try made at once."""
+
+    attempts: int | None  # None: nothing to do (done, held, dead or gone)
+    result: T | None = None  # None: the work did not start (past the most attempts allowed)
+    error: Exception | None = None  # the first try's failure, after the count committed
+
+
 def _guarded(
     task: Task[Any, Any],
     *,
@@ -132,10 +142,16 @@ def _guarded(
     event_id: str | None,
     attempt: Callable[[Connection], int | None],
     work: Callable[[], T],
+    first: Callable[[int], FirstTry[T]] | None = None,
 ) -> T | None:
     """Count the attempt (committed before the work starts), run the work, and retry or
-    dead-letter its failure."""
+    dead-letter its failure.
+
+    ``first``, if given, counts the attempt and makes the work's first try in one go, given the
+    most attempts allowed (the work must not start beyond them). If it fails without telling the
+    count, the attempt is counted again the usual way."""
     settings = get_settings()
+    most = settings.task_max_retries + 1
 
     def count() -> int | None:
         # The counters commit without the WAL wait (``AsyncCommit``): an increment lost in a
@@ -143,10 +159,16 @@ def _guarded(
         with autocommit() as conn:
             return attempt(conn)
 
-    attempts = _short_retries(count)
+    tried = None
+    if first is not None:
+        try:
+            tried = first(most)
+        except Exception as exc:
+            log.warning("%s %s: counting it again after %s", name, args, type(exc).__name__)
+    attempts = _short_retries(count) if tried is None else tried.attempts
     if attempts is None:
         return None  # already done, held, dead or gone: a redelivery has nothing to do
-    if attempts > settings.task_max_retries + 1:
+    if attempts > most:
         _dead_letter(
             task=name,
             args=args,
@@ -157,6 +179,10 @@ def _guarded(
         )
         return None
     try:
+        if tried is not None and tried.error is None:
+            return tried.result
+        if tried is not None and tried.error is not None and not is_transient(tried.error):
+            raise tried.error
         return _short_retries(work)
     except Exception as exc:
         if is_transient(exc) and task.request.retries < settings.task_max_retries:
@@ -315,12 +341,24 @@ def exit_unit(self: Task[Any, Any], exit_id: int, key: str) -> bool | None:
         # An exit unit commits without waiting for the WAL flush (``tasks.sql.AsyncCommit``), and
         # on Postgres a teacher unit is a single statement, run in autocommit.
         # (LOCK_TIMEOUT_MS is set on every connection: see ``worker.db.postgres_options``.)
-        if key.startswith(exits.TEACHER_UNIT) and get_engine().dialect.name == "postgresql":
+        if alone:
             with autocommit() as conn:
                 return exits.run_teacher_unit(conn, exit_id, key)
         with session_scope() as session:
             return exits.run_unit(session, exit_id, key, trigger=f"exit:{exit_id}")
 
+    def first(most: int) -> FirstTry[exits.UnitResult]:
+        # Thousands of these per district: the count and the unit share one round trip.
+        with autocommit() as conn:
+            try:
+                attempts, result = exits.count_and_run_teacher_unit(
+                    conn, exit_id, key, max_attempts=most
+                )
+            except exits.TeacherUnitFailed as failed:
+                return FirstTry(failed.attempts, error=failed.error)
+        return FirstTry(attempts, result)
+
+    alone = key.startswith(exits.TEACHER_UNIT) and get_engine().dialect.name == "postgresql"
     result = _guarded(
         self,
         name="grassroots.exit_unit",
@@ -328,6 +366,7 @@ def exit_unit(self: Task[Any, Any], exit_id: int, key: str) -> bool | None:
         event_id=None,
         attempt=_bump_unit(exit_id, key),
         work=work,
+        first=first if alone else None,
     )
     if result is not None and result.exit_complete:
         finish_exit.apply_async((exit_id,))

@@ -1,0 +1,123 @@
+"""A teacher unit counted and run in one round trip (Postgres): the count commits first, whatever
+becomes of the unit, and a unit started too often does not run."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from sqlalchemy import Connection, Engine, select, text, update
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+from models import Class as Klass
+from models import ClassTeacher, DistrictExit, ExitUnit
+from tasks import exits
+from tasks.jobs import is_transient
+from tasks.roster import load_snapshot
+from tests.conftest import PgDatabases
+from tests.scenario import DISTRICT, KIM, example
+from worker.db import make_engine
+
+
+@dataclass
+class Exit:
+    engine: Engine
+    exit_id: int
+    key: str  # Kim's teacher unit
+
+
+@pytest.fixture
+def started(pg_databases: PgDatabases) -> Iterator[Exit]:
+    engine = make_engine(pg_databases.new())
+    with Session(engine) as session, session.begin():
+        load_snapshot(session, example())
+        plan = exits.start_exit(session, DISTRICT, trigger="test")
+    assert (exits.TEACHER_UNIT + KIM, "teacher") in plan.pending
+    yield Exit(engine, plan.exit_id, exits.TEACHER_UNIT + KIM)
+    engine.dispose()
+
+
+def unit_state(ex: Exit) -> tuple[str, int]:
+    with ex.engine.connect() as conn:
+        row = conn.execute(
+            select(ExitUnit.status, ExitUnit.attempts).where(
+                ExitUnit.exit_id == ex.exit_id, ExitUnit.key == ex.key
+            )
+        ).one()
+    return row.status, row.attempts
+
+
+def kims_live_classes(ex: Exit) -> list[str]:
+    with ex.engine.connect() as conn:
+        return list(
+            conn.scalars(
+                select(Klass.id)
+                .join(ClassTeacher, ClassTeacher.class_id == Klass.id)
+                .where(ClassTeacher.teacher_id == KIM, Klass.removed_by.is_(None))
+                .where(Klass.district_id == DISTRICT)
+            )
+        )
+
+
+def autocommit(ex: Exit) -> Connection:
+    return ex.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+
+
+def test_the_count_and_the_unit_go_together_and_a_redelivery_finds_it_done(started: Exit) -> None:
+    ex = started
+    classes = kims_live_classes(ex)
+    assert classes
+    with autocommit(ex) as conn:
+        attempts, result = exits.count_and_run_teacher_unit(
+            conn, ex.exit_id, ex.key, max_attempts=3
+        )
+        assert attempts == 1 and result is not None and result.ran
+        assert sorted(result.outcome.classes_removed) == sorted(classes)
+        again = exits.count_and_run_teacher_unit(conn, ex.exit_id, ex.key, max_attempts=3)
+        assert again == (None, None)
+    assert unit_state(ex) == ("done", 1)
+    assert kims_live_classes(ex) == []
+    with ex.engine.connect() as conn:
+        done = select(DistrictExit.units_done).where(DistrictExit.id == ex.exit_id)
+        assert conn.scalar(done) == 1
+
+
+def test_a_unit_started_too_often_is_counted_but_not_run(started: Exit) -> None:
+    ex = started
+    with ex.engine.begin() as conn:
+        conn.execute(
+            update(ExitUnit)
+            .where(ExitUnit.exit_id == ex.exit_id, ExitUnit.key == ex.key)
+            .values(attempts=3)
+        )
+    classes = kims_live_classes(ex)
+    with autocommit(ex) as conn:
+        assert exits.count_and_run_teacher_unit(conn, ex.exit_id, ex.key, max_attempts=3) == (
+            4,
+            None,
+        )
+    assert unit_state(ex) == ("pending", 4)
+    assert kims_live_classes(ex) == classes
+
+
+def test_a_unit_that_fails_keeps_its_count_and_runs_once_the_lock_is_gone(started: Exit) -> None:
+    ex = started
+    classes = kims_live_classes(ex)
+    with ex.engine.connect() as holder:
+        holder.execute(select(Klass.id).where(Klass.id.in_(classes)).with_for_update())
+        with autocommit(ex) as conn:
+            conn.execute(text("SET lock_timeout = '100ms'"))
+            with pytest.raises(exits.TeacherUnitFailed) as failed:
+                exits.count_and_run_teacher_unit(conn, ex.exit_id, ex.key, max_attempts=3)
+            conn.execute(text("RESET lock_timeout"))
+        holder.rollback()
+    assert failed.value.attempts == 1
+    assert isinstance(failed.value.error, OperationalError) and is_transient(failed.value.error)
+    assert unit_state(ex) == ("pending", 1)
+    assert kims_live_classes(ex) == classes
+    with autocommit(ex) as conn:
+        assert exits.run_teacher_unit(conn, ex.exit_id, ex.key).ran
+    assert unit_state(ex) == ("done", 1)
+    assert kims_live_classes(ex) == []

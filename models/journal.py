@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import CheckConstraint, ForeignKey, Index, String
+from sqlalchemy import CheckConstraint, ForeignKey, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import ID_LENGTH, Base, utcnow
@@ -31,8 +31,6 @@ class JournalEntry(Base):
             " AND district_id IS NOT NULL)",
             name="subject",
         ),
-        Index("ix_conversion_journal_batch_account", "batch", "kind", "account_id"),
-        Index("ix_conversion_journal_batch_class", "batch", "kind", "class_id"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
@@ -40,11 +38,11 @@ class JournalEntry(Base):
         ForeignKey("conversion_journal.id", ondelete="RESTRICT"), index=True
     )
     # Rows written by one call share a batch token; set-based UPDATEs find their entry by it.
-    batch: Mapped[str] = mapped_column(String(40))
+    batch: Mapped[str] = mapped_column(String(40), index=True)
     kind: Mapped[str] = mapped_column(String(16))
     # Plain ids, not foreign keys: the journal outlives the rows it names (purge, audit).
     account_id: Mapped[str | None] = mapped_column(String(ID_LENGTH), index=True)
-    class_id: Mapped[str | None] = mapped_column(String(ID_LENGTH), index=True)
+    class_id: Mapped[str | None] = mapped_column(String(ID_LENGTH))
     district_id: Mapped[str | None] = mapped_column(String(ID_LENGTH), index=True)
     rule: Mapped[str] = mapped_column(String(64))
     trigger: Mapped[str] = mapped_column(String(200))

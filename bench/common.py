@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out"
 MAKE_DISTRICT = ROOT.parent / "shared" / "tools" / "make_district.py"
 BIN = Path(sys.executable).parent / "grassroots"
+CELERY = Path(sys.executable).parent / "celery"
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 ADMIN_URL = os.environ.get("BENCH_POSTGRES_URL", DEFAULT_ADMIN_URL)
 

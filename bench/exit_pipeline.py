@@ -24,11 +24,12 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import psycopg
-from common import BIN, district_file, print_report, private_redis, throwaway_database
+from common import BIN, CELERY, district_file, print_report, private_redis, throwaway_database
 
 
 def _processes() -> Iterator[tuple[int, str, list[str]]]:
@@ -90,6 +91,25 @@ def cpu_seconds() -> dict[str, float]:
         ticks[name] = ticks.get(name, 0) + int(fields[11]) + int(fields[12])
     hz = os.sysconf("SC_CLK_TCK")
     return {name: t / hz for name, t in ticks.items()}
+
+
+def wait_for_workers(
+    env: dict[str, str], count: int, workers: list[subprocess.Popen[bytes]]
+) -> None:
+    """Until ``count`` workers answer a Celery ping (``celery inspect ping``)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if any(w.poll() is not None for w in workers):
+            raise SystemExit("a worker died while starting")
+        ping = subprocess.run(
+            [str(CELERY), "-A", "worker.celery_app", "inspect", "ping", "--timeout", "1"],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        if ping.stdout.count("pong") >= count:
+            return
+    raise SystemExit(f"{count} worker(s) did not answer within 120 s")
 
 
 class Sampler(threading.Thread):
@@ -184,14 +204,16 @@ def measure(
                         start_new_session=True,
                     )
                 )
-        # Start the clock with no checkpoint owed: the seed's (or the copy's) writes would
-        # otherwise be flushed in the middle of the timed exit.
+        # Start the clock once every worker answers (a worker's start-up is not the exit's
+        # time), and with no checkpoint owed: the seed's (or the copy's) writes would otherwise
+        # be flushed in the middle of the timed exit.
+        wait_for_workers(env, args.workers, workers)
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("CHECKPOINT")
         sampler = Sampler([w.pid for w in workers])
         sampler.start()
         cpu_before = cpu_seconds()
-        started = time.monotonic()
+        started, clock = time.monotonic(), datetime.now(UTC)
         subprocess.run(
             [str(BIN), "district", "exit", district_id], env=env, check=True, capture_output=True
         )
@@ -224,6 +246,8 @@ def measure(
             ).fetchone()
             assert marks is not None
             phases = {
+                # The command's start, its task's way to a worker, the exit's first transaction.
+                "start_s": marks[0] - clock,
                 "teacher_units_s": marks[1] - marks[0],
                 "account_batches_s": marks[2] - marks[1],
                 "finish_s": marks[3] - marks[2],

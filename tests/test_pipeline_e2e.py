@@ -172,6 +172,20 @@ def test_districts_deleted_exits_the_whole_district(stack: Stack, p: People) -> 
     assert progress["status"] == "done" and progress["done"] == progress["total"] > 0
 
 
+def test_district_exit_from_the_cli_runs_through_the_workers_and_waits(
+    stack: Stack, p: People
+) -> None:
+    done = stack.cli("district", "exit", p.district, "--wait")
+    assert f"district {p.district}: exit started" in done.stdout
+    progress = stack.ops("GET", f"/ops/districts/{p.district}/exit").json()
+    assert progress["status"] == "done" and progress["done"] == progress["total"] > 0
+    for person in (p.pat, p.rivera, p.kim, p.steve, p.maria, p.leo):
+        view = stack.account(person)
+        assert view["kind"] == "grassroots" and view["district"] is None
+    unknown = stack.cli("district", "exit", p.copy("0" * 24), check=False)
+    assert unknown.returncode != 0 and "no district" in unknown.stderr
+
+
 def test_users_created_for_a_converted_account_restores_it(stack: Stack, p: People) -> None:
     before = stack.account(p.steve)
     send(stack, p.event("e6", "users.deleted", p.user(p.steve, {"student": {}}), created=T0))

@@ -93,6 +93,9 @@ def cpu_seconds() -> dict[str, float]:
     return {name: t / hz for name, t in ticks.items()}
 
 
+CHECKPOINTS = "SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter"
+
+
 def wait_for_workers(
     env: dict[str, str], count: int, workers: list[subprocess.Popen[bytes]]
 ) -> None:
@@ -210,6 +213,8 @@ def measure(
         wait_for_workers(env, args.workers, workers)
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("CHECKPOINT")
+            wal_before = conn.execute("SELECT pg_current_wal_lsn()").fetchone()
+            checkpoints_before = conn.execute(CHECKPOINTS).fetchone()
         sampler = Sampler([w.pid for w in workers])
         sampler.start()
         cpu_before = cpu_seconds()
@@ -231,6 +236,10 @@ def measure(
                 time.sleep(0.2)
             elapsed = time.monotonic() - started
             cpu_after = cpu_seconds()
+            wal = conn.execute(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s)", wal_before
+            ).fetchone()
+            checkpoints = conn.execute(CHECKPOINTS).fetchone()
             left = conn.execute(
                 "SELECT count(*) FROM accounts WHERE district_id = %s", (district_id,)
             ).fetchone()
@@ -261,6 +270,11 @@ def measure(
                 "units": units,
                 **{k: round(v.total_seconds(), 2) for k, v in phases.items()},
                 "accounts_per_s": round(result["accounts"] / elapsed),
+                # Write-ahead log written during the exit, and checkpoints begun meanwhile.
+                "wal_mb": round(float(wal[0]) / 2**20) if wal else None,
+                "checkpoints": checkpoints[0] - checkpoints_before[0]
+                if checkpoints and checkpoints_before
+                else None,
                 # Processes that ended during the exit (the CLI that started it) are not counted.
                 "cpu_s": {
                     name: round(used, 1)

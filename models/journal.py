@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import CheckConstraint, ForeignKey, String
+from sqlalchemy import CheckConstraint, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import ID_LENGTH, Base, utcnow
@@ -34,9 +34,10 @@ class JournalEntry(Base):
     )
 
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
-    parent_id: Mapped[int | None] = mapped_column(
-        ForeignKey("conversion_journal.id", ondelete="RESTRICT"), index=True
-    )
+    # No foreign key: entries are never deleted, each parent is written before its children by
+    # the same code, and the key's check (a lookup and a share lock on the parent, per row) cost
+    # a district exit's batch of a thousand accounts as much as the rest of its journal insert.
+    parent_id: Mapped[int | None] = mapped_column(index=True)
     # Rows written by one call share a batch token; set-based UPDATEs find their entry by it.
     batch: Mapped[str] = mapped_column(String(40), index=True)
     kind: Mapped[str] = mapped_column(String(16))

@@ -1,4 +1,4 @@
-"""fewer journal and audit indexes
+"""fewer journal and audit indexes, no journal parent key
 
 Revision ID: 0004
 Revises: 0003
@@ -17,10 +17,16 @@ depends_on: str | Sequence[str] | None = None
 
 # A district exit writes a journal row and an audit row per account, and every index is one more
 # insert per row. The journal's batch token alone finds a batch's (at most a thousand) rows; no
-# query looks journal rows up by class, nor audit rows by action.
+# query looks journal rows up by class, nor audit rows by action. The parent key's check, a lookup
+# and a share lock on the parent per row, cost a batch as much as the rest of its journal insert;
+# journal entries are never deleted, and each parent is written before its children.
+
+PARENT_KEY = "fk_conversion_journal_parent_id_conversion_journal"
 
 
 def upgrade() -> None:
+    with op.batch_alter_table("conversion_journal") as batch:
+        batch.drop_constraint(PARENT_KEY, type_="foreignkey")
     op.create_index("ix_conversion_journal_batch", "conversion_journal", ["batch"])
     op.drop_index("ix_conversion_journal_batch_account", table_name="conversion_journal")
     op.drop_index("ix_conversion_journal_batch_class", table_name="conversion_journal")
@@ -40,3 +46,7 @@ def downgrade() -> None:
         ["batch", "kind", "account_id"],
     )
     op.drop_index("ix_conversion_journal_batch", table_name="conversion_journal")
+    with op.batch_alter_table("conversion_journal") as batch:
+        batch.create_foreign_key(
+            PARENT_KEY, "conversion_journal", ["parent_id"], ["id"], ondelete="RESTRICT"
+        )

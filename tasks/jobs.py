@@ -51,11 +51,14 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
 
 
-def _short_retries(fn: Callable[[], T]) -> T:
+SHORT_TRIES = 3
+
+
+def _short_retries(fn: Callable[[], T], tries: int = SHORT_TRIES) -> T:
     """Tenacity around one unit of work: rides out a brief blip without a Celery round trip."""
     for attempt in Retrying(
         retry=retry_if_exception(is_transient),
-        stop=stop_after_attempt(3),
+        stop=stop_after_attempt(tries),
         wait=wait_random_exponential(multiplier=0.05, max=1),
         reraise=True,
     ):
@@ -179,11 +182,13 @@ def _guarded(
         )
         return None
     try:
-        if tried is not None and tried.error is None:
+        if tried is None:
+            return _short_retries(work)
+        if tried.error is None:
             return tried.result
-        if tried is not None and tried.error is not None and not is_transient(tried.error):
+        if not is_transient(tried.error):
             raise tried.error
-        return _short_retries(work)
+        return _short_retries(work, SHORT_TRIES - 1)  # the first try was one of them
     except Exception as exc:
         if is_transient(exc) and task.request.retries < settings.task_max_retries:
             countdown = get_exponential_backoff_interval(

@@ -236,3 +236,56 @@ def test_locked_row_retries_then_dead_letters_and_replay_converts(
         again = stack.cli("events", "replay", event["id"])
         assert "already applied" in again.stdout
         assert journal_entries(url, steve) == 1
+
+
+def unit_row(database_url: str, key: str) -> tuple[str, int] | None:
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT status, attempts FROM exit_units WHERE key = %s", (key,)
+        ).fetchone()
+    return None if row is None else (str(row[0]), int(row[1]))
+
+
+def test_a_teacher_unit_held_up_by_a_class_lock_retries_and_the_exit_finishes(
+    tmp_path: Path, pg_databases: PgDatabases
+) -> None:
+    """The teacher unit's attempt count and statement share a round trip: its failure on a held
+    lock keeps the count, goes through the retries, and the unit runs once the lock is gone."""
+    url = pg_databases.new()
+    with running_stack(tmp_path, url, LOCK_TIMEOUT_MS="100", RETRY_BACKOFF_MAX="1") as stack:
+        copy = seed_copy(stack, "f004")
+        district, kim = copy(scenario.DISTRICT), copy(scenario.KIM)
+        key = f"teacher:{kim}"
+        with psycopg.connect(url) as holder:
+            classes = [
+                row[0]
+                for row in holder.execute(
+                    "SELECT classes.id FROM classes JOIN class_teachers"
+                    " ON class_teachers.class_id = classes.id"
+                    " WHERE class_teachers.teacher_id = %s AND classes.district_id = %s",
+                    (kim, district),
+                )
+            ]
+            assert classes
+            holder.execute("SELECT id FROM classes WHERE id = ANY(%s) FOR UPDATE", (classes,))
+            stack.cli("district", "exit", district)
+            wait_until(
+                lambda: (unit_row(url, key) or ("", 0))[1] >= 2, what="the unit to be retried"
+            )
+            status, _ = unit_row(url, key) or ("", 0)
+            assert status == "pending"
+            holder.rollback()
+        wait_until(
+            lambda: stack.ops("GET", f"/ops/districts/{district}/exit").json()["status"] == "done",
+            what="the exit to finish",
+        )
+        status, attempts = unit_row(url, key) or ("", 0)
+        assert status == "done" and attempts >= 2
+        with psycopg.connect(url) as conn:
+            live = conn.execute(
+                "SELECT count(*) FROM classes WHERE id = ANY(%s) AND removed_by IS NULL",
+                (classes,),
+            ).fetchone()
+            letters = conn.execute("SELECT count(*) FROM dead_letters").fetchone()
+        assert live == (0,) and letters == (0,)
+        assert stack.account(kim)["kind"] == "grassroots"

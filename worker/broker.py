@@ -3,7 +3,7 @@
 kombu's Redis channel builds a new ``redis.Redis`` each time it records a delivered message as
 unacknowledged and each time it acknowledges one, and redis-py copies its table of about 170
 response callbacks into every client it builds. With late acks that is two clients per task: in a
-district exit's thousands of short teacher units, the worker's main process spent about a sixth
+district exit's thousands of short teacher units, the worker's main process spent about a tenth
 of its time building them.
 
 The client kept here shares the channel's connection pool, as every client kombu builds does:

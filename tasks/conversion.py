@@ -17,7 +17,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -59,8 +59,6 @@ from tasks.sql import CHUNK, RowHash, chunks, in_ids, insert_rows
 REMOVABLE = (Goal, Assignment, Enrollment, ClassTeacher, ReportAccess, Class)
 # Tables hanging off a class, dropped with it.
 CLASS_CHILDREN = (Goal, Assignment, Enrollment, ClassTeacher)
-
-T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from models import DistrictExit, ExitUnit, utcnow
 from tasks import conversion
 from tasks.errors import GrassrootsError, NotFound
-from tasks.sql import CHUNK, AsyncCommit, insert_rows
+from tasks.sql import ASYNC_COMMIT_PG, CHUNK, AsyncCommit, insert_rows
 
 TEACHER_UNIT = "teacher:"  # a teacher unit's key: this, then the teacher's account id
 
@@ -156,7 +156,7 @@ BUMP_ATTEMPTS = (
 # ``count_and_run_teacher_unit``). Its last column is ``tasks.sql.AsyncCommit``: the unit commits
 # without the WAL wait.
 _RUN_UNIT_PG = text(
-    """
+    f"""
     WITH claimed AS (
         UPDATE exit_units SET status = 'done', finished_at = :unit_now
         WHERE exit_id = :unit_exit AND key = :unit_key AND status = 'pending'
@@ -190,7 +190,7 @@ _RUN_UNIT_PG = text(
            (SELECT district_id FROM district_exits WHERE id = :unit_exit) AS district_id,
            ARRAY(SELECT id FROM dropped ORDER BY id) AS dropped,
            counted.units_done, counted.units_total, counted.teacher_units,
-           set_config('synchronous_commit', 'off', true)
+           {ASYNC_COMMIT_PG}
     FROM claimed LEFT JOIN counted ON true
     """
 ).columns(account_ids=JSON(), dropped=ARRAY(String()))
@@ -204,16 +204,15 @@ def run_unit(session: Session, exit_id: int, key: str, *, trigger: str) -> UnitR
     """
     conn = session.connection()
     unit = {"unit_exit": exit_id, "unit_key": key, "unit_now": utcnow()}
-    counted = None
     if conn.dialect.name == "postgresql":
         row = conn.execute(
             _RUN_UNIT_PG, {**unit, "unit_alone": False, "unit_max_attempts": None}
         ).one_or_none()
         if row is None:
             return _not_claimed(conn, unit)
-        kind, account_ids, district_id, dropped, *count, _ = row
-        outcome = conversion.Outcome(classes_removed=list(dropped))
-        counted = count if kind == "teacher" else None
+        if row.kind == "teacher":  # done and counted by the statement itself
+            return _teacher_unit_result(row)
+        kind, account_ids = row.kind, row.account_ids
     else:
         claimed = conn.execute(_CLAIM, unit).one_or_none()
         if claimed is None:
@@ -227,12 +226,18 @@ def run_unit(session: Session, exit_id: int, key: str, *, trigger: str) -> UnitR
         outcome = conversion.exit_account_batch(
             session, account_ids, root_id=exit_id, trigger=trigger
         )
-    done, total, teachers = counted or conn.execute(_COUNT_DONE, unit).one()
+    done, total, teachers = conn.execute(_COUNT_DONE, unit).one()
     return UnitResult(True, done >= total, outcome, kind == "teacher" and done == teachers)
 
 
+def runs_alone(dialect: Dialect, key: str) -> bool:
+    """Whether the unit is one statement that can run on an autocommit connection: a teacher
+    unit on Postgres (``run_teacher_unit``, ``count_and_run_teacher_unit``)."""
+    return dialect.name == "postgresql" and key.startswith(TEACHER_UNIT)
+
+
 def _teacher_unit_params(conn: Connection, exit_id: int, key: str) -> dict[str, Any]:
-    if conn.dialect.name != "postgresql" or not key.startswith(TEACHER_UNIT):
+    if not runs_alone(conn.dialect, key):
         raise GrassrootsError(f"unit {key} cannot run as one statement here")
     return {"unit_exit": exit_id, "unit_key": key, "unit_now": utcnow(), "unit_alone": True}
 

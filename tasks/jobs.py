@@ -363,7 +363,7 @@ def exit_unit(self: Task[Any, Any], exit_id: int, key: str) -> bool | None:
                 return FirstTry(failed.attempts, error=failed.error)
         return FirstTry(attempts, result)
 
-    alone = key.startswith(exits.TEACHER_UNIT) and get_engine().dialect.name == "postgresql"
+    alone = exits.runs_alone(get_engine().dialect, key)
     result = _guarded(
         self,
         name="grassroots.exit_unit",

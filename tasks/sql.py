@@ -163,9 +163,13 @@ def _no_async_commit(element: AsyncCommit, compiler: Any, **kw: Any) -> str:
     return "NULL"
 
 
+# What AsyncCommit is on Postgres, for statements written as text.
+ASYNC_COMMIT_PG = "set_config('synchronous_commit', 'off', true)"
+
+
 @compiles(AsyncCommit, "postgresql")
 def _async_commit(element: AsyncCommit, compiler: Any, **kw: Any) -> str:
-    return "set_config('synchronous_commit', 'off', true)"
+    return ASYNC_COMMIT_PG
 
 
 SQLITE_ROW_HASH = "grassroots_row_hash"

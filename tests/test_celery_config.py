@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import subprocess
 import sys
@@ -75,6 +77,72 @@ def test_worker_refuses_to_start_with_unsafe_settings(tmp_path: Path) -> None:
     )
     assert result.returncode != 0
     assert "unsafe Celery configuration" in result.stdout + result.stderr
+
+
+# Runs ``grassroots worker`` with Celery's worker class replaced by one that reports what it was
+# given and which modules the process holds by then (the pool children inherit them all).
+WORKER_PROBE = """
+import json, sys
+from worker.celery_app import app
+
+class Probe:
+    def __init__(self, **options):
+        self.options = options
+        self.exitcode = 3
+
+    def start(self):
+        held = sorted(
+            name for name in sys.modules
+            if name.split(".")[0] in ("flower", "tornado") or name.startswith("celery.bin")
+        )
+        options = {key: self.options[key] for key in ("queues", "concurrency", "loglevel")}
+        print(json.dumps({"options": options, "modules": held}))
+
+app.Worker = Probe
+from worker.cli import main
+main(sys.argv[1:])
+"""
+
+
+def _worker_command(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "BROKER_URL": f"redis://127.0.0.1:{spare_port()}/0",
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite'}",
+    }
+    return subprocess.run(
+        [sys.executable, "-c", WORKER_PROBE, "worker", *args],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_worker_starts_without_celerys_command_line_and_its_plugins(tmp_path: Path) -> None:
+    # Celery's command line imports every subcommand and plugin (Flower, Tornado, ...): memory
+    # the worker and each pool child would hold for nothing.
+    result = _worker_command(tmp_path, "-c", "2", "-Q", "fanout, conversions", "-l", "WARNING")
+    assert result.returncode == 3, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["modules"] == []
+    assert report["options"] == {
+        "queues": ["fanout", "conversions"],
+        "concurrency": 2,
+        "loglevel": logging.WARNING,
+    }
+
+
+def test_worker_refuses_unknown_queues_and_log_levels(tmp_path: Path) -> None:
+    unknown_queue = _worker_command(tmp_path, "-Q", "events,urgent")
+    assert unknown_queue.returncode == 1
+    assert "--queues takes some of events, conversions, fanout, maintenance" in (
+        unknown_queue.stderr
+    )
+    bad_level = _worker_command(tmp_path, "-l", "loud")
+    assert bad_level.returncode == 2
+    assert "'loud' is not one of" in bad_level.stderr
 
 
 def test_a_broker_channel_builds_one_redis_client_per_connection_pool() -> None:

@@ -22,6 +22,16 @@ from worker.settings import ConfigError, get_settings
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_LEVEL_OPTION = click.option(
+    "--loglevel",
+    "-l",
+    default="info",
+    show_default=True,
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+)
+
+
 def fail(message: str) -> NoReturn:
     click.echo(f"grassroots: {message}", err=True)
     sys.exit(1)
@@ -319,23 +329,36 @@ def serve(host: str, port: int, workers: int) -> None:
     default=",".join(("events", "conversions", "fanout", "maintenance")),
     show_default=True,
 )
-@click.option("--loglevel", "-l", default="info", show_default=True)
+@LOG_LEVEL_OPTION
 def worker(concurrency: int | None, queues: str, loglevel: str) -> None:
     """Run a Celery worker. Start more on more machines to scale out."""
-    from worker.celery_app import UnsafeConfiguration, app, check_safe
+    from celery.utils.log import mlevel
+
+    from worker.celery_app import QUEUES, UnsafeConfiguration, app, check_safe
 
     try:
         check_safe(app.conf, get_settings())
     except UnsafeConfiguration as exc:
         fail(str(exc))
-    argv = ["worker", "-l", loglevel, "-Q", queues]
-    if concurrency:
-        argv += ["-c", str(concurrency)]
-    app.worker_main(argv)
+    names = [name.strip() for name in queues.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(QUEUES))
+    if not names or unknown:
+        fail(f"--queues takes some of {', '.join(QUEUES)}; got {queues!r}")
+    # Started as ``celery worker`` would start it, without going through Celery's command line:
+    # that imports every Celery subcommand and plugin (Flower's among them, with Tornado and
+    # prometheus_client), about 12 MB that the worker and each of its pool children would hold.
+    instance = app.Worker(
+        loglevel=mlevel(loglevel.upper()),
+        queues=names,
+        concurrency=concurrency,
+        optimization="default",
+    )
+    instance.start()
+    sys.exit(instance.exitcode)
 
 
 @main.command()
-@click.option("--loglevel", "-l", default="info", show_default=True)
+@LOG_LEVEL_OPTION
 def beat(loglevel: str) -> None:
     """Run the scheduler (relay of undelivered events, purge, poll)."""
     from worker.celery_app import app

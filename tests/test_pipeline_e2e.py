@@ -185,6 +185,20 @@ def test_district_exit_from_the_cli_runs_through_the_workers_and_waits(
     unknown = stack.cli("district", "exit", p.copy("0" * 24), check=False)
     assert unknown.returncode != 0 and "no district" in unknown.stderr
 
+    # Once restored, a second exit is waited for, not mistaken for the first one (done).
+    stack.cli("restore", p.district)
+    assert stack.account(p.steve)["kind"] == "district"
+    first = progress["exit"]
+    stack.cli("district", "exit", p.district, "--wait")
+    again = stack.ops("GET", f"/ops/districts/{p.district}/exit").json()
+    assert again["exit"] > first and again["status"] == "done"
+    for person in (p.pat, p.rivera, p.kim, p.steve, p.maria, p.leo):
+        assert stack.account(person)["kind"] == "grassroots"
+    # An exit asked for again once done: nothing new to wait for.
+    repeat = stack.cli("district", "exit", p.district, "--wait")
+    assert "exited in" in repeat.stdout
+    assert stack.ops("GET", f"/ops/districts/{p.district}/exit").json()["exit"] == again["exit"]
+
 
 def test_users_created_for_a_converted_account_restores_it(stack: Stack, p: People) -> None:
     before = stack.account(p.steve)

@@ -214,11 +214,17 @@ def district_exit(district_id: str, wait: bool, in_process: bool) -> None:
         return
     from models import District
     from tasks.errors import NotFound
+    from tasks.exits import progress
     from worker.celery_app import app
 
     with unit_of_work() as session:
-        if session.get(District, district_id) is None:
+        district = session.get(District, district_id)
+        if district is None:
             raise NotFound(f"no district {district_id}")
+        # What to wait for: an exited district's own exit (under way, or done already), or else a
+        # new one; not an earlier exit that a restore has since undone.
+        latest = progress(session, district_id)
+        earlier = latest.exit_id if latest is not None and district.status != "exited" else None
     try:
         # By name: importing the tasks (and the engine behind them) would double the command's
         # start-up time, which an exit's end-to-end time includes.
@@ -227,10 +233,11 @@ def district_exit(district_id: str, wait: bool, in_process: bool) -> None:
         fail(f"broker unavailable ({type(exc).__name__}): the exit was not started")
     click.echo(f"district {district_id}: exit started")
     if wait:
-        _wait_for_exit(district_id)
+        _wait_for_exit(district_id, after=earlier)
 
 
-def _wait_for_exit(district_id: str) -> None:
+def _wait_for_exit(district_id: str, *, after: int | None) -> None:
+    """Until the district's latest exit, if newer than exit ``after``, is done."""
     import time
 
     from tasks.exits import progress
@@ -240,7 +247,7 @@ def _wait_for_exit(district_id: str) -> None:
         while True:
             with unit_of_work() as session:
                 p = progress(session, district_id)
-            if p is not None:
+            if p is not None and (after is None or p.exit_id > after):
                 bar.length = max(p.total, 1)
                 bar.update(p.done - bar.pos)
                 if p.status == "done":

@@ -226,10 +226,11 @@ def learner_checksums(session: Session, account_ids: Sequence[str]) -> dict[str,
                     link.removed_by.label("removed_by"),
                 )
                 .join(Class, Class.id == link.class_id)
-                .where(in_ids(who, ids), Class.district_synced.is_(False))
-                for link, who in (
-                    (ClassTeacher, ClassTeacher.teacher_id),
-                    (Enrollment, Enrollment.student_id),
+                .where(in_ids(who, ids, skewed=skewed), Class.district_synced.is_(False))
+                for link, who, skewed in (
+                    # A teacher links to many classes: Postgres keeps its most common ids.
+                    (ClassTeacher, ClassTeacher.teacher_id, True),
+                    (Enrollment, Enrollment.student_id, False),
                 )
             )
         ).cte("links")

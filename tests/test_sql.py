@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from sqlalchemy import Connection, Engine, Integer, String, func, literal, select, text
 from sqlalchemy.dialects import sqlite
@@ -23,9 +25,11 @@ from worker.db import make_engine
 from worker.settings import get_settings
 
 
-def _districts(session: Session, ids: list[str]) -> list[str]:
+def _districts(session: Session, ids: list[str], *, skewed: bool = False) -> list[str]:
     return list(
-        session.scalars(select(District.id).where(in_ids(District.id, ids)).order_by(District.id))
+        session.scalars(
+            select(District.id).where(in_ids(District.id, ids, skewed=skewed)).order_by(District.id)
+        )
     )
 
 
@@ -142,17 +146,37 @@ def test_a_connection_killed_while_idle_in_the_pool_is_replaced(
         engine.dispose()
 
 
-def test_in_ids_matches_ids_holding_the_separator_or_other_types(session: Session) -> None:
+@pytest.mark.parametrize("skewed", [False, True], ids=["any", "semi-join"])
+def test_in_ids_matches_ids_holding_the_separator_or_other_types(
+    session: Session, skewed: bool
+) -> None:
     """Text ids go to Postgres as one separated string; an id holding the separator, or ids
-    that are not text, take the array path and match all the same."""
+    that are not text, take the array path and match all the same; as ``= ANY(...)``, or as a
+    semi-join on the ids (``skewed``)."""
     odd = f"d{ID_SEPARATOR}x"
     session.add_all(District(id=i, name=i) for i in ("d1", "d2", odd, "d,3"))
     session.flush()
-    assert _districts(session, ["d1", "d,3"]) == ["d,3", "d1"]
-    assert _districts(session, [odd, "d2"]) == sorted([odd, "d2"])
-    assert _districts(session, ["d"]) == []
-    in_order = select(func.count()).where(in_ids(literal(7), [5, 7, 9]))
+    assert _districts(session, ["d1", "d,3", "d1"], skewed=skewed) == ["d,3", "d1"]
+    assert _districts(session, [odd, "d2"], skewed=skewed) == sorted([odd, "d2"])
+    assert _districts(session, ["d"], skewed=skewed) == []
+    assert _districts(session, [], skewed=skewed) == []
+    in_order = select(func.count()).where(in_ids(literal(7), [5, 7, 9], skewed=skewed))
     assert session.scalar(in_order) == 1
+    in_order = select(func.count()).where(in_ids(literal(7), [5, 9], skewed=skewed))
+    assert session.scalar(in_order) == 0
+
+
+def test_in_ids_as_a_semi_join_has_a_cache_key_of_its_own() -> None:
+    # The two forms compile to different SQL: one must not be served the other's statement,
+    # and each is compiled once whatever ids it is given.
+    def key(ids: list[str], skewed: bool) -> Any:
+        return (
+            select(District.id).where(in_ids(District.id, ids, skewed=skewed))._generate_cache_key()
+        )
+
+    assert key(["d1"], False) != key(["d1"], True)
+    assert key(["d1"], True) == key(["d2", "d3"], True)
+    assert key(["d1"], False) == key(["d2", "d3"], False)
 
 
 @pytest.mark.parametrize("count", [3, COPY_MIN_ROWS + 5])

@@ -10,7 +10,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.stack import spare_port
+from kombu import Connection
+from kombu import Queue as KombuQueue
+
+from tests.stack import RedisServer, spare_port
+from worker.broker import TRANSPORT
 from worker.celery_app import QUEUES, ROUTES, UnsafeConfiguration, app, check_safe
 from worker.settings import load_settings
 
@@ -158,3 +162,46 @@ def test_a_broker_channel_builds_one_redis_client_per_connection_pool() -> None:
         again = channel._create_client()
         assert again is not first and again.connection_pool is channel.pool
         assert again.ping()
+
+
+def _command_calls(client: Any) -> dict[str, int]:
+    return {name: stats["calls"] for name, stats in client.info("commandstats").items()}
+
+
+def test_deliveries_are_recorded_and_acknowledged_without_transactions(tmp_path: Path) -> None:
+    """The late-ack bookkeeping (kombu's unacked index and hash) goes as plain pipelines: no
+    MULTI/EXEC per task. A message left unacknowledged is still put back by a restore."""
+    redis = RedisServer(tmp_path)
+    redis.start()
+    try:
+        with Connection(redis.url, transport=TRANSPORT) as conn:
+            channel: Any = conn.default_channel
+            queue = KombuQueue("probe", routing_key="probe")
+            producer = conn.Producer(channel)
+            for n in range(3):
+                producer.publish({"n": n}, routing_key="probe", declare=[queue])
+            client = channel._create_client()
+            before = _command_calls(client)
+
+            first = channel.basic_get("probe", no_ack=False)
+            assert client.zcard(channel.unacked_index_key) == 1
+            assert client.hlen(channel.unacked_key) == 1
+            first.ack()
+            assert client.zcard(channel.unacked_index_key) == 0
+            assert client.hlen(channel.unacked_key) == 0
+
+            calls = _command_calls(client)
+            assert calls.get("cmdstat_zadd", 0) == before.get("cmdstat_zadd", 0) + 1
+            assert calls.get("cmdstat_zrem", 0) == before.get("cmdstat_zrem", 0) + 1
+            assert calls.get("cmdstat_multi", 0) == before.get("cmdstat_multi", 0)
+            assert calls.get("cmdstat_exec", 0) == before.get("cmdstat_exec", 0)
+
+            second = channel.basic_get("probe", no_ack=False)
+            assert second.payload == {"n": 1}
+            assert client.llen("probe") == 1
+            channel.qos.restore_unacked()  # what a worker shutting down does
+            assert client.llen("probe") == 2
+            assert client.hlen(channel.unacked_key) == 0
+            assert _command_calls(client).get("cmdstat_exec", 0) > calls.get("cmdstat_exec", 0)
+    finally:
+        redis.stop()

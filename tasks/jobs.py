@@ -28,6 +28,7 @@ from models import DeadLetter, DistrictExit, ExitUnit, RosterEvent, utcnow
 from tasks import conversion, events, exits
 from tasks.errors import InvariantViolation, WaitForRoster
 from tasks.sql import AsyncCommit, chunks, in_ids
+from worker.broker import restore_orphans
 from worker.celery_app import app
 from worker.db import autocommit, get_engine, session_scope
 from worker.logs import bound
@@ -402,13 +403,17 @@ def finish_exit(self: Task[Any, Any], exit_id: int) -> bool | None:
 
 @app.task(name="grassroots.relay")
 def relay() -> dict[str, int]:
-    """Send again what the database says is unfinished but the broker no longer holds: events
-    accepted while the broker was down (or whose worker vanished), and exit units lost with a
-    killed worker. Only when the queues are drained, so work merely waiting its turn is not
-    sent twice (a second copy would be harmless, only wasteful)."""
+    """Put back the messages of killed workers (``worker.broker.restore_orphans``), then send
+    again what the database says is unfinished but the broker no longer holds: events accepted
+    while the broker was down, and exit units lost with a killed worker. Only when the queues
+    are drained, so work merely waiting its turn is not sent twice (a second copy would be
+    harmless, only wasteful)."""
     from worker.ops import queue_depths
 
     settings = get_settings()
+    orphans = restore_orphans(app, older_than=settings.relay_after_seconds)
+    if orphans:
+        log.warning("put back %d task(s) a lost worker had taken", len(orphans))
     depths, _ = queue_depths()
     now = utcnow()
     quiet = now - timedelta(seconds=settings.relay_after_seconds)
@@ -450,7 +455,7 @@ def relay() -> dict[str, int]:
     sent = enqueue_events(waiting)
     for exit_id in exit_ids:
         dispatch_exit(exit_id)
-    return {"events": sent, "exits": len(exit_ids)}
+    return {"events": sent, "exits": len(exit_ids), "restored": len(orphans)}
 
 
 @app.task(name="grassroots.purge")

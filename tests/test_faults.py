@@ -79,18 +79,28 @@ def deleted(copy: Copy, name: str, who: str) -> dict[str, Any]:
     return clever_event(f"{copy.tag}-{name}", "users.deleted", obj, created=T0)
 
 
+@contextmanager
+def blocked_conversion(
+    stack: Stack, url: str, tag: str, name: str
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """A student's ``users.deleted`` accepted, its conversion waiting on the student's row lock,
+    which is held until the block ends. Yields the student and the event."""
+    copy = seed_copy(stack, tag)
+    steve = copy(scenario.STEVE)
+    event = deleted(copy, name, scenario.STEVE)
+    with row_lock(url, steve):
+        assert stack.post(event).status_code == 202
+        wait_until(lambda: lock_waiters(url) > 0, what="the conversion to block on the lock")
+        yield steve, event
+
+
 def test_worker_child_killed_mid_conversion_is_redelivered_and_applied_once(
     tmp_path: Path, pg_databases: PgDatabases
 ) -> None:
     url = pg_databases.new()
     with running_stack(tmp_path, url, workers=0, LOCK_TIMEOUT_MS="60000") as stack:
         worker = stack.start_worker("worker", concurrency=1)
-        copy = seed_copy(stack, "f001")
-        steve = copy(scenario.STEVE)
-        event = deleted(copy, "kill-child", scenario.STEVE)
-        with row_lock(url, steve):
-            assert stack.post(event).status_code == 202
-            wait_until(lambda: lock_waiters(url) > 0, what="the conversion to block on the lock")
+        with blocked_conversion(stack, url, "f001", "kill-child") as (steve, event):
             (child,) = children(worker.pid)
             os.kill(child, signal.SIGKILL)
             wait_until(
@@ -102,6 +112,33 @@ def test_worker_child_killed_mid_conversion_is_redelivered_and_applied_once(
         assert stack.account(steve)["kind"] == "grassroots"
         assert journal_entries(url, steve) == 1
         assert "WorkerLostError" in stack.log("worker")
+
+
+def test_whole_worker_killed_mid_conversion_its_task_is_put_back_and_applied_once(
+    tmp_path: Path, pg_databases: PgDatabases
+) -> None:
+    # The killed worker's message waits in Redis as unacknowledged; kombu alone would put it back
+    # after the visibility timeout (an hour), and the relay would send the event again after the
+    # longest retry countdown (10 minutes here). The relay puts it back once no live worker
+    # holds it, and the pipeline goes idle.
+    url = pg_databases.new()
+    with running_stack(
+        tmp_path, url, workers=0, beat=True, LOCK_TIMEOUT_MS="60000", RETRY_BACKOFF_MAX="600"
+    ) as stack:
+        stack.start_worker("first", concurrency=1)
+        with blocked_conversion(stack, url, "f005", "kill-worker") as (steve, event):
+            stack.kill("first")
+        stack.start_worker("second", concurrency=1)
+        wait_until(
+            lambda: stack.event(event["id"])["status"] == "done",
+            timeout=60,
+            what="the event, put back, to be processed",
+        )
+        assert stack.wait_idle(timeout=30)["unacked"] == 0
+        assert stack.event(event["id"])["attempts"] == 2
+        assert stack.account(steve)["kind"] == "grassroots"
+        assert journal_entries(url, steve) == 1
+        assert "put back 1 task(s) a lost worker had taken" in stack.log("second")
 
 
 def test_whole_worker_killed_mid_district_exit_is_finished_by_a_new_worker(
@@ -132,7 +169,6 @@ def test_whole_worker_killed_mid_district_exit_is_finished_by_a_new_worker(
         seed=roster,
         workers=0,
         beat=True,
-        BROKER_VISIBILITY_TIMEOUT="10",
         EXIT_BATCH_SIZE="100",
     ) as stack:
         stack.start_worker("first", concurrency=2)

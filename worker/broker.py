@@ -29,11 +29,17 @@ Everything else is kombu's own transport; the broker URL stays ``redis://``.
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
 from kombu.transport import redis as kombu_redis
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 
 class QoS(kombu_redis.QoS):
@@ -65,3 +71,54 @@ class Transport(kombu_redis.Transport):
 
 # For Celery's ``broker_transport`` setting.
 TRANSPORT = f"{__name__}:Transport"
+
+
+def _due(headers: dict[str, Any]) -> float:
+    """When a delivered task message was to run: its ETA (a retry's countdown), or at once."""
+    eta = headers.get("eta")
+    return datetime.fromisoformat(eta).timestamp() if eta else 0.0
+
+
+def restore_orphans(app: Celery, *, older_than: float, reply_timeout: float = 1.0) -> list[str]:
+    """Put back in their queues the task messages that a worker took and never acknowledged, when
+    no live worker holds them any more: their worker was killed. Returns their task ids.
+
+    kombu restores such a message only once the visibility timeout has passed (an hour, as it
+    must outlast any retry countdown a live worker waits out). Until then its task is neither
+    done nor queued, and the pipeline's ``pending`` count does not come back to 0. Here, a
+    message delivered more than ``older_than`` seconds ago, and due that long ago (a retry
+    waiting for its countdown is not), is looked up in the live workers (Celery's
+    ``query_task``, which knows what each one runs, has reserved or waits to run). One that none
+    of them holds goes back to its queue, as kombu's own restore puts it back. If no worker
+    answers, nothing is restored: there is nothing to compare with.
+
+    A task that is put back while its first copy still runs after all (a worker that did not
+    answer in time) runs twice, which every task allows: each one finds work already done and
+    does nothing the second time.
+    """
+    cutoff = time.time() - older_than
+    with app.connection_for_write() as conn:
+        channel: Any = conn.default_channel
+        with channel.conn_or_acquire() as client:
+            tags = client.zrangebyscore(channel.unacked_index_key, "-inf", cutoff)
+            if not tags:
+                return []
+            orphans: dict[bytes, str] = {}
+            for tag, stored in zip(tags, client.hmget(channel.unacked_key, tags), strict=True):
+                if stored is None:  # acknowledged meanwhile
+                    continue
+                headers = json.loads(stored)[0].get("headers") or {}
+                if "id" in headers and _due(headers) < cutoff:
+                    orphans[tag] = headers["id"]
+            if not orphans:
+                return []
+            replies = app.control.inspect(timeout=reply_timeout).query_task(*orphans.values())
+            if not replies:
+                return []
+            held = {task_id for found in replies.values() for task_id in found}
+            restored = []
+            for tag, task_id in orphans.items():
+                if task_id not in held:
+                    channel.qos.restore_by_tag(tag, client=client)
+                    restored.append(task_id)
+            return restored

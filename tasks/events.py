@@ -139,6 +139,11 @@ def _roles(obj: Any) -> set[str]:
     return {roster.CLEVER_ROLES[r] for r in obj if r in roster.CLEVER_ROLES}
 
 
+def _held_roles(account: Account) -> set[str]:
+    held = (("admin", account.is_admin), ("teacher", account.is_teacher))
+    return {role for role, has in (*held, ("student", account.is_student)) if has}
+
+
 def _active_district(session: Session, district_id: Any) -> bool:
     if not isinstance(district_id, str):
         return False
@@ -178,12 +183,14 @@ def on_user_updated(session: Session, ev: RosterEvent, limits: Limits) -> Routed
         return Routed("ignored", "not a district account (already converted)")
     prev = previous_attributes(ev.payload)
     result: dict[str, Any] = {}
+    lost: set[str] = set()
     if "roles" in prev:
         lost = _roles(prev["roles"]) - _roles(obj.get("roles"))
-        if lost:
-            result = conversion.lose_roles(
-                session, account.id, lost, trigger=_trigger(ev)
-            ).as_dict()
+    elif "roles" in obj:
+        # Sent without what changed: the roles the roster now lists, against the ones we hold.
+        lost = _held_roles(account) - _roles(obj["roles"])
+    if lost:
+        result = conversion.lose_roles(session, account.id, lost, trigger=_trigger(ev)).as_dict()
     session.refresh(account)
     if account.kind == "district" and obj.get("roles"):
         _mirror_user(session, obj)

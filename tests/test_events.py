@@ -96,3 +96,39 @@ def test_held_removal_discarded_by_an_operator_leaves_the_account_as_it_was(
     assert events.process_event(session, "d-1", limits) is None
     assert account_view(session, MARIA)["kind"] == "district"
     assert events.held_events(session) == []
+
+
+def _user_updated(session: Session, event_id: str, obj: dict[str, object], created: str) -> None:
+    ingest(
+        session,
+        {"id": event_id, "type": "users.updated", "created": created, "data": {"object": obj}},
+        source="webhook",
+    )
+    routed = events.process_event(session, event_id, events.Limits())
+    assert routed is not None and routed.status == "done"
+
+
+def test_users_updated_without_previous_attributes_compares_roles_with_those_held(
+    session: Session,
+) -> None:
+    data = example()
+    load_snapshot(session, data)
+    rivera = next(u for u in data["users"] if u["id"] == RIVERA)
+    assert account_view(session, RIVERA)["roles"] == ["admin", "teacher"]
+
+    # No roles in the object: nothing to compare, nothing removed.
+    no_roles = {k: v for k, v in rivera.items() if k != "roles"}
+    _user_updated(session, "u-roles-0", no_roles, "2026-10-01T00:00:00Z")
+    assert account_view(session, RIVERA)["roles"] == ["admin", "teacher"]
+
+    # The same roles again: nothing lost.
+    _user_updated(session, "u-roles-1", rivera, "2026-10-01T00:00:01Z")
+    view = account_view(session, RIVERA)
+    assert view["roles"] == ["admin", "teacher"] and view["district_reports"] == "allowed"
+
+    # district_admin gone from the roster's roles: the admin rule applies, teaching stays.
+    teacher_only = {**rivera, "roles": {"teacher": rivera["roles"]["teacher"]}}
+    _user_updated(session, "u-roles-2", teacher_only, "2026-10-01T00:00:02Z")
+    view = account_view(session, RIVERA)
+    assert view["roles"] == ["teacher"] and view["district_reports"] == "denied"
+    assert view["kind"] == "district" and S3 in ids(view["classes"])

@@ -5,6 +5,8 @@ An event is committed here before anything else happens to it; a task only ever 
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,6 +23,40 @@ OBJECT_TYPES = {"users": "user", "sections": "section", "districts": "district"}
 
 class BadEvent(ValueError):
     """Not an event at all (no id or type): refused, nothing stored."""
+
+
+class NotJson(ValueError):
+    """Not JSON that can be stored as JSON."""
+
+
+def _no_constant(name: str) -> Any:
+    raise NotJson(f"{name} is not a JSON value")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise NotJson(f"the number {text[:40]} is too large")
+    return value
+
+
+_DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite)
+
+
+def parse_json(body: bytes | str) -> Any:
+    """JSON as RFC 8259 has it, or ``NotJson``. Python's parser also takes ``NaN`` and
+    ``Infinity`` (and reads 1e999 as infinity), which no JSON column can hold, and gives up on
+    deep nesting with a ``RecursionError``: each of those would otherwise fail only when the
+    event is stored."""
+    try:
+        text = body.decode(json.detect_encoding(body)) if isinstance(body, bytes) else body
+        return _DECODER.decode(text)
+    except NotJson:
+        raise
+    except RecursionError as exc:
+        raise NotJson("the JSON is nested too deeply") from exc
+    except ValueError as exc:  # JSONDecodeError, and UnicodeDecodeError for bytes
+        raise NotJson(f"not JSON: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -44,12 +80,13 @@ def envelope(raw: Any) -> tuple[str, str]:
 
 def _usable(value: Any, limit: int) -> TypeGuard[str]:
     """Text we can store and index: not blank, not too long, no NUL (Postgres text cannot
-    hold one)."""
+    hold one), no lone surrogate (a ``\\ud800`` escape, which UTF-8 cannot encode)."""
     return (
         isinstance(value, str)
         and bool(value.strip())
         and len(value) <= limit
         and "\x00" not in value
+        and not any("\ud800" <= c <= "\udfff" for c in value)
     )
 
 

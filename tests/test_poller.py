@@ -356,6 +356,22 @@ def test_a_pass_that_keeps_failing_resumes_from_its_committed_cursor(
     assert poll.sent == ids.eids(range(1, 6))
 
 
+def test_a_page_with_a_number_json_cannot_hold_fails_the_pass_and_stores_nothing_of_it(
+    poll: Poller, clever: FakeClever, db: Db, ids: Ids
+) -> None:
+    # Python's parser would read NaN; the inbox's JSON column could not store it.
+    d = ids.district()
+    poll()
+    odd = {"data": [{**ids.event(1), "created": float("nan")}], "links": []}
+    clever.script(d, *(Scripted(body=odd) for _ in range(FAST.attempts)))
+
+    failed = poll()
+
+    assert failed.outcome == "failed"
+    assert "not JSON" in str(failed.error) and "NaN" in str(failed.error)
+    assert db.inbox(d) == []
+
+
 def test_a_token_refused_three_passes_in_a_row_disconnects_the_district_without_logging_it(
     poll: Poller, clever: FakeClever, db: Db, ids: Ids, caplog: pytest.LogCaptureFixture
 ) -> None:

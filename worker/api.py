@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -21,7 +20,7 @@ from sqlalchemy.orm import Session
 from models import RosterEvent
 from tasks import jobs
 from tasks.errors import GrassrootsError, NotFound
-from tasks.inbox import BadEvent, inbox_row
+from tasks.inbox import BadEvent, NotJson, inbox_row, parse_json
 from worker import intake, signing
 from worker.intake import DatabaseUnavailable, in_session
 from worker.metrics import PipelineCollector
@@ -117,9 +116,9 @@ async def clever_webhook(request: Request) -> Response:
         log.error("WEBHOOK_SECRETS holds a secret that is not base64: every webhook is refused")
         return error(503, "not_configured", "the receiver's webhook secret is malformed")
     try:
-        raw = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return error(400, "invalid_json", "the body is not JSON")
+        raw = parse_json(body)
+    except NotJson as exc:
+        return error(400, "invalid_json", f"the body is not JSON we can store: {exc}")
     try:
         row = inbox_row(raw, source="webhook")
     except BadEvent as exc:

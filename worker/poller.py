@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_random_exponential
 
 from models import PollCursor, utcnow
-from tasks.inbox import BadEvent, ingest
+from tasks.inbox import BadEvent, NotJson, ingest, parse_json
 from tasks.sql import dialect_insert
 from worker.settings import ConfigError, Settings
 
@@ -313,9 +313,9 @@ class CleverEvents:
         if status != 200:
             raise ClientError(f"Clever answered {status}")
         try:
-            body = response.json()
-        except ValueError as exc:
-            raise ServerError("Clever answered a page that is not JSON") from exc
+            body = parse_json(response.content)
+        except NotJson as exc:
+            raise ServerError(f"Clever answered a page that is not JSON: {exc}") from exc
         if not isinstance(body, dict) or not isinstance(body.get("data"), list):
             raise ServerError("Clever answered a page without a 'data' list")
         links = body.get("links")

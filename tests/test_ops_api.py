@@ -429,9 +429,16 @@ def test_event_listing_filters_by_status_and_type_and_limits(
         assert params.get("type", row["type"]) == row["type"]
 
 
-@pytest.mark.parametrize("limit", [0, 1001, "many"])
+@pytest.mark.parametrize("limit", [0, 1001, "many", " "])
 def test_event_listing_refuses_a_limit_out_of_range(inbox: TestClient, limit: int | str) -> None:
     assert get(inbox, "/ops/events", limit=limit).status_code == 422
+
+
+def test_event_listing_takes_blank_parameters_as_not_given(inbox: TestClient) -> None:
+    # The route as SPEC §5.5 writes it: /ops/events?status=&type=&limit=
+    blank = get(inbox, "/ops/events", status="", type="", limit="")
+    assert blank.status_code == 200
+    assert blank.json() == get(inbox, "/ops/events").json() != []
 
 
 def test_event_detail_shows_the_stored_event(inbox: TestClient) -> None:

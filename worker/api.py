@@ -13,6 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from kombu.exceptions import OperationalError as BrokerError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import BeforeValidator
 from redis.exceptions import RedisError
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
@@ -205,18 +206,25 @@ async def ops_status(_: Ops) -> dict[str, Any]:
     return await db(lambda session: pipeline_status(session))
 
 
+def _blank_is_none(value: Any) -> Any:
+    return None if value == "" else value
+
+
 @app.get("/ops/events")
 async def ops_events(
     _: Ops,
     status: str | None = None,
     type: str | None = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    limit: Annotated[int | None, Query(ge=1, le=1000), BeforeValidator(_blank_is_none)] = None,
 ) -> list[dict[str, Any]]:
     from worker.ops import event_row, list_events
 
+    # Left blank (?status=&type=&limit=), a filter or the limit is not given.
+    rows = limit or 100
     return await db(
         lambda session: [
-            event_row(ev) for ev in list_events(session, status=status, type_=type, limit=limit)
+            event_row(ev)
+            for ev in list_events(session, status=status or None, type_=type or None, limit=rows)
         ]
     )
 

@@ -140,8 +140,12 @@ def _roles(obj: Any) -> set[str]:
 
 
 def _held_roles(account: Account) -> set[str]:
-    held = (("admin", account.is_admin), ("teacher", account.is_teacher))
-    return {role for role, has in (*held, ("student", account.is_student)) if has}
+    flags = {
+        "admin": account.is_admin,
+        "teacher": account.is_teacher,
+        "student": account.is_student,
+    }
+    return {role for role, has in flags.items() if has}
 
 
 def _active_district(session: Session, district_id: Any) -> bool:

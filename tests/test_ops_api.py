@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -48,9 +49,11 @@ from tests.scenario import (
     STEVE,
     example,
 )
+from tests.stack import RedisServer
 from worker import db
 from worker.api import app
 from worker.celery_app import QUEUES
+from worker.celery_app import app as celery_app
 
 TOKEN = "ops-token-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -638,5 +641,37 @@ def test_status_reads_queue_depths_from_a_live_broker(
     assert body["broker"] == "ok"
     assert set(body["queues"]) == set(QUEUES)
     assert all(isinstance(depth, int) and depth >= 0 for depth in body["queues"].values())
-    assert body["pending"] == sum(body["queues"].values()) + body["unacked"]
+    assert body["pending"] <= sum(body["queues"].values()) + body["unacked"]
     assert (body["dead"], body["held"]) == (0, 0)
+
+
+def test_status_counts_tasks_in_flight_but_not_the_periodic_housekeeping(
+    configure: Configure, database_url: str, tmp_path: Path
+) -> None:
+    redis = RedisServer(tmp_path)
+    redis.start()
+    try:
+        configure(DATABASE_URL=database_url, BROKER_URL=redis.url, OPS_TOKEN=TOKEN)
+        with TestClient(app, headers=AUTH) as client:
+            assert get(client, "/ops/status").json()["pending"] == 0
+            celery_app.send_task("grassroots.relay")  # routed to the maintenance queue
+            celery_app.send_task("grassroots.purge")
+            celery_app.send_task("grassroots.finish_exit", (1,))  # the fanout queue
+            with celery_app.connection_for_write() as conn:
+                channel: Any = conn.default_channel
+                taken = channel.basic_get("maintenance", no_ack=False)  # a worker runs it
+                assert taken is not None
+                body = get(client, "/ops/status").json()
+                assert body["queues"] == {**dict.fromkeys(QUEUES, 0), "maintenance": 1, "fanout": 1}
+                assert body["unacked"] == 1
+                assert body["pending"] == 1  # the exit's task, and nothing else
+
+                fanout = channel.basic_get("fanout", no_ack=False)
+                assert fanout is not None
+                body = get(client, "/ops/status").json()
+                assert (body["unacked"], body["pending"]) == (2, 1)
+                fanout.ack()
+                taken.ack()
+            assert get(client, "/ops/status").json()["pending"] == 0
+    finally:
+        redis.stop()

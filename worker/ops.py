@@ -3,6 +3,7 @@ the ops HTTP API so both say the same thing."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import redis
@@ -13,6 +14,7 @@ from models import DeadLetter, DistrictExit, ExitUnit, RosterEvent
 from worker.celery_app import QUEUES
 from worker.settings import get_settings
 
+MAINTENANCE = "maintenance"  # the periodic tasks' queue (worker.celery_app.ROUTES)
 # kombu's Redis transport keeps each priority level of a queue in its own list.
 _PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 
@@ -38,6 +40,12 @@ def queue_depths(client: redis.Redis | None = None) -> tuple[dict[str, int], int
         for i, name in enumerate(QUEUES)
     }
     return depths, int(counts[-1])
+
+
+def _unacked_in(client: redis.Redis, queue: str) -> int:
+    """Messages taken from ``queue`` and not yet acknowledged (kombu keeps each as JSON
+    ``[message, exchange, routing key]``; a routing key names its queue)."""
+    return sum(1 for stored in client.hvals("unacked") if json.loads(stored)[2] == queue)
 
 
 def event_row(ev: RosterEvent) -> dict[str, Any]:
@@ -131,17 +139,24 @@ def pipeline_status(session: Session, *, with_broker: bool = True) -> dict[str, 
         or 0
     )
     queues: dict[str, int] = dict.fromkeys(QUEUES, 0)
-    unacked = 0
+    unacked = housekeeping = 0
     broker = "unchecked"
     if with_broker:
         try:
-            queues, unacked = queue_depths()
+            client = broker_client()
+            queues, unacked = queue_depths(client)
+            # The periodic relay, purge and poll never end for good: they are not work in
+            # flight, or ``pending`` would flicker above 0 every few seconds of an idle pipeline.
+            housekeeping = queues[MAINTENANCE] + (
+                _unacked_in(client, MAINTENANCE) if unacked else 0
+            )
             broker = "ok"
         except redis.RedisError as exc:
             broker = f"unavailable: {type(exc).__name__}"
     in_flight_events = by_status.get("accepted", 0) + by_status.get("processing", 0)
+    tasks = sum(queues.values()) + unacked - housekeeping
     return {
-        "pending": in_flight_events + units + exits_finishing + sum(queues.values()) + unacked,
+        "pending": in_flight_events + units + exits_finishing + tasks,
         "dead": by_status.get("dead", 0),
         "held": by_status.get("held", 0),
         "queues": queues,

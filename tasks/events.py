@@ -10,6 +10,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from pydantic import ValidationError
@@ -88,8 +89,9 @@ def brake_engaged(session: Session, district_id: str, *, percent: float, now: da
     """Would one more roster-absence conversion in this district exceed the allowance?
 
     The allowance is ``percent`` of the district's accounts at the start of the rolling window
-    (active now plus those already removed in it), rounded up to a whole account, so a small
-    district can still lose one person a day without an operator.
+    (active now plus those already removed in it): the removals that do not exceed it, so the
+    whole accounts within it, but at least one, so a small district can still lose one person a
+    day without an operator.
     """
     since = now - BRAKE_WINDOW
     removed = (
@@ -117,7 +119,9 @@ def brake_engaged(session: Session, district_id: str, *, percent: float, now: da
         )
         or 0
     )
-    allowance = math.ceil((active + removed) * percent / 100)
+    # In decimal: 7 % of 700 accounts is 49, where binary floating point makes it 49.00000000000001.
+    share = Decimal(active + removed) * Decimal(str(percent)) / 100
+    allowance = max(1, math.floor(share))
     return removed + 1 > allowance
 
 

@@ -12,7 +12,7 @@ from tasks.errors import WaitForRoster
 from tasks.inbox import ingest
 from tasks.roster import load_snapshot
 from tasks.view import account_view
-from tests.scenario import DISTRICT, MARIA, RIVERA, S3, STEVE, example, ids
+from tests.scenario import DISTRICT, LEO, MARIA, RIVERA, S3, STEVE, example, ids
 
 NEWCOMER = "58c81dcea36279271500beef"
 
@@ -132,3 +132,27 @@ def test_users_updated_without_previous_attributes_compares_roles_with_those_hel
     view = account_view(session, RIVERA)
     assert view["roles"] == ["teacher"] and view["district_reports"] == "denied"
     assert view["kind"] == "district" and S3 in ids(view["classes"])
+
+
+@pytest.mark.parametrize(("percent", "passed"), [(40, 2), (10, 1), (0.1, 1), (50, 3)])
+def test_brake_lets_through_the_removals_within_the_percentage_and_always_one(
+    session: Session, percent: float, passed: int
+) -> None:
+    # Six district accounts: 40 % is 2.4 of them (two pass, a third would exceed it), 50 % is
+    # three; 10 % and 0.1 % are less than one, and one a day always passes.
+    load_snapshot(session, example())
+    limits = events.Limits(brake_percent=percent)
+    statuses = []
+    for n, who in enumerate((STEVE, MARIA, LEO)):
+        obj = {"id": who, "district": DISTRICT, "roles": {"student": {}}}
+        event = {
+            "id": f"b-{n}",
+            "type": "users.deleted",
+            "created": f"2026-10-01T00:00:0{n}Z",
+            "data": {"object": obj},
+        }
+        ingest(session, event, source="webhook")
+        routed = events.process_event(session, f"b-{n}", limits)
+        assert routed is not None
+        statuses.append(routed.status)
+    assert statuses == ["done"] * passed + ["held"] * (3 - passed)

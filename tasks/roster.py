@@ -411,6 +411,8 @@ class MirrorResult:
     users: int = 0
     sections: int = 0
     counts: dict[str, int] = field(default_factory=dict)
+    # Users and sections of districts that have exited the program, not loaded.
+    left_out: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -664,15 +666,79 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
+def _without_exited(session: Session, snap: Snapshot) -> tuple[Snapshot, dict[str, int]]:
+    """The snapshot without the users and sections of districts that have exited the program
+    (their contract ended: their classes are gone, their people grassroots accounts), nor the
+    goals and assignments of those sections, and how many of each it left out. Loading them
+    again would bring back, once the exit's removals are purged, district classes for accounts
+    that are no longer in any district."""
+    exited = set(
+        session.scalars(
+            select(District.id).where(
+                District.id.in_({d.id for d in snap.districts}), District.status == "exited"
+            )
+        )
+    )
+    users = [u for u in snap.users if u.district not in exited]
+    sections = [sec for sec in snap.sections if sec.district not in exited]
+    gone = {sec.id for sec in snap.sections if sec.district in exited}
+    p = snap.platform
+    goals = [g for g in p.goals if g.class_id not in gone]
+    assignments = [a for a in p.assignments if a.class_id not in gone]
+    left_out = {
+        "users": len(snap.users) - len(users),
+        "sections": len(snap.sections) - len(sections),
+        "goals": len(p.goals) - len(goals),
+        "assignments": len(p.assignments) - len(assignments),
+    }
+    if not exited:
+        return snap, left_out
+    platform = p.model_copy(update={"goals": goals, "assignments": assignments})
+    kept = snap.model_copy(update={"users": users, "sections": sections, "platform": platform})
+    return kept, left_out
+
+
+def _with_district_members_only(
+    session: Session, sections: Sequence[CleverSection]
+) -> list[CleverSection]:
+    """The sections with only the people who are district accounts of the section's district:
+    an account converted since (a person the roster stopped listing, whose removed links a purge
+    has deleted) is not put back in a district class by an older snapshot that still lists it.
+    A section left with no teacher is left out, as its last teacher's leaving removed it."""
+    members: dict[str, str | None] = dict(
+        session.execute(
+            select(Account.id, Account.district_id).where(
+                Account.district_id.in_({sec.district for sec in sections}),
+                Account.kind == "district",
+            )
+        )
+        .tuples()
+        .all()
+    )
+    kept = []
+    for sec in sections:
+        teachers = [t for t in sec.all_teachers if members.get(t) == sec.district]
+        students = [st for st in sec.students if members.get(st) == sec.district]
+        if not teachers:
+            continue
+        if teachers != sec.all_teachers or students != sec.students:
+            sec = sec.model_copy(
+                update={"teacher": None, "teachers": teachers, "students": students}
+            )
+        kept.append(sec)
+    return kept
+
+
 def load_snapshot(session: Session, data: Any) -> MirrorResult:
     """Validate a roster snapshot whole, then write it. Raises ``SnapshotError`` (nothing
-    written) for a malformed one."""
+    written) for a malformed one. The users and sections of a district that has exited are left
+    out (``MirrorResult.left_out``), as are converted accounts from district classes."""
     with _collector_paused():
-        snap = parse_snapshot(data)
+        snap, left_out = _without_exited(session, parse_snapshot(data))
         check_references(session, snap)
         upsert_districts(session, snap.districts)
         upsert_users(session, snap.users)
-        upsert_sections(session, snap.sections)
+        upsert_sections(session, _with_district_members_only(session, snap.sections))
         upsert_platform(session, snap.platform)
     p = snap.platform
     return MirrorResult(
@@ -686,4 +752,5 @@ def load_snapshot(session: Session, data: Any) -> MirrorResult:
             "assignments": len(p.assignments),
             "progress": len(p.progress),
         },
+        left_out=left_out,
     )

@@ -16,12 +16,12 @@ import pytest
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from models import Account, Enrollment, JournalEntry, SkillProgress, utcnow
+from models import Account, Class, Enrollment, JournalEntry, SkillProgress, utcnow
 from tasks import conversion
 from tasks.errors import InvariantViolation, RestoreRefused
 from tasks.roster import SnapshotError, load_snapshot
 from tasks.view import account_view
-from tests.scenario import KIM, MARIA, S1, STEVE, example, ids
+from tests.scenario import DISTRICT, KIM, MARIA, S1, STEVE, example, ids
 
 GRASSROOTS = Path(sys.executable).parent / "grassroots"
 
@@ -69,6 +69,68 @@ def test_purge_deletes_removed_rows_after_the_retention_window_and_keeps_live_on
     with pytest.raises(RestoreRefused, match="retention window"):
         conversion.restore(session, KIM, trigger="test", retention_days=30, now=later)
     assert conversion.purge(session, retention_days=30, now=later) == 0
+
+
+def _live_district_classes(session: Session, district_id: str) -> int:
+    return (
+        session.scalar(
+            select(func.count())
+            .select_from(Class)
+            .where(
+                Class.district_id == district_id,
+                Class.district_synced.is_(True),
+                Class.removed_by.is_(None),
+            )
+        )
+        or 0
+    )
+
+
+def test_seeding_an_exited_district_again_after_the_purge_brings_nothing_back(
+    session: Session,
+) -> None:
+    load_snapshot(session, example())
+    before = account_view(session, STEVE)
+    conversion.run_district_exit(session, DISTRICT, trigger="test")
+    conversion.purge(session, retention_days=30, now=utcnow() + timedelta(days=31))
+    assert _live_district_classes(session, DISTRICT) == 0
+    after = account_view(session, STEVE)
+
+    result = load_snapshot(session, example())
+
+    data = example()
+    sections = {sec["id"] for sec in data["sections"]}
+    platform = data["platform"]
+    assert result.left_out == {
+        "users": 6,
+        "sections": len(sections),
+        "goals": sum(g["class"] in sections for g in platform["goals"]),
+        "assignments": sum(a["class"] in sections for a in platform["assignments"]),
+    }
+    assert result.left_out["goals"] > 0
+    assert _live_district_classes(session, DISTRICT) == 0
+    assert account_view(session, STEVE) == after
+    assert after["kind"] == "grassroots" and after["progress"] == before["progress"]
+    assert not any(c["district_synced"] for c in after["classes"])
+
+
+def test_an_older_snapshot_does_not_put_a_converted_account_back_in_district_classes(
+    session: Session,
+) -> None:
+    # Steve left the roster and was converted; once the purge has deleted his removed links, the
+    # snapshot from before he left still lists him in his sections.
+    load_snapshot(session, example())
+    conversion.convert_account(session, STEVE, trigger="test")
+    conversion.purge(session, retention_days=30, now=utcnow() + timedelta(days=31))
+    converted = account_view(session, STEVE)
+    maria = account_view(session, MARIA)
+
+    result = load_snapshot(session, example())
+
+    assert not any(result.left_out.values())
+    assert account_view(session, STEVE) == converted
+    assert not any(c["district_synced"] for c in converted["classes"])
+    assert account_view(session, MARIA) == maria
 
 
 def test_restore_is_refused_past_the_retention_window(session: Session) -> None:

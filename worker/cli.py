@@ -115,6 +115,10 @@ def seed(file: Path) -> None:
     with unit_of_work() as session:
         refresh_statistics(session)
     counts = ", ".join(f"{v} {k}" for k, v in result.as_dict().items())
+    if any(result.left_out.values()):
+        counts += "; left out, their district having exited: " + ", ".join(
+            f"{v} {k}" for k, v in result.left_out.items()
+        )
     click.echo(f"seeded {file}: {counts}")
 
 

@@ -454,18 +454,31 @@ def discard_held(
     return _settle_held(session, event_id, district_id, action="discard", by=by)
 
 
-def mark_replay(session: Session, event_id: str, *, by: str) -> bool:
-    """Send a dead (or stuck) event round again by the same id. False if it is already final:
-    replaying an applied event is a no-op."""
-    ev = session.scalar(select(RosterEvent).where(RosterEvent.id == event_id).with_for_update())
-    if ev is None:
-        raise NotFound(f"no event {event_id}")
-    if ev.status in FINAL_STATUSES or ev.status == "held":
-        return False
-    # A fresh budget of attempts; the dead letter is closed, and a new failure reopens it with
-    # its count raised.
-    was = ev.status
-    ev.status, ev.attempts, ev.updated_at = "accepted", 0, utcnow()
+REPLAYED = "accepted"  # what ``mark_replay`` answers when the event goes round again
+
+
+def mark_replay(session: Session, event_id: str, *, by: str) -> str:
+    """Send a dead event round again by the same id; say what became of the request:
+    ``REPLAYED``, or why not: ``already_final`` (replaying an applied event is a no-op),
+    ``held`` (the brake's: released with ``held release``), ``in_flight`` (queued or being
+    processed already, as after a concurrent replay: a second copy would only count attempts
+    against the first; if its worker is lost, the relay sends it again)."""
+    # One statement decides, on either backend (SQLite takes no row locks): of replays at once,
+    # one finds the event dead. A fresh budget of attempts; the dead letter is closed, and a new
+    # failure reopens it with its count raised.
+    replayed = session.execute(
+        update(RosterEvent)
+        .where(RosterEvent.id == event_id, RosterEvent.status == "dead")
+        .values(status="accepted", attempts=0, updated_at=utcnow())
+        .returning(RosterEvent.id)
+    ).first()
+    if replayed is None:
+        status = session.scalar(select(RosterEvent.status).where(RosterEvent.id == event_id))
+        if status is None:
+            raise NotFound(f"no event {event_id}")
+        if status in FINAL_STATUSES:
+            return "already_final"
+        return "held" if status == "held" else "in_flight"
     session.execute(
         update(DeadLetter)
         .where(DeadLetter.event_id == event_id, DeadLetter.resolved_at.is_(None))
@@ -477,7 +490,7 @@ def mark_replay(session: Session, event_id: str, *, by: str) -> bool:
             trigger=by,
             subject_type="event",
             subject_id=event_id[:64],
-            details={"was": was},
+            details={"was": "dead"},
         )
     )
-    return True
+    return REPLAYED

@@ -3,6 +3,7 @@ seeded with the example district, and the machine's Redis where a broker must an
 
 from __future__ import annotations
 
+import concurrent.futures
 import re
 from collections.abc import Iterator
 from datetime import timedelta
@@ -502,6 +503,39 @@ def test_replaying_an_applied_event_changes_nothing(seeded: TestClient) -> None:
     assert get(seeded, f"/ops/accounts/{LEO}").json() == leo_before
     with db.session_scope() as session:
         assert _audit_count(session, "replay") == 0
+
+
+@pytest.mark.parametrize(
+    ("event_id", "status", "outcome"),
+    [("evt-e", "accepted", "in_flight"), ("evt-f", "held", "held")],
+)
+def test_replaying_an_event_in_flight_or_held_sends_no_second_copy(
+    inbox: TestClient, event_id: str, status: str, outcome: str
+) -> None:
+    # As after a concurrent replay: a second copy would count its attempts against the first.
+    before = _event(event_id)
+
+    response = inbox.post(f"/ops/events/{event_id}/replay")
+
+    assert response.status_code == 202
+    assert response.json() == {"event": event_id, "replayed": False, "status": outcome}
+    after = _event(event_id)
+    assert (after.status, after.attempts, after.updated_at) == (
+        status,
+        before.attempts,
+        before.updated_at,
+    )
+    with db.session_scope() as session:
+        assert _audit_count(session, "replay") == 0
+
+
+def test_concurrent_replays_of_a_dead_event_send_it_round_once(inbox: TestClient) -> None:
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: inbox.post("/ops/events/evt-d/replay"), range(4)))
+
+    assert sorted(a.json()["status"] for a in answers) == ["accepted"] + ["in_flight"] * 3
+    with db.session_scope() as session:
+        assert _audit_count(session, "replay") == 1
 
 
 def test_replaying_a_dead_event_sends_it_round_again(inbox: TestClient) -> None:

@@ -244,17 +244,13 @@ async def ops_event(_: Ops, event_id: str) -> dict[str, Any]:
 
 @app.post("/ops/events/{event_id}/replay", status_code=202)
 async def ops_replay(_: Ops, event_id: str) -> JSONResponse:
-    from tasks.events import mark_replay
+    from tasks.events import REPLAYED, mark_replay
 
-    queued = await db(lambda session: mark_replay(session, event_id, by="ops:replay"))
-    if queued:
+    outcome = await db(lambda session: mark_replay(session, event_id, by="ops:replay"))
+    if outcome == REPLAYED:
         await run_in_threadpool(jobs.enqueue_events, [event_id])
     return JSONResponse(
-        {
-            "event": event_id,
-            "replayed": queued,
-            "status": "accepted" if queued else "already_final",
-        },
+        {"event": event_id, "replayed": outcome == REPLAYED, "status": outcome},
         status_code=202,
     )
 

@@ -426,6 +426,13 @@ def events_show(event_id: str) -> None:
         emit(event_detail(session, ev))
 
 
+NOT_REPLAYED = {
+    "already_final": "already applied",
+    "held": "held by the brake (grassroots held release)",
+    "in_flight": "already queued or being processed",
+}
+
+
 @events.command("replay")
 @click.argument("event_id", required=False)
 @click.option("--status", type=click.Choice(["dead"]), help="Replay every event in this status.")
@@ -435,7 +442,7 @@ def events_replay(event_id: str | None, status: str | None, type_: str | None) -
     from sqlalchemy import select
 
     from models import RosterEvent
-    from tasks.events import mark_replay
+    from tasks.events import REPLAYED, mark_replay
     from tasks.jobs import enqueue_events
 
     if (event_id is None) == (status is None):
@@ -450,10 +457,11 @@ def events_replay(event_id: str | None, status: str | None, type_: str | None) -
             if type_:
                 query = query.where(RosterEvent.type == type_)
             ids = list(session.scalars(query.order_by(RosterEvent.received_at)))
-        queued = [i for i in ids if mark_replay(session, i, by="cli:replay")]
+        outcomes = {i: mark_replay(session, i, by="cli:replay") for i in ids}
+    queued = [i for i, outcome in outcomes.items() if outcome == REPLAYED]
     sent = enqueue_events(queued)
     if event_id is not None and not queued:
-        click.echo(f"{event_id}: already applied, nothing to replay")
+        click.echo(f"{event_id}: {NOT_REPLAYED[outcomes[event_id]]}, nothing to replay")
         return
     click.echo(
         f"replaying {len(queued)} event(s)"

@@ -11,7 +11,7 @@ import logging
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 from celery import Task
@@ -83,8 +83,23 @@ def _dead_letter(
     attempts: int,
 ) -> None:
     """Keep the failure in SQL with all it takes to replay it. A replay that fails again lands
-    on the same dead letter, its count raised."""
-    now = utcnow()
+    on the same dead letter, its count raised. Written with the short retries: a row lock held
+    a moment by another copy of the task must not lose the record of the failure."""
+    _short_retries(
+        lambda: _write_dead_letter(task, args, event_id, exc, reason, attempts, utcnow())
+    )
+    log.error("dead-lettered %s %s: %s", task, args, reason)
+
+
+def _write_dead_letter(
+    task: str,
+    args: dict[str, Any],
+    event_id: str | None,
+    exc: BaseException,
+    reason: str,
+    attempts: int,
+    now: datetime,
+) -> None:
     tb = "".join(traceback.format_exception(exc))[-20000:]
     with session_scope() as session:
         letter = None
@@ -126,7 +141,6 @@ def _dead_letter(
                 .where(ExitUnit.exit_id == args["exit_id"], ExitUnit.key == args["key"])
                 .values(status="dead")
             )
-    log.error("dead-lettered %s %s: %s", task, args, reason)
 
 
 @dataclass(frozen=True)

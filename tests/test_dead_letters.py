@@ -1,0 +1,51 @@
+"""A failure is recorded even when writing its dead letter first meets a transient error (a row
+lock held a moment by another copy of the same task times out): the short retries ride it out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
+
+from models import DeadLetter, RosterEvent
+from tasks import jobs
+from tasks.inbox import ingest
+from tests.app_env import CLOSED_BROKER, Configure
+from worker.db import session_scope
+
+
+def test_a_dead_letter_is_written_after_a_transient_failure_to_write_it(
+    configure: Configure, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    configure(DATABASE_URL=database_url, BROKER_URL=CLOSED_BROKER)
+    event = {"id": "evt-1", "type": "users.deleted", "data": {"object": {"id": "u1"}}}
+    with session_scope() as session:
+        ingest(session, event, source="webhook")
+    write = jobs._write_dead_letter
+    tries: list[int] = []
+
+    def lock_timeout_first(*args: Any) -> None:
+        tries.append(1)
+        if len(tries) == 1:
+            raise OperationalError("UPDATE roster_events", {}, Exception("lock timeout"))
+        write(*args)
+
+    monkeypatch.setattr(jobs, "_write_dead_letter", lock_timeout_first)
+
+    jobs._dead_letter(
+        task="grassroots.process_event",
+        args={"event_id": "evt-1"},
+        event_id="evt-1",
+        exc=RuntimeError("it broke"),
+        reason="error",
+        attempts=1,
+    )
+
+    assert len(tries) == 2
+    with session_scope() as session:
+        letter = session.scalars(select(DeadLetter)).one()
+        assert (letter.event_id, letter.reason, letter.error) == ("evt-1", "error", "it broke")
+        assert "RuntimeError: it broke" in (letter.traceback or "")
+        assert session.scalar(select(RosterEvent.status)) == "dead"

@@ -11,7 +11,7 @@ import logging
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any, Generic, TypeVar
 
 from celery import Task
@@ -85,62 +85,53 @@ def _dead_letter(
     """Keep the failure in SQL with all it takes to replay it. A replay that fails again lands
     on the same dead letter, its count raised. Written with the short retries: a row lock held
     a moment by another copy of the task must not lose the record of the failure."""
-    _short_retries(
-        lambda: _write_dead_letter(task, args, event_id, exc, reason, attempts, utcnow())
-    )
-    log.error("dead-lettered %s %s: %s", task, args, reason)
-
-
-def _write_dead_letter(
-    task: str,
-    args: dict[str, Any],
-    event_id: str | None,
-    exc: BaseException,
-    reason: str,
-    attempts: int,
-    now: datetime,
-) -> None:
+    now = utcnow()
     tb = "".join(traceback.format_exception(exc))[-20000:]
-    with session_scope() as session:
-        letter = None
-        if event_id is not None:
-            letter = session.scalar(
-                select(DeadLetter)
-                .where(DeadLetter.event_id == event_id)
-                .order_by(DeadLetter.id.desc())
-                .limit(1)
-                .with_for_update()
-            )
-        if letter is None:
-            session.add(
-                DeadLetter(
-                    event_id=event_id,
-                    task=task,
-                    args=args,
-                    reason=reason,
-                    error=str(exc)[:5000],
-                    traceback=tb,
-                    attempts=attempts,
-                    first_failed_at=now,
-                    last_failed_at=now,
+
+    def write() -> None:
+        with session_scope() as session:
+            letter = None
+            if event_id is not None:
+                letter = session.scalar(
+                    select(DeadLetter)
+                    .where(DeadLetter.event_id == event_id)
+                    .order_by(DeadLetter.id.desc())
+                    .limit(1)
+                    .with_for_update()
                 )
-            )
-        else:
-            letter.attempts += attempts
-            letter.reason, letter.error, letter.traceback = reason, str(exc)[:5000], tb
-            letter.last_failed_at, letter.resolved_at = now, None
-        if event_id is not None:
-            session.execute(
-                update(RosterEvent)
-                .where(RosterEvent.id == event_id)
-                .values(status="dead", error=f"{reason}: {str(exc)[:500]}", updated_at=now)
-            )
-        if task == "grassroots.exit_unit":
-            session.execute(
-                update(ExitUnit)
-                .where(ExitUnit.exit_id == args["exit_id"], ExitUnit.key == args["key"])
-                .values(status="dead")
-            )
+            if letter is None:
+                session.add(
+                    DeadLetter(
+                        event_id=event_id,
+                        task=task,
+                        args=args,
+                        reason=reason,
+                        error=str(exc)[:5000],
+                        traceback=tb,
+                        attempts=attempts,
+                        first_failed_at=now,
+                        last_failed_at=now,
+                    )
+                )
+            else:
+                letter.attempts += attempts
+                letter.reason, letter.error, letter.traceback = reason, str(exc)[:5000], tb
+                letter.last_failed_at, letter.resolved_at = now, None
+            if event_id is not None:
+                session.execute(
+                    update(RosterEvent)
+                    .where(RosterEvent.id == event_id)
+                    .values(status="dead", error=f"{reason}: {str(exc)[:500]}", updated_at=now)
+                )
+            if task == "grassroots.exit_unit":
+                session.execute(
+                    update(ExitUnit)
+                    .where(ExitUnit.exit_id == args["exit_id"], ExitUnit.key == args["key"])
+                    .values(status="dead")
+                )
+
+    _short_retries(write)
+    log.error("dead-lettered %s %s: %s", task, args, reason)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from models import DeadLetter, RosterEvent
 from tasks import jobs
 from tasks.inbox import ingest
 from tests.app_env import CLOSED_BROKER, Configure
+from worker import db
 from worker.db import session_scope
 
 
@@ -23,16 +24,16 @@ def test_a_dead_letter_is_written_after_a_transient_failure_to_write_it(
     event = {"id": "evt-1", "type": "users.deleted", "data": {"object": {"id": "u1"}}}
     with session_scope() as session:
         ingest(session, event, source="webhook")
-    write = jobs._write_dead_letter
+    real_scope = db.session_scope
     tries: list[int] = []
 
-    def lock_timeout_first(*args: Any) -> None:
+    def lock_timeout_first() -> Any:
         tries.append(1)
         if len(tries) == 1:
             raise OperationalError("UPDATE roster_events", {}, Exception("lock timeout"))
-        write(*args)
+        return real_scope()
 
-    monkeypatch.setattr(jobs, "_write_dead_letter", lock_timeout_first)
+    monkeypatch.setattr(jobs, "session_scope", lock_timeout_first)
 
     jobs._dead_letter(
         task="grassroots.process_event",

@@ -698,27 +698,29 @@ def _without_exited(session: Session, snap: Snapshot) -> tuple[Snapshot, dict[st
     return kept, left_out
 
 
-def _with_district_members_only(
-    session: Session, sections: Sequence[CleverSection]
-) -> list[CleverSection]:
-    """The sections with only the people who are district accounts of the section's district:
-    an account converted since (a person the roster stopped listing, whose removed links a purge
-    has deleted) is not put back in a district class by an older snapshot that still lists it.
-    A section left with no teacher is left out, as its last teacher's leaving removed it."""
-    members: dict[str, str | None] = dict(
-        session.execute(
-            select(Account.id, Account.district_id).where(
-                Account.district_id.in_({sec.district for sec in sections}),
-                Account.kind == "district",
+def _without_converted(session: Session, sections: Sequence[CleverSection]) -> list[CleverSection]:
+    """The sections without the accounts converted since (people the roster stopped listing):
+    an older snapshot that still lists one in a section does not put it back in the district
+    class once a purge has deleted its removed links. A section left with no teacher is left out,
+    as its last teacher's leaving removed it."""
+    named = sorted({p for sec in sections for p in (*sec.all_teachers, *sec.students)})
+    converted: set[str] = set()
+    for start in range(0, len(named), 1000):
+        converted.update(
+            session.scalars(
+                select(Account.id).where(
+                    Account.id.in_(named[start : start + 1000]),
+                    Account.kind == "grassroots",
+                    Account.clever_id.is_not(None),
+                )
             )
         )
-        .tuples()
-        .all()
-    )
+    if not converted:
+        return list(sections)
     kept = []
     for sec in sections:
-        teachers = [t for t in sec.all_teachers if members.get(t) == sec.district]
-        students = [st for st in sec.students if members.get(st) == sec.district]
+        teachers = [t for t in sec.all_teachers if t not in converted]
+        students = [st for st in sec.students if st not in converted]
         if not teachers:
             continue
         if teachers != sec.all_teachers or students != sec.students:
@@ -738,7 +740,7 @@ def load_snapshot(session: Session, data: Any) -> MirrorResult:
         check_references(session, snap)
         upsert_districts(session, snap.districts)
         upsert_users(session, snap.users)
-        upsert_sections(session, _with_district_members_only(session, snap.sections))
+        upsert_sections(session, _without_converted(session, snap.sections))
         upsert_platform(session, snap.platform)
     p = snap.platform
     return MirrorResult(

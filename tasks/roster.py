@@ -202,12 +202,13 @@ def _duplicates(kind: str, ids: Iterable[str]) -> None:
         seen.add(record_id)
 
 
-def _existing(session: Session, column: Any, ids: Iterable[str]) -> set[str]:
+def _existing(session: Session, column: Any, ids: Iterable[str], *where: Any) -> set[str]:
+    """The ids found in ``column`` (of rows that also meet ``where``)."""
     wanted = sorted(set(ids))
     found: set[str] = set()
     for start in range(0, len(wanted), 1000):
         found.update(
-            session.scalars(select(column).where(column.in_(wanted[start : start + 1000])))
+            session.scalars(select(column).where(column.in_(wanted[start : start + 1000]), *where))
         )
     return found
 
@@ -703,18 +704,13 @@ def _without_converted(session: Session, sections: Sequence[CleverSection]) -> l
     an older snapshot that still lists one in a section does not put it back in the district
     class once a purge has deleted its removed links. A section left with no teacher is left out,
     as its last teacher's leaving removed it."""
-    named = sorted({p for sec in sections for p in (*sec.all_teachers, *sec.students)})
-    converted: set[str] = set()
-    for start in range(0, len(named), 1000):
-        converted.update(
-            session.scalars(
-                select(Account.id).where(
-                    Account.id.in_(named[start : start + 1000]),
-                    Account.kind == "grassroots",
-                    Account.clever_id.is_not(None),
-                )
-            )
-        )
+    converted = _existing(
+        session,
+        Account.id,
+        {p for sec in sections for p in (*sec.all_teachers, *sec.students)},
+        Account.kind == "grassroots",
+        Account.clever_id.is_not(None),
+    )
     if not converted:
         return list(sections)
     kept = []

@@ -1,50 +1,78 @@
 """Tables, one module each. Alembic migrations under ``models/migrations`` make the schema."""
 
-from models.account import ACCOUNT_KINDS, ACCOUNT_STATUSES, ROLES, Account
+from models.account import ROLE_COLUMNS, Account, role_flags, roles_of
 from models.assignment import Assignment
 from models.audit import AuditRecord
 from models.base import Base, utcnow
 from models.class_teacher import ClassTeacher
 from models.dead_letter import DeadLetter
-from models.district import ADMIN_REMOVAL_POLICIES, DISTRICT_STATUSES, District
-from models.district_exit import EXIT_STATUSES, DistrictExit, ExitUnit
+from models.district import District
+from models.district_exit import DistrictExit, ExitUnit
 from models.enrollment import Enrollment
+from models.enums import (
+    AccountKind,
+    AccountStatus,
+    AdminRemoval,
+    CleverRole,
+    DistrictStatus,
+    EventStatus,
+    ExitStatus,
+    JournalKind,
+    Mastery,
+    PollStatus,
+    Role,
+    UnitKind,
+    UnitStatus,
+)
 from models.goal import Goal
 from models.journal import JournalEntry
 from models.klass import Class
 from models.object_version import ObjectVersion
 from models.poll_cursor import PollCursor
 from models.report_access import ReportAccess
-from models.roster_event import EVENT_STATUSES, FINAL_STATUSES, RosterEvent
-from models.skill_progress import MASTERY_LEVELS, SkillProgress
+from models.roster_event import RosterEvent
+from models.skill_progress import SkillProgress
+
+# TODO(one home per rule): callers move to the enums
+EVENT_STATUSES = tuple(str(s) for s in EventStatus)
+FINAL_STATUSES = tuple(str(s) for s in EventStatus.final())
 
 __all__ = [
-    "ACCOUNT_KINDS",
-    "ACCOUNT_STATUSES",
-    "ADMIN_REMOVAL_POLICIES",
-    "DISTRICT_STATUSES",
     "EVENT_STATUSES",
-    "EXIT_STATUSES",
     "FINAL_STATUSES",
-    "MASTERY_LEVELS",
-    "ROLES",
+    "ROLE_COLUMNS",
     "Account",
+    "AccountKind",
+    "AccountStatus",
+    "AdminRemoval",
     "Assignment",
     "AuditRecord",
     "Base",
     "Class",
     "ClassTeacher",
+    "CleverRole",
     "DeadLetter",
     "District",
     "DistrictExit",
+    "DistrictStatus",
     "Enrollment",
+    "EventStatus",
+    "ExitStatus",
     "ExitUnit",
     "Goal",
     "JournalEntry",
+    "JournalKind",
+    "Mastery",
     "ObjectVersion",
     "PollCursor",
+    "PollStatus",
     "ReportAccess",
+    "Role",
     "RosterEvent",
     "SkillProgress",
+    "UnitKind",
+    "UnitStatus",
+    "role_flags",
+    "roles_of",
     "utcnow",
 ]

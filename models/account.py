@@ -4,10 +4,7 @@ from sqlalchemy import CheckConstraint, ForeignKey, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import ID_LENGTH, Base, TimestampMixin
-
-ACCOUNT_KINDS = ("district", "grassroots")
-ACCOUNT_STATUSES = ("active", "removed")
-ROLES = ("admin", "teacher", "student")
+from models.enums import AccountKind, AccountStatus, Role, sql_in
 
 
 class Account(TimestampMixin, Base):
@@ -15,8 +12,8 @@ class Account(TimestampMixin, Base):
 
     __tablename__ = "accounts"
     __table_args__ = (
-        CheckConstraint(f"kind IN {ACCOUNT_KINDS!r}", name="kind"),
-        CheckConstraint(f"status IN {ACCOUNT_STATUSES!r}", name="status"),
+        CheckConstraint(sql_in("kind", AccountKind), name="kind"),
+        CheckConstraint(sql_in("status", AccountStatus), name="status"),
         # A district account belongs to a district and came from Clever; a grassroots one has none.
         CheckConstraint(
             "(kind = 'district' AND district_id IS NOT NULL AND clever_id IS NOT NULL)"
@@ -36,13 +33,29 @@ class Account(TimestampMixin, Base):
     is_admin: Mapped[bool] = mapped_column(default=False)
     is_teacher: Mapped[bool] = mapped_column(default=False)
     is_student: Mapped[bool] = mapped_column(default=False)
-    kind: Mapped[str] = mapped_column(String(16), default="district")
-    status: Mapped[str] = mapped_column(String(16), default="active")
+    kind: Mapped[str] = mapped_column(String(16), default=AccountKind.DISTRICT)
+    status: Mapped[str] = mapped_column(String(16), default=AccountStatus.ACTIVE)
     district_id: Mapped[str | None] = mapped_column(
         ForeignKey("districts.id", ondelete="RESTRICT"), index=True
     )
 
     @property
-    def roles(self) -> list[str]:
-        held = {"admin": self.is_admin, "teacher": self.is_teacher, "student": self.is_student}
-        return sorted(role for role, has in held.items() if has)
+    def roles(self) -> frozenset[Role]:
+        return roles_of(self.is_admin, self.is_teacher, self.is_student)
+
+
+# The role flags, in the order ``roles_of`` takes them. Roles are stored as flags (an account is
+# found by role with a plain index); these two functions are the only translation.
+ROLE_COLUMNS = ("is_admin", "is_teacher", "is_student")
+_ROLE_ORDER = (Role.ADMIN, Role.TEACHER, Role.STUDENT)
+
+
+def roles_of(is_admin: object, is_teacher: object, is_student: object) -> frozenset[Role]:
+    """The roles an account's flags stand for."""
+    flags = (is_admin, is_teacher, is_student)
+    return frozenset(role for role, held in zip(_ROLE_ORDER, flags, strict=True) if held)
+
+
+def role_flags(roles: frozenset[Role] | set[Role]) -> dict[str, bool]:
+    """The flag columns for a set of roles."""
+    return {column: role in roles for column, role in zip(ROLE_COLUMNS, _ROLE_ORDER, strict=True)}

@@ -4,9 +4,7 @@ from sqlalchemy import CheckConstraint, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import ID_LENGTH, Base, TimestampMixin
-
-DISTRICT_STATUSES = ("active", "exited")
-ADMIN_REMOVAL_POLICIES = ("convert", "remove")
+from models.enums import AdminRemoval, DistrictStatus, sql_in
 
 
 class District(TimestampMixin, Base):
@@ -14,11 +12,11 @@ class District(TimestampMixin, Base):
 
     __tablename__ = "districts"
     __table_args__ = (
-        CheckConstraint(f"status IN {DISTRICT_STATUSES!r}", name="status"),
-        CheckConstraint(f"admin_removal IN {ADMIN_REMOVAL_POLICIES!r}", name="admin_removal"),
+        CheckConstraint(sql_in("status", DistrictStatus), name="status"),
+        CheckConstraint(sql_in("admin_removal", AdminRemoval), name="admin_removal"),
     )
 
     id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
     name: Mapped[str] = mapped_column(String(500))
-    status: Mapped[str] = mapped_column(String(16), default="active")
-    admin_removal: Mapped[str] = mapped_column(String(16), default="convert")
+    status: Mapped[str] = mapped_column(String(16), default=DistrictStatus.ACTIVE)
+    admin_removal: Mapped[str] = mapped_column(String(16), default=AdminRemoval.CONVERT)

@@ -6,9 +6,7 @@ from sqlalchemy import CheckConstraint, ForeignKey, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import ID_LENGTH, Base, utcnow
-
-EXIT_STATUSES = ("running", "done")
-UNIT_STATUSES = ("pending", "done", "dead")
+from models.enums import ExitStatus, UnitKind, UnitStatus, sql_in
 
 
 class DistrictExit(Base):
@@ -16,7 +14,7 @@ class DistrictExit(Base):
 
     __tablename__ = "district_exits"
     __table_args__ = (
-        CheckConstraint(f"status IN {EXIT_STATUSES!r}", name="status"),
+        CheckConstraint(sql_in("status", ExitStatus), name="status"),
         CheckConstraint("units_done <= units_total", name="done_le_total"),
     )
 
@@ -25,7 +23,7 @@ class DistrictExit(Base):
     )
     district_id: Mapped[str] = mapped_column(String(ID_LENGTH), index=True)
     trigger: Mapped[str] = mapped_column(String(200))
-    status: Mapped[str] = mapped_column(String(16), default="running", index=True)
+    status: Mapped[str] = mapped_column(String(16), default=ExitStatus.RUNNING, index=True)
     units_total: Mapped[int] = mapped_column(default=0)
     # The first phase: once this many units are done, the account batches start.
     teacher_units: Mapped[int] = mapped_column(default=0, server_default="0")
@@ -45,8 +43,8 @@ class ExitUnit(Base):
 
     __tablename__ = "exit_units"
     __table_args__ = (
-        CheckConstraint(f"status IN {UNIT_STATUSES!r}", name="status"),
-        CheckConstraint("kind IN ('teacher', 'accounts')", name="kind"),
+        CheckConstraint(sql_in("status", UnitStatus), name="status"),
+        CheckConstraint(sql_in("kind", UnitKind), name="kind"),
     )
 
     exit_id: Mapped[int] = mapped_column(
@@ -55,7 +53,7 @@ class ExitUnit(Base):
     key: Mapped[str] = mapped_column(String(200), primary_key=True)
     kind: Mapped[str] = mapped_column(String(16))
     account_ids: Mapped[list[str]] = mapped_column(default=list)
-    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    status: Mapped[str] = mapped_column(String(16), default=UnitStatus.PENDING, index=True)
     attempts: Mapped[int] = mapped_column(default=0)
     dispatched_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]

@@ -7,8 +7,7 @@ from sqlalchemy import CheckConstraint, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import ID_LENGTH, Base, utcnow
-
-JOURNAL_KINDS = ("account", "class", "district")
+from models.enums import JournalKind, sql_in
 
 
 class JournalEntry(Base):
@@ -23,7 +22,7 @@ class JournalEntry(Base):
 
     __tablename__ = "conversion_journal"
     __table_args__ = (
-        CheckConstraint(f"kind IN {JOURNAL_KINDS!r}", name="kind"),
+        CheckConstraint(sql_in("kind", JournalKind), name="kind"),
         CheckConstraint(
             "(kind = 'account' AND account_id IS NOT NULL AND class_id IS NULL)"
             " OR (kind = 'class' AND class_id IS NOT NULL AND account_id IS NULL)"

@@ -6,11 +6,7 @@ from sqlalchemy import CheckConstraint, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import ID_LENGTH, Base, TimestampMixin
-
-# ok: polled every pass. disconnected: its token was refused pass after pass; skipped until the
-# token changes or an operator resets it. resync_needed: Clever no longer knows the cursor (older
-# than its 30-day window); skipped until an operator resyncs the district and resets it.
-POLL_STATUSES = ("ok", "disconnected", "resync_needed")
+from models.enums import PollStatus, sql_in
 
 
 class PollCursor(TimestampMixin, Base):
@@ -25,7 +21,7 @@ class PollCursor(TimestampMixin, Base):
 
     __tablename__ = "clever_poll_cursors"
     __table_args__ = (
-        CheckConstraint(f"status IN {POLL_STATUSES!r}", name="status"),
+        CheckConstraint(sql_in("status", PollStatus), name="status"),
         CheckConstraint("unauthorized_passes >= 0", name="unauthorized_passes_non_negative"),
         CheckConstraint("events_ingested >= 0", name="events_ingested_non_negative"),
     )
@@ -33,7 +29,7 @@ class PollCursor(TimestampMixin, Base):
     district_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
     cursor: Mapped[str | None] = mapped_column(String(200))
     started_at: Mapped[datetime | None]
-    status: Mapped[str] = mapped_column(String(16), default="ok", index=True)
+    status: Mapped[str] = mapped_column(String(16), default=PollStatus.OK, index=True)
     # Consecutive passes whose token Clever refused (401); three in a row disconnect the district.
     unauthorized_passes: Mapped[int] = mapped_column(default=0)
     # SHA-256 of the token last used, never the token: a new token lifts a disconnection.
@@ -43,3 +39,6 @@ class PollCursor(TimestampMixin, Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     last_polled_at: Mapped[datetime | None]
     last_success_at: Mapped[datetime | None]
+
+
+POLL_STATUSES = tuple(str(s) for s in PollStatus)  # callers move to PollStatus

@@ -7,19 +7,7 @@ from sqlalchemy import CheckConstraint, Index, String, Text, false
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import ID_LENGTH, Base, utcnow
-
-EVENT_STATUSES = (
-    "accepted",
-    "processing",
-    "done",
-    "ignored",
-    "stale",
-    "rejected",
-    "discarded",
-    "held",
-    "dead",
-)
-FINAL_STATUSES = ("done", "ignored", "stale", "rejected", "discarded")
+from models.enums import EventStatus, sql_in
 
 
 class RosterEvent(Base):
@@ -27,7 +15,7 @@ class RosterEvent(Base):
 
     __tablename__ = "roster_events"
     __table_args__ = (
-        CheckConstraint(f"status IN {EVENT_STATUSES!r}", name="status"),
+        CheckConstraint(sql_in("status", EventStatus), name="status"),
         CheckConstraint("attempts >= 0", name="attempts_non_negative"),
         Index(None, "object_type", "object_id"),
     )
@@ -41,7 +29,7 @@ class RosterEvent(Base):
     # Clever's own `created` time of the event: the ordering fence compares it.
     occurred_at: Mapped[datetime | None]
     payload: Mapped[dict[str, Any]]
-    status: Mapped[str] = mapped_column(String(16), default="accepted", index=True)
+    status: Mapped[str] = mapped_column(String(16), default=EventStatus.ACCEPTED, index=True)
     attempts: Mapped[int] = mapped_column(default=0)
     # Set when an operator releases a held removal: the brake is not applied to it again.
     brake_released: Mapped[bool] = mapped_column(default=False, server_default=false())

@@ -4,8 +4,7 @@ from sqlalchemy import CheckConstraint, ForeignKey, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import Base, TimestampMixin
-
-MASTERY_LEVELS = ("attempted", "familiar", "proficient", "mastered")
+from models.enums import Mastery, sql_in
 
 
 class SkillProgress(TimestampMixin, Base):
@@ -14,7 +13,7 @@ class SkillProgress(TimestampMixin, Base):
     __tablename__ = "skill_progress"
     __table_args__ = (
         CheckConstraint("points >= 0", name="points_non_negative"),
-        CheckConstraint(f"mastery IN {MASTERY_LEVELS!r}", name="mastery"),
+        CheckConstraint(sql_in("mastery", Mastery), name="mastery"),
     )
 
     student_id: Mapped[str] = mapped_column(

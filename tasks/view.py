@@ -118,7 +118,7 @@ def account_view(session: Session, ref: str) -> dict[str, Any]:
         "email": account.email,
         "kind": account.kind,
         "status": account.status,
-        "roles": account.roles,
+        "roles": sorted(account.roles),
         "district": account.district_id,
         "district_reports": "allowed" if reports_allowed(session, account) else "denied",
         "classes": [{"id": i, "name": n, "district_synced": bool(s)} for i, n, s in classes],

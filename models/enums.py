@@ -1,0 +1,134 @@
+"""Every status, kind and role, once. Check constraints, metrics labels and CLI choices are built
+from these; nothing else spells their values out.
+
+``StrEnum`` members are ``str``: they compare equal to the stored text and bind as it.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class EventStatus(StrEnum):
+    """A roster event in the inbox (SPEC §5.6)."""
+
+    ACCEPTED = "accepted"  # in the inbox, not yet done
+    PROCESSING = "processing"
+    DONE = "done"
+    IGNORED = "ignored"
+    STALE = "stale"
+    REJECTED = "rejected"
+    DISCARDED = "discarded"
+    HELD = "held"  # by the brake: an operator releases or discards it
+    DEAD = "dead"  # dead-lettered: an operator replays it
+
+    @classmethod
+    def final(cls) -> frozenset[EventStatus]:
+        """Nothing more will happen to the event."""
+        return frozenset({cls.DONE, cls.IGNORED, cls.STALE, cls.REJECTED, cls.DISCARDED})
+
+    @classmethod
+    def in_flight(cls) -> frozenset[EventStatus]:
+        """The event is waiting for a worker or being worked on: counted in ``pending``."""
+        return frozenset({cls.ACCEPTED, cls.PROCESSING})
+
+    @classmethod
+    def waiting_for_operator(cls) -> frozenset[EventStatus]:
+        return frozenset({cls.HELD, cls.DEAD})
+
+
+class AccountKind(StrEnum):
+    DISTRICT = "district"
+    GRASSROOTS = "grassroots"
+
+
+class AccountStatus(StrEnum):
+    ACTIVE = "active"
+    REMOVED = "removed"  # cannot log in (an admin removed under the `remove` policy)
+
+
+class Role(StrEnum):
+    """The platform's roles. An account may hold several."""
+
+    ADMIN = "admin"
+    TEACHER = "teacher"
+    STUDENT = "student"
+
+
+class CleverRole(StrEnum):
+    """The roles of a Clever v3 ``User``; each role's own fields sit under its key."""
+
+    DISTRICT_ADMIN = "district_admin"
+    TEACHER = "teacher"
+    STUDENT = "student"
+    STAFF = "staff"
+    CONTACT = "contact"
+
+    @property
+    def platform_role(self) -> Role | None:
+        """The platform role it maps to; staff and contacts have none (SPEC §4)."""
+        return _PLATFORM_ROLE.get(self)
+
+
+_PLATFORM_ROLE = {
+    CleverRole.DISTRICT_ADMIN: Role.ADMIN,
+    CleverRole.TEACHER: Role.TEACHER,
+    CleverRole.STUDENT: Role.STUDENT,
+}
+
+
+class DistrictStatus(StrEnum):
+    ACTIVE = "active"
+    EXITED = "exited"
+
+
+class AdminRemoval(StrEnum):
+    """A district's policy for admins who leave (SPEC §3)."""
+
+    CONVERT = "convert"
+    REMOVE = "remove"
+
+
+class ExitStatus(StrEnum):
+    RUNNING = "running"
+    DONE = "done"
+
+
+class UnitStatus(StrEnum):
+    PENDING = "pending"
+    DONE = "done"
+    DEAD = "dead"
+
+
+class UnitKind(StrEnum):
+    TEACHER = "teacher"  # drop one teacher's district classes
+    ACCOUNTS = "accounts"  # convert a batch of accounts
+
+
+class JournalKind(StrEnum):
+    """What a conversion journal entry's subject is."""
+
+    ACCOUNT = "account"
+    CLASS = "class"
+    DISTRICT = "district"
+
+
+class PollStatus(StrEnum):
+    OK = "ok"  # polled every pass
+    # Its token was refused pass after pass: skipped until the token changes or an operator
+    # resets it.
+    DISCONNECTED = "disconnected"
+    # Clever no longer knows the cursor (older than its 30-day window): events were missed.
+    RESYNC_NEEDED = "resync_needed"
+
+
+class Mastery(StrEnum):
+    ATTEMPTED = "attempted"
+    FAMILIAR = "familiar"
+    PROFICIENT = "proficient"
+    MASTERED = "mastered"
+
+
+def sql_in(column: str, values: type[StrEnum]) -> str:
+    """``column IN ('a', 'b')`` for a check constraint, from an enum's values in their order."""
+    return f"{column} IN ({', '.join(repr(str(v)) for v in values)})"

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from make_district import make_district, write_district
 
 from worker.run import redis_server_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "out"
-MAKE_DISTRICT = ROOT.parent / "shared" / "tools" / "make_district.py"
 BIN = Path(sys.executable).parent / "grassroots"
 CELERY = Path(sys.executable).parent / "celery"
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -33,26 +33,14 @@ def spare_port() -> int:
 
 
 def district_file(students: int, teachers: int) -> Path:
-    """A synthetic district (shared/tools/make_district.py), cached as
-    ``bench/out/district-s<N>-t<M>.json``; written under another name first, so an interrupted
-    run leaves no half file behind."""
+    """A synthetic district (``make_district.py`` beside this file, default options otherwise),
+    cached as ``bench/out/district-s<N>-t<M>.json``; written under another name first, so an
+    interrupted run leaves no half file behind."""
     path = OUT / f"district-s{students}-t{teachers}.json"
     if not path.exists():
         OUT.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".json.part")
-        subprocess.run(
-            [
-                sys.executable,
-                str(MAKE_DISTRICT),
-                "--students",
-                str(students),
-                "--teachers",
-                str(teachers),
-                "--out",
-                str(partial),
-            ],
-            check=True,
-        )
+        write_district(make_district(students=students, teachers=teachers), partial)
         partial.rename(path)
     return path
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark: a whole district exit through the real pipeline.
 
-Seeds a synthetic district (shared/tools/make_district.py) into a fresh Postgres database, starts
+Seeds a synthetic district (bench/make_district.py) into a fresh Postgres database, starts
 a private redis-server and `grassroots worker` processes, starts the exit with
 `grassroots district exit ID`, and times it until the exit is done. Reports accounts/s, the time
 of each phase (teacher units, account batches, the finish step) and the peak memory of each worker

@@ -1,6 +1,6 @@
 """Benchmark: seed a synthetic district twice, then run its exit in-process.
 
-Generates (and caches under ``bench/out/``) a district with ``shared/tools/make_district.py``,
+Generates (and caches under ``bench/out/``) a district with ``bench/make_district.py``,
 creates a throwaway database (Postgres by default, ``--sqlite`` for a SQLite file), runs the
 migrations, then times:
 

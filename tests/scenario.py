@@ -1,14 +1,15 @@
-"""The example-isd fixture (shared/fixtures/example-isd.json) and its people, by name."""
+"""The example district and its people, by name: the one copy of ``example-isd.json`` that the
+package ships for ``grassroots demo`` (``worker/demo_data/``); ``tests/fixtures/example-isd.md``
+says what each scenario must make of it."""
 
 from __future__ import annotations
 
 import copy
 import json
+from importlib import resources
 from typing import Any
 
-from tests.conftest import FIXTURES
-
-EXAMPLE = FIXTURES / "example-isd.json"
+EXAMPLE = resources.files("worker") / "demo_data" / "example-isd.json"
 DISTRICT = "5b2a6f0c8e9d7a0011223344"
 PAT = "5f8e2c1a9b7d4e0012ab0001"
 RIVERA = "5f8e2c1a9b7d4e0012ab0002"

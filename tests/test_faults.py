@@ -17,12 +17,13 @@ import psycopg
 import pytest
 
 from tests import scenario
-from tests.conftest import SHARED, PgDatabases
+from tests.conftest import PgDatabases
 from tests.scenario import Copy
 from tests.stack import Stack, clever_event, running_stack, wait_until
 
 pytestmark = pytest.mark.slow
 T0 = "2026-10-01T00:00:00Z"
+MAKE_DISTRICT = Path(__file__).resolve().parents[1] / "bench" / "make_district.py"
 
 
 def children(pid: int) -> list[int]:
@@ -146,23 +147,18 @@ def test_whole_worker_killed_mid_district_exit_is_finished_by_a_new_worker(
 ) -> None:
     url = pg_databases.new()
     roster = tmp_path / "district.json"
+    # bench/ is a folder of scripts, not a package: its generator runs as one.
     subprocess.run(
         [
             sys.executable,
-            str(SHARED / "tools" / "make_district.py"),
-            "--students",
-            "3000",
-            "--teachers",
-            "120",
-            "--out",
-            str(roster),
-            "--seed",
-            "7",
+            str(MAKE_DISTRICT),
+            *("--students", "3000", "--teachers", "120", "--seed", "7", "--out", str(roster)),
         ],
         check=True,
         capture_output=True,
     )
-    district_id = json.loads(roster.read_text())["districts"][0]["id"]
+    district = json.loads(roster.read_text())
+    district_id = district["districts"][0]["id"]
     with running_stack(
         tmp_path,
         url,
@@ -207,7 +203,7 @@ def test_whole_worker_killed_mid_district_exit_is_finished_by_a_new_worker(
         live_synced = conn.execute(
             "SELECT count(*) FROM classes WHERE district_synced AND removed_by IS NULL"
         ).fetchone()
-        users = len(json.loads(roster.read_text())["users"])
+        users = len(district["users"])
     assert left == (0,) and doubled == (0,) and live_synced == (0,)
     assert converted == (users,)
 

@@ -1,4 +1,4 @@
-"""Scenarios A–F of shared/fixtures/example-isd.md, through the plain conversion functions."""
+"""Scenarios A–F of tests/fixtures/example-isd.md, through the plain conversion functions."""
 
 from __future__ import annotations
 

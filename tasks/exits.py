@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from models import DistrictExit, ExitUnit, utcnow
+from models import DistrictExit, ExitUnit, JournalEntry, utcnow
 from tasks import conversion
 from tasks.errors import GrassrootsError, NotFound
 from tasks.sql import ASYNC_COMMIT_PG, CHUNK, AsyncCommit, insert_rows
@@ -384,20 +384,26 @@ class ExitProgress:
         }
 
 
+RESTORED = "restored"  # a progress status only: the exit's row keeps its own status
+
+
 def progress(session: Session, district_id: str) -> ExitProgress | None:
-    """The district's latest exit, if any."""
-    row = session.scalar(
-        select(DistrictExit)
+    """The district's latest exit, if any: ``restored`` once ``grassroots restore`` has undone
+    it (its journal root, whose id is the exit's, is marked restored), else its own status."""
+    found = session.execute(
+        select(DistrictExit, JournalEntry.restored_at)
+        .join(JournalEntry, JournalEntry.id == DistrictExit.id)
         .where(DistrictExit.district_id == district_id)
         .order_by(DistrictExit.id.desc())
         .limit(1)
-    )
-    if row is None:
+    ).first()
+    if found is None:
         return None
+    row, restored_at = found
     return ExitProgress(
         row.id,
         row.district_id,
-        row.status,
+        RESTORED if restored_at is not None else row.status,
         row.units_done,
         row.units_total,
         row.accounts_total,

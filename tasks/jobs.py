@@ -11,7 +11,6 @@ import logging
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any, Generic, TypeVar
 
 from celery import Task
@@ -24,11 +23,10 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, OperationalError
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
-from models import DeadLetter, DistrictExit, ExitUnit, RosterEvent, utcnow
+from models import DeadLetter, ExitUnit, RosterEvent, utcnow
 from tasks import conversion, events, exits
 from tasks.errors import InvariantViolation, WaitForRoster
 from tasks.sql import AsyncCommit, chunks, in_ids
-from worker.broker import restore_orphans
 from worker.celery_app import app
 from worker.db import autocommit, get_engine, session_scope
 from worker.logs import bound
@@ -406,63 +404,6 @@ def finish_exit(self: Task[Any, Any], exit_id: int) -> bool | None:
 # Maintenance
 
 
-@app.task(name="grassroots.relay")
-def relay() -> dict[str, int]:
-    """Put back the messages of killed workers (``worker.broker.restore_orphans``), then send
-    again what the database says is unfinished but the broker no longer holds: events accepted
-    while the broker was down, and exit units lost with a killed worker. Only when the queues
-    are drained, so work merely waiting its turn is not sent twice (a second copy would be
-    harmless, only wasteful)."""
-    from worker.ops import queue_depths
-
-    settings = get_settings()
-    orphans = restore_orphans(app, older_than=settings.relay_after_seconds)
-    if orphans:
-        log.warning("put back %d task(s) a lost worker had taken", len(orphans))
-    depths, _ = queue_depths()
-    now = utcnow()
-    quiet = now - timedelta(seconds=settings.relay_after_seconds)
-    # A task waiting out a retry countdown stays "processing"; leave it alone for that long.
-    stuck = now - timedelta(seconds=settings.retry_backoff_max + settings.relay_after_seconds)
-    waiting: list[str] = []
-    exit_ids: list[int] = []
-    with session_scope() as session:
-        if depths["events"] == 0:
-            waiting = list(
-                session.scalars(
-                    select(RosterEvent.id)
-                    .where(
-                        ((RosterEvent.status == "accepted") & (RosterEvent.updated_at < quiet))
-                        | ((RosterEvent.status == "processing") & (RosterEvent.updated_at < stuck))
-                    )
-                    .order_by(RosterEvent.received_at)
-                    .limit(5000)
-                )
-            )
-            if waiting:
-                session.execute(
-                    update(RosterEvent).where(RosterEvent.id.in_(waiting)).values(updated_at=now)
-                )
-        if depths["fanout"] == 0 and depths["conversions"] == 0:
-            exit_ids = list(
-                session.scalars(
-                    select(DistrictExit.id).where(
-                        DistrictExit.status == "running", DistrictExit.progressed_at < quiet
-                    )
-                )
-            )
-            if exit_ids:
-                session.execute(
-                    update(DistrictExit)
-                    .where(DistrictExit.id.in_(exit_ids))
-                    .values(progressed_at=now)
-                )
-    sent = enqueue_events(waiting)
-    for exit_id in exit_ids:
-        dispatch_exit(exit_id)
-    return {"events": sent, "exits": len(exit_ids), "restored": len(orphans)}
-
-
 @app.task(name="grassroots.purge")
 def purge() -> int:
     with session_scope() as session:
@@ -474,7 +415,6 @@ TASK_NAMES = (
     "grassroots.district_exit",
     "grassroots.exit_unit",
     "grassroots.finish_exit",
-    "grassroots.relay",
     "grassroots.purge",
     "grassroots.poll",
 )

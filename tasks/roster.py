@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import itertools
 import operator
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,7 +36,8 @@ from models import (
 from tasks.errors import GrassrootsError
 from tasks.sql import dialect_insert
 
-Id = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+ID_PATTERN = r"^[A-Za-z0-9_.:\-]+$"
+Id = Annotated[str, Field(min_length=1, max_length=64, pattern=ID_PATTERN)]
 CLEVER_ROLES = {"district_admin": "admin", "teacher": "teacher", "student": "student"}
 
 
@@ -175,9 +177,39 @@ def _where(data: Any, loc: Sequence[int | str]) -> str:
             node = node[part]
         except (KeyError, IndexError, TypeError):
             break
-        if isinstance(node, dict) and isinstance(node.get("id"), str):
-            record_id = node["id"]
+        found = node.get("id") if isinstance(node, dict) else None
+        # Only an id that is one: a malformed "id" may hold an email or a name.
+        if isinstance(found, str) and len(found) <= 64 and re.fullmatch(ID_PATTERN, found):
+            record_id = found
     return f"{path} (id {record_id})" if record_id else path
+
+
+MAX_PROBLEMS = 20  # named one by one; beyond, only counted
+
+
+class _Problems:
+    """The problems of one snapshot, each naming its record by path and id (never by personal
+    data), reported together: a seed file is fixed in one round, not one problem per run."""
+
+    def __init__(self) -> None:
+        self.named: list[str] = []
+        self.count = 0
+
+    def add(self, problem: str) -> None:
+        self.count += 1
+        if len(self.named) < MAX_PROBLEMS:
+            self.named.append(problem)
+
+    def error(self) -> SnapshotError:
+        # One line: the CLI prints it after the file's name.
+        more = self.count - len(self.named)
+        return SnapshotError(
+            "; ".join(self.named) + (f"; and {more} more problems" if more else "")
+        )
+
+    def raise_any(self) -> None:
+        if self.count:
+            raise self.error()
 
 
 def parse_snapshot(data: Any) -> Snapshot:
@@ -188,17 +220,18 @@ def parse_snapshot(data: Any) -> Snapshot:
     try:
         return Snapshot.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = _where(data, err["loc"])
-        more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
-        raise SnapshotError(f"{where}: {err['msg']}{more}") from None
+        problems = _Problems()
+        # pydantic's messages name what was expected, never the input (personal data).
+        for err in exc.errors(include_input=False, include_url=False):
+            problems.add(f"{_where(data, err['loc'])}: {err['msg']}")
+        raise problems.error() from None
 
 
-def _duplicates(kind: str, ids: Iterable[str]) -> None:
+def _duplicates(problems: _Problems, kind: str, ids: Iterable[str]) -> None:
     seen: set[str] = set()
     for i, record_id in enumerate(ids):
         if record_id in seen:
-            raise SnapshotError(f"{kind}[{i}] (id {record_id}): duplicate id")
+            problems.add(f"{kind}[{i}] (id {record_id}): duplicate id")
         seen.add(record_id)
 
 
@@ -214,14 +247,16 @@ def _existing(session: Session, column: Any, ids: Iterable[str], *where: Any) ->
 
 
 def check_references(session: Session, snap: Snapshot) -> None:
-    """Every id the snapshot names must be in the snapshot or already in the database."""
-    _duplicates("districts", (d.id for d in snap.districts))
-    _duplicates("users", (u.id for u in snap.users))
-    _duplicates("sections", (s.id for s in snap.sections))
-    _duplicates("platform.accounts", (a.id for a in snap.platform.accounts))
-    _duplicates("platform.classes", (c.id for c in snap.platform.classes))
-    _duplicates("platform.goals", (g.id for g in snap.platform.goals))
-    _duplicates("platform.assignments", (a.id for a in snap.platform.assignments))
+    """Every id the snapshot names must be in the snapshot or already in the database. Raises
+    one ``SnapshotError`` naming every problem (up to ``MAX_PROBLEMS``, then their number)."""
+    problems = _Problems()
+    _duplicates(problems, "districts", (d.id for d in snap.districts))
+    _duplicates(problems, "users", (u.id for u in snap.users))
+    _duplicates(problems, "sections", (s.id for s in snap.sections))
+    _duplicates(problems, "platform.accounts", (a.id for a in snap.platform.accounts))
+    _duplicates(problems, "platform.classes", (c.id for c in snap.platform.classes))
+    _duplicates(problems, "platform.goals", (g.id for g in snap.platform.goals))
+    _duplicates(problems, "platform.assignments", (a.id for a in snap.platform.assignments))
 
     districts = {d.id for d in snap.districts}
     districts |= _existing(
@@ -230,10 +265,9 @@ def check_references(session: Session, snap: Snapshot) -> None:
     users = {u.id: u for u in snap.users}
     accounts = set(users) | {a.id for a in snap.platform.accounts}
     clashes = set(users) & {a.id for a in snap.platform.accounts}
-    if clashes:
-        raise SnapshotError(
-            f"platform.accounts (id {sorted(clashes)[0]}): id already used by a user"
-        )
+    for i, a in enumerate(snap.platform.accounts if clashes else ()):
+        if a.id in clashes:
+            problems.add(f"platform.accounts[{i}] (id {a.id}): id already used by a user")
     named: set[str] = set()
     for s in snap.sections:
         named.update(s.all_teachers, s.students)
@@ -246,10 +280,9 @@ def check_references(session: Session, snap: Snapshot) -> None:
     accounts |= _existing(session, Account.id, named - accounts)
     classes = {s.id for s in snap.sections} | {c.id for c in snap.platform.classes}
     clashes = {s.id for s in snap.sections} & {c.id for c in snap.platform.classes}
-    if clashes:
-        raise SnapshotError(
-            f"platform.classes (id {sorted(clashes)[0]}): id already used by a section"
-        )
+    for i, c in enumerate(snap.platform.classes if clashes else ()):
+        if c.id in clashes:
+            problems.add(f"platform.classes[{i}] (id {c.id}): id already used by a section")
     classes |= _existing(
         session,
         Class.id,
@@ -257,50 +290,49 @@ def check_references(session: Session, snap: Snapshot) -> None:
     )
 
     # A 100k-student district has a million links to check: the per-link loops only run to name
-    # the first bad record once a whole-list set operation has found one.
+    # the bad records once a whole-list set operation has found one.
     for i, u in enumerate(snap.users):
         if u.district not in districts:
-            raise SnapshotError(f"users[{i}] (id {u.id}): unknown district {u.district}")
+            problems.add(f"users[{i}] (id {u.id}): unknown district {u.district}")
     teachers = {u for u, user in users.items() if "teacher" in user.roles}
     not_students = {u for u, user in users.items() if "student" not in user.roles}
     for i, s in enumerate(snap.sections):
         where = f"sections[{i}] (id {s.id})"
         if s.district not in districts:
-            raise SnapshotError(f"{where}: unknown district {s.district}")
+            problems.add(f"{where}: unknown district {s.district}")
         if not s.all_teachers:
-            raise SnapshotError(f"{where}: a section needs a teacher")
+            problems.add(f"{where}: a section needs a teacher")
         for t in s.all_teachers:
             if t not in accounts:
-                raise SnapshotError(f"{where}: unknown teacher {t}")
-            if t in users:
+                problems.add(f"{where}: unknown teacher {t}")
+            elif t in users:
                 if t not in teachers:
-                    raise SnapshotError(f"{where}: user {t} is not a teacher")
-                if users[t].district != s.district:
-                    raise SnapshotError(f"{where}: teacher {t} is in another district")
+                    problems.add(f"{where}: user {t} is not a teacher")
+                elif users[t].district != s.district:
+                    problems.add(f"{where}: teacher {t} is in another district")
         if accounts.issuperset(s.students) and not_students.isdisjoint(s.students):
             continue
         for st in s.students:
             if st not in accounts:
-                raise SnapshotError(f"{where}: unknown student {st}")
-            if st in not_students:
-                raise SnapshotError(f"{where}: user {st} is not a student")
+                problems.add(f"{where}: unknown student {st}")
+            elif st in not_students:
+                problems.add(f"{where}: user {st} is not a student")
     for i, c in enumerate(snap.platform.classes):
         where = f"platform.classes[{i}] (id {c.id})"
         if c.teacher not in accounts:
-            raise SnapshotError(f"{where}: unknown teacher {c.teacher}")
+            problems.add(f"{where}: unknown teacher {c.teacher}")
+        if accounts.issuperset(c.students):
+            continue
         for st in c.students:
             if st not in accounts:
-                raise SnapshotError(f"{where}: unknown student {st}")
+                problems.add(f"{where}: unknown student {st}")
     for kind, items in (("goals", snap.platform.goals), ("assignments", snap.platform.assignments)):
         for i, item in enumerate(items):
+            where = f"platform.{kind}[{i}] (id {item.id})"
             if item.class_id not in classes:
-                raise SnapshotError(
-                    f"platform.{kind}[{i}] (id {item.id}): unknown class {item.class_id}"
-                )
+                problems.add(f"{where}: unknown class {item.class_id}")
             if item.created_by is not None and item.created_by not in accounts:
-                raise SnapshotError(
-                    f"platform.{kind}[{i}] (id {item.id}): unknown account {item.created_by}"
-                )
+                problems.add(f"{where}: unknown account {item.created_by}")
     progress = snap.platform.progress
     if not accounts.issuperset(p.user for p in progress) or len(
         {(p.user, p.skill) for p in progress}
@@ -309,10 +341,11 @@ def check_references(session: Session, snap: Snapshot) -> None:
         for i, p in enumerate(progress):
             where = f"platform.progress[{i}] (user {p.user}, skill {p.skill})"
             if p.user not in accounts:
-                raise SnapshotError(f"{where}: unknown user {p.user}")
+                problems.add(f"{where}: unknown user {p.user}")
             if (p.user, p.skill) in seen_progress:
-                raise SnapshotError(f"{where}: duplicate progress row")
+                problems.add(f"{where}: duplicate progress row")
             seen_progress.add((p.user, p.skill))
+    problems.raise_any()
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,7 +32,6 @@ def test_task_names_are_pinned_because_queued_messages_carry_them() -> None:
             "grassroots.finish_exit",
             "grassroots.process_event",
             "grassroots.purge",
-            "grassroots.relay",
         ]
         + [name for name in ROUTES if name == "grassroots.poll" and name in app.tasks]
     )

@@ -110,3 +110,31 @@ def test_exit_wait_of_an_exited_district_ends_with_its_exit(
     assert result.exit_code == 0, result.output
     assert sent == [(DISTRICT, "cli:district-exit")]
     assert f"district {DISTRICT} exited in" in result.output
+
+
+def test_exit_wait_ends_with_an_error_when_a_restore_undoes_the_exit_it_waits_for(
+    restored_district: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent: list[str] = []
+    started: list[int] = []
+    monkeypatch.setattr(celery_app, "send_task", lambda name, args: sent.append(args[0]))
+
+    def pause(seconds: float) -> None:
+        # The worker starts the exit and runs it; an operator restores the district before the
+        # command looks again. A third pause would be a wait that never ends.
+        if not started:
+            started.append(_start(sent[0]))
+            return
+        assert len(started) == 1, "the wait went on after the restore"
+        started.append(started[0])
+        _run_pending_units(started[0])
+        with session_scope() as session:
+            conversion.restore(session, DISTRICT, trigger="test", retention_days=30)
+
+    monkeypatch.setattr(time, "sleep", pause)
+
+    result = CliRunner().invoke(main, ["district", "exit", DISTRICT, "--wait"])
+
+    assert result.exit_code == 1, result.output
+    assert f"district {DISTRICT}: exit {started[0]} was undone by a restore" in result.output
+    assert _kind(STEVE) == "district"

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from models import Account, Class, Enrollment, JournalEntry, SkillProgress, utcnow
 from tasks import conversion
 from tasks.errors import InvariantViolation, RestoreRefused
-from tasks.roster import SnapshotError, load_snapshot
+from tasks.roster import MAX_PROBLEMS, SnapshotError, load_snapshot
 from tasks.view import account_view
 from tests.scenario import DISTRICT, KIM, MARIA, S1, STEVE, example, ids
 
@@ -172,6 +172,99 @@ def test_malformed_snapshot_is_refused_whole_naming_the_bad_record(
     assert count(session, Account) == 0
 
 
+def broken_in_places(*changes: tuple[list[Any], Any]) -> dict[str, Any]:
+    data = copy.deepcopy(example())
+    for path, value in changes:
+        node: Any = data
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+    return data
+
+
+def problems(failure: pytest.ExceptionInfo[SnapshotError]) -> list[str]:
+    message = str(failure.value)
+    assert "\n" not in message
+    return message.split("; ")
+
+
+def personal_data(data: dict[str, Any]) -> list[str]:
+    people = [*data["users"], *data["platform"]["accounts"]]
+    found = [p["email"] for p in people if p.get("email")]
+    for person in people:
+        name = person.get("name")
+        found += [v for v in name.values() if v] if isinstance(name, dict) else [name or ""]
+    return [f for f in found if len(f) > 2]  # a middle initial is in any message
+
+
+def test_a_snapshot_with_several_malformed_records_names_every_one(session: Session) -> None:
+    data = broken_in_places(
+        (["users", 3, "roles"], {"janitor": {}}),
+        (["users", 4, "id"], "m.lopez@students.example-isd.org"),  # an email where the id goes
+        (["sections", 2, "name"], ""),
+        (["platform", "progress", 0, "points"], -5),
+        (["districts", 0, "policy", "admin_removal"], "delete"),
+    )
+    with pytest.raises(SnapshotError) as failure:
+        load_snapshot(session, data)
+    named = problems(failure)
+    assert [p.split(":")[0] for p in named] == [
+        "districts[0].policy.admin_removal (id 5b2a6f0c8e9d7a0011223344)",
+        "users[3].roles (id 58c81dcea3627927150003ed)",
+        "users[4].id",  # not named by what stands in its id
+        "sections[2].name (id 60a1b2c3d4e5f60718293a03)",
+        "platform.progress[0].points",
+    ]
+    assert not [p for p in personal_data(data) if p in str(failure.value)]
+    assert count(session, Account) == 0
+
+
+def test_a_snapshot_with_several_bad_references_names_every_one(session: Session) -> None:
+    original = example()
+    goal = original["platform"]["goals"][0]["id"]
+    data = broken_in_places(
+        (["platform", "goals", 1, "id"], goal),
+        (["sections", 0, "students", 0], "0" * 24),
+        (["sections", 1, "teachers"], ["nobody"]),
+        (["platform", "goals", 1, "class"], "no-such-class"),
+        (
+            ["platform", "accounts"],
+            [*original["platform"]["accounts"], {"id": STEVE, "roles": ["student"]}],
+        ),
+    )
+    with pytest.raises(SnapshotError) as failure:
+        load_snapshot(session, data)
+    assert problems(failure) == [
+        f"platform.goals[1] (id {goal}): duplicate id",
+        f"platform.accounts[1] (id {STEVE}): id already used by a user",
+        "sections[0] (id 60a1b2c3d4e5f60718293a01): unknown student " + "0" * 24,
+        "sections[1] (id 60a1b2c3d4e5f60718293a02): unknown teacher nobody",
+        f"platform.goals[1] (id {goal}): unknown class no-such-class",
+    ]
+    assert not [p for p in personal_data(data) if p in str(failure.value)]
+    assert count(session, Account) == 0
+
+
+@pytest.mark.parametrize("kind", ["validation", "reference"])
+def test_past_the_first_twenty_problems_only_their_number_is_given(
+    session: Session, kind: str
+) -> None:
+    if kind == "validation":
+        rows = [
+            {"user": STEVE, "skill": f"s{n}", "points": -1, "mastery": "mastered"}
+            for n in range(25)
+        ]
+        data = broken_in_places((["platform", "progress"], rows))
+    else:
+        data = broken_in_places((["sections", 0, "students"], [f"ghost-{n}" for n in range(25)]))
+    with pytest.raises(SnapshotError) as failure:
+        load_snapshot(session, data)
+    named = problems(failure)
+    assert len(named) == MAX_PROBLEMS + 1 == 21
+    assert named[-1] == "and 5 more problems"
+    assert len(set(named[:-1])) == MAX_PROBLEMS
+
+
 def test_seed_command_is_idempotent_and_refuses_a_bad_file_with_nothing_written(
     database_url: str, tmp_path: Path
 ) -> None:
@@ -179,7 +272,13 @@ def test_seed_command_is_idempotent_and_refuses_a_bad_file_with_nothing_written(
     good = tmp_path / "good.json"
     good.write_text(json.dumps(example()))
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps(broken(["sections", 1, "teachers"], ["nobody"])))
+    bad.write_text(
+        json.dumps(
+            broken_in_places(
+                (["sections", 1, "teachers"], ["nobody"]), (["sections", 0, "students"], ["ghost"])
+            )
+        )
+    )
 
     def grassroots(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -193,8 +292,11 @@ def test_seed_command_is_idempotent_and_refuses_a_bad_file_with_nothing_written(
 
     refused = grassroots("seed", str(bad))
     assert refused.returncode == 1
-    assert "sections[1] (id 60a1b2c3d4e5f60718293a02)" in refused.stderr
-    assert "nothing was loaded" in refused.stderr
+    # Every problem, on the one line the command prints.
+    assert refused.stderr.splitlines() == [
+        f"grassroots: {bad}: sections[0] (id 60a1b2c3d4e5f60718293a01): unknown student ghost;"
+        " sections[1] (id 60a1b2c3d4e5f60718293a02): unknown teacher nobody; nothing was loaded"
+    ]
     assert grassroots("account", "show", STEVE).returncode == 1
     assert grassroots("seed", str(good)).returncode == 0
     first = json.loads(grassroots("account", "show", STEVE, "--json").stdout)

@@ -139,7 +139,7 @@ def test_whole_worker_killed_mid_conversion_its_task_is_put_back_and_applied_onc
         assert stack.event(event["id"])["attempts"] == 2
         assert stack.account(steve)["kind"] == "grassroots"
         assert journal_entries(url, steve) == 1
-        assert "put back 1 task(s) a lost worker had taken" in stack.log("second")
+        assert "put back 1 task(s) a lost worker had taken" in stack.log("beat")
 
 
 def test_whole_worker_killed_mid_district_exit_is_finished_by_a_new_worker(

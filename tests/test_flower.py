@@ -124,12 +124,12 @@ def test_flower_reports_the_depth_of_each_named_queue(flower: Flower) -> None:
         client.delete(*QUEUES)
     # No worker is running: Flower knows our queues from the app's configuration.
     assert flower.queue_depths() == dict.fromkeys(QUEUES, 0)
-    # Sent by our own app and its routes (grassroots.relay goes to maintenance), over a
+    # Sent by our own app and its routes (grassroots.purge goes to maintenance), over a
     # connection to the private broker only.
     with app.connection_for_write(flower.broker.url) as connection:
-        app.send_task("grassroots.relay", connection=connection)
+        app.send_task("grassroots.purge", connection=connection)
         for _ in range(2):
-            app.send_task("grassroots.relay", queue="conversions", connection=connection)
+            app.send_task("grassroots.purge", queue="conversions", connection=connection)
     assert flower.queue_depths() == {"events": 0, "conversions": 2, "fanout": 0, "maintenance": 1}
 
 

@@ -25,13 +25,14 @@ from models import (
     ClassTeacher,
     District,
     Enrollment,
+    ExitUnit,
     Goal,
     JournalEntry,
     ReportAccess,
     RosterEvent,
     utcnow,
 )
-from tasks import conversion, events
+from tasks import conversion, events, exits
 from tasks.inbox import ingest
 from tasks.roster import load_snapshot
 from tasks.view import DISTRICT_ACCESS_ENDED
@@ -167,6 +168,51 @@ def test_ops_route_without_the_right_token_is_refused_with_401(
         response = client.request(method, re.sub(r"\{[^}]+\}", "x", path), headers=headers)
 
     assert_error(response, 401, "unauthorized")
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+NO_TOKEN = "no bearer token: send 'Authorization: Bearer <OPS_TOKEN>'"
+NOT_BEARER = (
+    "the Authorization header holds no bearer token: send 'Authorization: Bearer <OPS_TOKEN>'"
+)
+WRONG_TOKEN = "the bearer token is not this server's OPS_TOKEN"
+NO_OPS_TOKEN = "this server has no OPS_TOKEN set: its ops API refuses every request"
+
+
+@pytest.mark.parametrize(
+    ("ops_token", "headers", "message"),
+    [
+        (TOKEN, {}, NO_TOKEN),
+        (TOKEN, {"Authorization": "   "}, NO_TOKEN),
+        (TOKEN, {"Authorization": "Bearer "}, NOT_BEARER),
+        (TOKEN, {"Authorization": f"Basic {TOKEN}"}, NOT_BEARER),
+        (TOKEN, {"Authorization": TOKEN}, NOT_BEARER),
+        (TOKEN, {"Authorization": "Bearer not-the-token"}, WRONG_TOKEN),
+        (TOKEN, {"Authorization": f"Bearer {TOKEN}x"}, WRONG_TOKEN),
+        (None, {}, NO_OPS_TOKEN),
+        (None, {"Authorization": "Bearer anything"}, NO_OPS_TOKEN),
+    ],
+    ids=[
+        "no-header",
+        "blank-header",
+        "empty-bearer",
+        "basic-scheme",
+        "bare-token",
+        "wrong-token",
+        "token-prefix",
+        "unset-no-header",
+        "unset-any-bearer",
+    ],
+)
+def test_a_refused_caller_is_told_whether_the_token_was_missing_or_wrong(
+    configure: Configure, ops_token: str | None, headers: dict[str, str], message: str
+) -> None:
+    configure(DATABASE_URL=CLOSED_DATABASE, BROKER_URL=CLOSED_BROKER, OPS_TOKEN=ops_token)
+    with TestClient(app) as client:
+        response = client.get("/ops/status", headers=headers)
+
+    assert_error(response, 401, "unauthorized")
+    assert response.json()["message"] == message
     assert response.headers["www-authenticate"] == "Bearer"
 
 
@@ -649,6 +695,49 @@ def test_exit_request_with_the_broker_down_answers_a_json_503(
 
 
 # --------------------------------------------------------------------------------------------
+# District exit progress
+
+
+def _exit_through_units() -> int:
+    """A district exit as the workers run it: planned, every unit run, finished."""
+    with db.session_scope() as session:
+        exit_id = exits.start_exit(session, DISTRICT, trigger=TRIGGER).exit_id
+    with db.session_scope() as session:
+        keys = session.scalars(select(ExitUnit.key).where(ExitUnit.exit_id == exit_id)).all()
+    for key in keys:
+        with db.session_scope() as session:
+            exits.run_unit(session, exit_id, key, trigger=TRIGGER)
+    with db.session_scope() as session:
+        exits.finish(session, exit_id, trigger=TRIGGER)
+    return exit_id
+
+
+def test_exit_progress_says_restored_once_a_restore_has_undone_the_exit(
+    seeded: TestClient,
+) -> None:
+    path = f"/ops/districts/{DISTRICT}/exit"
+    assert_error(get(seeded, path), 404, "not_found")
+    first = _exit_through_units()
+    done = get(seeded, path).json()
+    assert (done["exit"], done["status"]) == (first, "done")
+    assert done["done"] == done["total"] > 0
+
+    with db.session_scope() as session:
+        conversion.restore(session, DISTRICT, trigger=TRIGGER, retention_days=30)
+    restored = get(seeded, path).json()
+    # The same exit and its counts, no longer in force.
+    assert restored == {**done, "status": "restored"}
+
+    # Exited again: the new exit is the one reported, done.
+    again = _exit_through_units()
+    assert (get(seeded, path).json()["exit"], get(seeded, path).json()["status"]) == (
+        again,
+        "done",
+    )
+    assert again > first
+
+
+# --------------------------------------------------------------------------------------------
 # Pipeline status
 
 
@@ -688,7 +777,7 @@ def test_status_counts_tasks_in_flight_but_not_the_periodic_housekeeping(
         configure(DATABASE_URL=database_url, BROKER_URL=redis.url, OPS_TOKEN=TOKEN)
         with TestClient(app, headers=AUTH) as client:
             assert get(client, "/ops/status").json()["pending"] == 0
-            celery_app.send_task("grassroots.relay")  # routed to the maintenance queue
+            celery_app.send_task("grassroots.poll")  # routed to the maintenance queue
             celery_app.send_task("grassroots.purge")
             celery_app.send_task("grassroots.finish_exit", (1,))  # the fanout queue
             with celery_app.connection_for_write() as conn:

@@ -188,6 +188,8 @@ def test_district_exit_from_the_cli_runs_through_the_workers_and_waits(
     # Once restored, a second exit is waited for, not mistaken for the first one (done).
     stack.cli("restore", p.district)
     assert stack.account(p.steve)["kind"] == "district"
+    undone = stack.ops("GET", f"/ops/districts/{p.district}/exit").json()
+    assert undone == {**progress, "status": "restored"}
     first = progress["exit"]
     stack.cli("district", "exit", p.district, "--wait")
     again = stack.ops("GET", f"/ops/districts/{p.district}/exit").json()
@@ -352,7 +354,8 @@ def test_metrics_report_events_conversions_and_queues(stack: Stack, p: People) -
         for line in text.splitlines()
         if line and not line.startswith("#")
     }
-    assert samples['grassroots_events_total{status="done",type="users.deleted"}'] >= 1
+    assert samples['grassroots_events{status="done",type="users.deleted"}'] >= 1
+    assert "# TYPE grassroots_events gauge" in text.splitlines()
     assert samples['grassroots_conversions_total{outcome="converted",role="student"}'] >= 1
     for queue in ("events", "conversions", "fanout", "maintenance"):
         assert f'grassroots_queue_depth_messages{{queue="{queue}"}}' in samples

@@ -1,19 +1,26 @@
-"""The README's main job: `grassroots run` brings the whole stack up on embedded defaults, the demo
-works against it, Ctrl-C stops everything, and a child that dies is reported."""
+"""The README's main job: `grassroots run` brings the whole stack up on embedded defaults, the
+CLI in another shell finds it from the same directory, the demo works against it, a second run
+beside it is refused, Ctrl-C stops everything, and a child that dies is reported."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from tests.stack import RedisServer, spare_port, wait_until
+from tests.test_cli_home import no_stack, tree
+from worker.settings import ENVIRONMENT_VARIABLES
 
 pytestmark = pytest.mark.slow
 GRASSROOTS = Path(sys.executable).parent / "grassroots"
@@ -23,12 +30,14 @@ class Run:
     def __init__(self, cwd: Path) -> None:
         self.cwd = cwd
         self.port, self.flower, self.redis_port = spare_port(), spare_port(), spare_port()
-        env = {
+        # A shell that exports none of the application's variables: all defaults, but a broker
+        # of the stack's own on a spare port.
+        self.bare = {
             k: v
             for k, v in os.environ.items()
-            if k not in ("DATABASE_URL", "WEBHOOK_SECRETS", "OPS_TOKEN")
+            if k not in ENVIRONMENT_VARIABLES and not k.startswith("PYTEST")
         }
-        self.env = {**env, "BROKER_URL": f"redis://127.0.0.1:{self.redis_port}/0"}
+        self.env = {**self.bare, "BROKER_URL": f"redis://127.0.0.1:{self.redis_port}/0"}
         self.log = cwd / "run.log"
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
@@ -56,7 +65,23 @@ class Run:
             flower = httpx.get(f"http://127.0.0.1:{self.flower}/", timeout=1).status_code == 200
         except httpx.HTTPError:
             return False
-        return up and flower and "celery@" in self.output() and "ready" in self.output()
+        # The worker's node name is its own: grassroots-<pid>@<host>, not celery@<host>.
+        worker_ready = re.search(r"grassroots-\d+@\S+ ready\.", self.output())
+        return up and flower and worker_ready is not None
+
+    def cli(
+        self, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """``grassroots`` in another shell, by default in the stack's directory with nothing
+        exported at all."""
+        return subprocess.run(
+            [str(GRASSROOTS), *args],
+            cwd=cwd or self.cwd,
+            env=self.bare if env is None else env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
 
 @pytest.fixture
@@ -78,26 +103,86 @@ def stack(tmp_path: Path) -> Iterator[Run]:
 
 
 def test_run_starts_everything_and_the_demo_converts_through_it(stack: Run) -> None:
-    assert (stack.cwd / "var" / "webhook-secret").read_text().startswith("whsec_")
-    assert oct((stack.cwd / "var" / "ops-token").stat().st_mode & 0o777) == "0o600"
+    home = stack.cwd / "var"
+    secret = (home / "webhook-secret").read_text().strip()
+    token = (home / "ops-token").read_text().strip()
+    assert secret.startswith("whsec_") and token
+    for name in ("webhook-secret", "ops-token"):
+        assert stat.S_IMODE((home / name).stat().st_mode) == 0o600
+        # Where each is kept is said, what it is never.
+        assert f"run | generated the {name.replace('-', ' ')}: {home / name} (mode 600)" in (
+            stack.output()
+        )
+    assert secret not in stack.output() and token not in stack.output()
+    assert f"find this stack by themselves (from elsewhere: --home {home})" in stack.output()
     assert "starting a private redis-server" in stack.output()
-    demo = subprocess.run(
-        [str(GRASSROOTS), "demo", "--url", f"http://127.0.0.1:{stack.port}/webhooks/clever"],
-        cwd=stack.cwd,
-        env=stack.env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+
+    # A second run beside it: refused before it makes or starts anything.
+    second = stack.cli(
+        "run", "--port", str(stack.port), "--flower-port", str(stack.flower), env=stack.env
     )
+    assert second.returncode == 1
+    assert second.stderr == (
+        f"grassroots: port {stack.port} (the receiver) is already in use on 127.0.0.1: another"
+        " `grassroots run` may be running; stop it, or pick another port with --port\n"
+    )
+    assert second.stdout == ""
+    assert stack.ready()
+
+    demo = stack.cli("demo", "--url", f"http://127.0.0.1:{stack.port}/webhooks/clever")
     assert demo.returncode == 0, demo.stderr
     after = demo.stdout.split("after", 1)[1]
     assert "Steve (student)              grassroots" in after
     assert "roles=teacher" in after and "district reports=denied" in after
+    # The demo's removal used this 6-person district's brake allowance for the day: it says so.
+    assert (
+        "The removal brake (REMOVAL_BRAKE_PERCENT=10% of its accounts in 24 h, at least one a"
+        " day) now allows no more removals in this district" in after
+    )
 
     os.killpg(stack.proc.pid, signal.SIGINT)
     assert stack.proc.wait(60) == 0
     assert "run | stopped" in stack.output()
     assert not RedisServer(stack.cwd, stack.redis_port).ping()
+
+
+def test_the_cli_in_another_shell_finds_the_stack_from_its_directory(stack: Run) -> None:
+    event: dict[str, Any] = {
+        "id": "from-another-shell",
+        "type": "users.updated",
+        "created": "2025-09-03T14:05:21.900Z",
+        "data": {"object": {"id": "nobody-known", "district": "no-district"}},
+    }
+    (stack.cwd / "event.json").write_text(json.dumps(event))
+
+    # Nothing exported, not even the broker: the secret and the database are the home's.
+    sent = stack.cli(
+        "send-webhook", "event.json", "--url", f"http://127.0.0.1:{stack.port}/webhooks/clever"
+    )
+    assert sent.returncode == 0, sent.stderr
+    assert sent.stdout.startswith("202 ")
+
+    def processed() -> str:
+        shown = stack.cli("events", "show", event["id"])
+        assert shown.returncode == 0, shown.stderr
+        final: str = json.loads(shown.stdout)["status"]
+        return "" if final in ("accepted", "processing") else final
+
+    assert wait_until(processed, timeout=60, what="the event to be processed") == "ignored"
+    status = stack.cli("status", "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["events"]["ignored"] == 1
+
+    # From another directory: no stack there, and nothing made there; --home names this one.
+    elsewhere = stack.cwd / "elsewhere"
+    elsewhere.mkdir()
+    lost = stack.cli("status", "--json", cwd=elsewhere)
+    assert lost.returncode == 1
+    assert lost.stderr == f"grassroots: {no_stack(elsewhere.resolve() / 'var')}\n"
+    assert tree(elsewhere) == []
+    found = stack.cli("--home", str(stack.cwd / "var"), "status", "--json", cwd=elsewhere)
+    assert found.returncode == 0, found.stderr
+    assert json.loads(found.stdout)["events"]["ignored"] == 1
 
 
 def test_a_child_that_dies_is_reported_and_stops_the_stack(stack: Run) -> None:

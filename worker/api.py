@@ -23,6 +23,7 @@ from tasks import jobs
 from tasks.errors import GrassrootsError, NotFound
 from tasks.inbox import BadEvent, NotJson, inbox_row, parse_json
 from worker import intake, signing
+from worker.db import NoStack
 from worker.intake import DatabaseUnavailable, in_session
 from worker.metrics import PipelineCollector
 from worker.settings import get_settings
@@ -69,6 +70,11 @@ async def metrics() -> Response:
 @app.exception_handler(DatabaseUnavailable)
 async def _db_down(request: Request, exc: DatabaseUnavailable) -> JSONResponse:
     return error(503, "database_unavailable", "the database is unreachable; try again")
+
+
+@app.exception_handler(NoStack)
+async def _no_stack(request: Request, exc: NoStack) -> JSONResponse:
+    return error(503, "not_configured", str(exc))
 
 
 @app.exception_handler(NotFound)
@@ -174,15 +180,22 @@ async def readyz() -> JSONResponse:
 # Operations API
 
 
+_BEARER_HINT = "send 'Authorization: Bearer <OPS_TOKEN>'"
+
+
 def require_token(authorization: Annotated[str | None, Header()] = None) -> None:
+    # One code (SPEC §5.5: 401 "unauthorized"); the message tells a caller who sent nothing
+    # from one whose token is wrong, and both from a server that has no token to compare.
     token = get_settings().ops_token
     scheme, _, given = (authorization or "").partition(" ")
-    if (
-        not token
-        or scheme.lower() != "bearer"
-        or not hmac.compare_digest(given.strip().encode(), token.encode())
-    ):
-        raise _Unauthorized
+    if not token:
+        raise _Unauthorized("this server has no OPS_TOKEN set: its ops API refuses every request")
+    if authorization is None or not authorization.strip():
+        raise _Unauthorized(f"no bearer token: {_BEARER_HINT}")
+    if scheme.lower() != "bearer" or not given.strip():
+        raise _Unauthorized(f"the Authorization header holds no bearer token: {_BEARER_HINT}")
+    if not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise _Unauthorized("the bearer token is not this server's OPS_TOKEN")
 
 
 class _Unauthorized(Exception):
@@ -191,7 +204,7 @@ class _Unauthorized(Exception):
 
 @app.exception_handler(_Unauthorized)
 async def _unauthorized(request: Request, exc: _Unauthorized) -> JSONResponse:
-    response = error(401, "unauthorized", "send 'Authorization: Bearer <OPS_TOKEN>'")
+    response = error(401, "unauthorized", str(exc))
     response.headers["WWW-Authenticate"] = "Bearer"
     return response
 

@@ -15,9 +15,10 @@ import click
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from models import EventStatus
 from worker.cli_poll import poll as poll_command
-from worker.db import refresh_statistics, session_scope
-from worker.settings import ConfigError, get_settings
+from worker.db import NoStack, refresh_statistics, require_stack, session_scope
+from worker.settings import ConfigError, get_settings, home_secrets
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -32,38 +33,76 @@ LOG_LEVEL_OPTION = click.option(
 )
 
 
-def fail(message: str) -> NoReturn:
+def fail(message: str, *, code: str | None = None) -> NoReturn:
+    """End the command: one line on stderr, status 1. With ``code`` (the error of a command asked
+    for --json), the ops API's error object on stdout as well, for a script that reads stdout."""
+    if code is not None:
+        click.echo(json.dumps({"error": code, "message": message}))
     click.echo(f"grassroots: {message}", err=True)
     sys.exit(1)
 
 
 @contextmanager
-def unit_of_work() -> Iterator[Session]:
-    """A session scope whose failures end the command with a one-line message."""
-    from tasks.errors import GrassrootsError
+def unit_of_work(*, as_json: bool = False) -> Iterator[Session]:
+    """A session scope whose failures end the command with a one-line message (and, for
+    ``as_json``, a JSON error object)."""
+    from tasks.errors import GrassrootsError, NotFound
+
+    def end(code: str, message: str) -> NoReturn:
+        fail(message, code=code if as_json else None)
 
     try:
         with session_scope() as session:
             yield session
+    except NotFound as exc:
+        end("not_found", str(exc))
     except GrassrootsError as exc:
-        fail(str(exc))
+        end("refused", str(exc))
     except OperationalError as exc:
-        fail(f"database unavailable: {exc.orig.__class__.__name__}: {str(exc.orig).strip()}")
+        end(
+            "database_unavailable",
+            f"database unavailable: {exc.orig.__class__.__name__}: {str(exc.orig).strip()}",
+        )
     except SQLAlchemyError as exc:
-        fail(f"database error: {exc.__class__.__name__}")
+        end("database_error", f"database error: {exc.__class__.__name__}")
+    except NoStack as exc:
+        end("no_stack", str(exc))
     except ConfigError as exc:
-        fail(str(exc))
+        end("not_configured", str(exc))
 
 
 def emit(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
+class _Main(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        # A setting we cannot use, or no stack where a command looks for its database (NoStack,
+        # raised where the engine is made), is one line and status 1 in every command.
+        try:
+            return super().invoke(ctx)
+        except ConfigError as exc:
+            fail(str(exc))
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--home",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The stack's directory, where `grassroots run` keeps its database, generated secrets,"
+    " schedule and private redis (overrides GRASSROOTS_HOME; default ./var).",
+)
+def main(home: Path | None) -> None:
     """grassroots: converts district accounts to grassroots accounts when they leave the
     district program."""
+    if home is not None:
+        os.environ["GRASSROOTS_HOME"] = str(home)
+    get_settings.cache_clear()
     try:
+        # The secrets `grassroots run` generated under the home stand in for the variables left
+        # unset, for this command and any process it starts.
+        os.environ.update(home_secrets(get_settings().home, os.environ))
+        get_settings.cache_clear()
         get_settings()
     except ConfigError as exc:
         fail(str(exc))
@@ -137,7 +176,7 @@ def account_show(account_id: str, as_json: bool) -> None:
     """Show an account by its Clever id or platform id."""
     from tasks.view import account_view
 
-    with unit_of_work() as session:
+    with unit_of_work(as_json=as_json) as session:
         view = account_view(session, account_id)
     if as_json:
         emit(view)
@@ -171,7 +210,7 @@ def district_preview(district_id: str, as_json: bool) -> None:
     """What an exit of the district would change. Changes nothing."""
     from tasks.view import preview_exit
 
-    with unit_of_work() as session:
+    with unit_of_work(as_json=as_json) as session:
         preview = preview_exit(session, district_id)
     if as_json:
         emit(preview)
@@ -256,6 +295,8 @@ def _wait_for_exit(district_id: str, *, after: int | None) -> None:
                 bar.update(p.done - bar.pos)
                 if p.status == "done":
                     break
+                if p.status == "restored":  # undone meanwhile: it will never be done
+                    fail(f"district {district_id}: exit {p.exit_id} was undone by a restore")
             time.sleep(0.5)
     click.echo(f"district {district_id} exited in {time.monotonic() - started:.1f}s")
 
@@ -340,13 +381,23 @@ def serve(host: str, port: int, workers: int) -> None:
     default=",".join(("events", "conversions", "fanout", "maintenance")),
     show_default=True,
 )
+@click.option(
+    "--hostname",
+    "-n",
+    default=None,
+    help="Node name, as Celery's (%h expands to the host) [default: grassroots-<pid>@<host>].",
+)
 @LOG_LEVEL_OPTION
-def worker(concurrency: int | None, queues: str, loglevel: str) -> None:
+def worker(concurrency: int | None, queues: str, hostname: str | None, loglevel: str) -> None:
     """Run a Celery worker. Start more on more machines to scale out."""
     from celery.utils.log import mlevel
+    from celery.utils.nodenames import default_nodename, host_format
 
     from worker.celery_app import QUEUES, UnsafeConfiguration, app, check_safe
 
+    # With no stack here, refused now rather than in every task (the receiver starts anyway:
+    # its /healthz needs no database).
+    require_stack()
     try:
         check_safe(app.conf, get_settings())
     except UnsafeConfiguration as exc:
@@ -359,6 +410,9 @@ def worker(concurrency: int | None, queues: str, loglevel: str) -> None:
     # that imports every Celery subcommand and plugin (Flower's among them, with Tornado and
     # prometheus_client), about 12 MB that the worker and each of its pool children would hold.
     instance = app.Worker(
+        # Celery's default, celery@<host>, is the same for every worker on a machine: their
+        # control replies and heartbeats would be taken for one worker's.
+        hostname=host_format(default_nodename(hostname or f"grassroots-{os.getpid()}@%h")),
         loglevel=mlevel(loglevel.upper()),
         queues=names,
         concurrency=concurrency,
@@ -374,8 +428,8 @@ def beat(loglevel: str) -> None:
     """Run the scheduler (relay of undelivered events, purge, poll)."""
     from worker.celery_app import app
 
-    Path("var").mkdir(exist_ok=True)
-    app.start(["beat", "-l", loglevel, "-s", str(Path("var") / "celerybeat-schedule")])
+    get_settings().home.mkdir(parents=True, exist_ok=True)
+    app.start(["beat", "-l", loglevel, "-s", str(get_settings().home / "celerybeat-schedule")])
 
 
 # --- events ----------------------------------------------------------------------------------
@@ -387,7 +441,7 @@ def events() -> None:
 
 
 @events.command("list")
-@click.option("--status", type=click.Choice(list(__import__("models").EVENT_STATUSES)))
+@click.option("--status", type=click.Choice([str(s) for s in EventStatus]))
 @click.option("--type", "type_")
 @click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 100000))
 @click.option("--json", "as_json", is_flag=True)
@@ -395,7 +449,7 @@ def events_list(status: str | None, type_: str | None, limit: int, as_json: bool
     """List events, newest first."""
     from worker.ops import event_row, list_events
 
-    with unit_of_work() as session:
+    with unit_of_work(as_json=as_json) as session:
         rows = [
             event_row(ev) for ev in list_events(session, status=status, type_=type_, limit=limit)
         ]
@@ -412,14 +466,14 @@ def events_list(status: str | None, type_: str | None, limit: int, as_json: bool
 @events.command("show")
 @click.argument("event_id")
 def events_show(event_id: str) -> None:
-    """Show one event with its dead letters."""
+    """Show one event with its dead letters (JSON)."""
     from sqlalchemy import select
 
     from models import RosterEvent
     from tasks.errors import NotFound
     from worker.ops import event_detail
 
-    with unit_of_work() as session:
+    with unit_of_work(as_json=True) as session:
         ev = session.scalar(select(RosterEvent).where(RosterEvent.id == event_id))
         if ev is None:
             raise NotFound(f"no event {event_id}")
@@ -483,7 +537,7 @@ def held() -> None:
 def held_list(district: str | None, as_json: bool) -> None:
     from tasks.events import held_events
 
-    with unit_of_work() as session:
+    with unit_of_work(as_json=as_json) as session:
         rows = [
             {"id": ev.id, "type": ev.type, "account": ev.object_id, "district": ev.district_id}
             for ev in held_events(session, district_id=district)
@@ -538,7 +592,7 @@ def status(as_json: bool) -> None:
     """Pipeline status: pending work (0 = idle), dead letters, held removals, queue depths."""
     from worker.ops import pipeline_status
 
-    with unit_of_work() as session:
+    with unit_of_work(as_json=as_json) as session:
         data = pipeline_status(session)
     if as_json:
         emit(data)
@@ -558,19 +612,18 @@ def status(as_json: bool) -> None:
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--url", default="http://127.0.0.1:8000/webhooks/clever", show_default=True)
 def send_webhook(file: Path, url: str) -> None:
-    """Sign an event file with the first WEBHOOK_SECRETS secret and POST it."""
+    """Sign an event file with the first WEBHOOK_SECRETS secret (or the stack's) and POST it."""
     import httpx
 
+    from worker.demo import webhook_secret
     from worker.signing import signed_headers
 
-    secrets = get_settings().webhook_secrets
-    if not secrets:
-        fail("WEBHOOK_SECRETS is not set: there is no secret to sign with")
+    secret = webhook_secret()
     try:
         body = file.read_bytes()
     except OSError as exc:
         fail(f"{file}: cannot read: {exc.strerror}")
-    headers = {"content-type": "application/json", **signed_headers(secrets[0], body)}
+    headers = {"content-type": "application/json", **signed_headers(secret, body)}
     try:
         response = httpx.post(url, content=body, headers=headers, timeout=10)
     except httpx.HTTPError as exc:
@@ -617,9 +670,12 @@ def flower(address: str, port: int) -> None:
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--flower-port", default=5555, show_default=True, type=click.IntRange(1, 65535))
 def run(host: str, port: int, flower_port: int) -> None:
-    """Run the whole local stack: migrations, receiver, worker, beat and Flower."""
+    """Run the whole local stack: migrations, receiver, worker, beat and Flower. Its state (the
+    SQLite database, generated secrets, schedule, a private redis) is kept under the home."""
     from worker.run import run_stack
 
+    if port == flower_port:
+        raise click.UsageError("--port and --flower-port must differ")
     sys.exit(run_stack(host=host, port=port, flower_port=flower_port))
 
 

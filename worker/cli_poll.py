@@ -91,7 +91,7 @@ def poll(
     from sqlalchemy.exc import SQLAlchemyError
 
     from worker.cli import fail
-    from worker.db import session_scope
+    from worker.db import require_stack, session_scope
     from worker.poller import PollOptions, parse_tokens, poll_all, reset_district
 
     _configure_logging(forever)
@@ -107,6 +107,11 @@ def poll(
         if unknown:
             raise click.UsageError(f"no token for district {', '.join(unknown)}")
         tokens = [t for t in tokens if t.district_id in districts]
+    try:
+        # Here, once: each district's pass would otherwise fail on its own with NoStack.
+        require_stack(settings)
+    except ConfigError as exc:
+        fail(str(exc))
     options = PollOptions.from_settings(settings)
     if page_size is not None:
         options = replace(options, page_size=page_size)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,35 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker.settings import get_settings, normalize_database_url
+from worker.settings import ConfigError, Settings, get_settings, normalize_database_url
+
+
+class NoStack(ConfigError):
+    """DATABASE_URL is not set and the home holds no database: there is no stack here."""
+
+
+def require_stack(settings: Settings | None = None) -> None:
+    """When DATABASE_URL is not set, refuse (NoStack), creating nothing, unless `grassroots run`
+    or `grassroots db upgrade` made the home's database: connecting would make an empty file
+    (and the home) and fail later with "no such table". An empty file left by an earlier version
+    counts as no database."""
+    settings = settings or get_settings()
+    path = settings.home_database
+    if path is None:
+        return
+    try:
+        # Read-only: SQLite will not create a missing file.
+        with closing(sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)) as conn:
+            made = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alembic_version'"
+            ).fetchone()
+    except sqlite3.Error:
+        made = None
+    if not made:
+        raise NoStack(
+            f"no grassroots stack in {settings.home.absolute()} (no database there): start one"
+            " with `grassroots run`, pass --home, or set DATABASE_URL"
+        )
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -45,7 +74,11 @@ def postgres_options(own: str | None = None) -> str:
 
 
 def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
-    url = normalize_database_url(url or get_settings().database_url)
+    if not url:
+        settings = get_settings()
+        require_stack(settings)
+        url = settings.database_url
+    url = normalize_database_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":

@@ -1,6 +1,11 @@
 """``grassroots demo``: a newcomer's first ten minutes, against a stack started by
 ``grassroots run``. Seeds the example district shipped with the package, sends two signed roster
-events through the receiver, and shows the accounts they touched before and after."""
+events through the receiver, and shows the accounts they touched before and after.
+
+Its ``users.deleted`` is a roster-absence removal like any other: it counts against the district's
+removal brake (REMOVAL_BRAKE_PERCENT in 24 h, at least one a day), which in a 6-person district it
+uses up. The demo does not get around the brake, which is what guards a district against a roster
+that suddenly leaves people out: it says where the brake stands when it is done."""
 
 from __future__ import annotations
 
@@ -8,16 +13,13 @@ import json
 import time
 import uuid
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import click
 import httpx
 
-from tasks.roster import load_snapshot
-from tasks.view import account_view
 from worker.db import session_scope
-from worker.settings import get_settings
+from worker.settings import HOME_SECRETS, ConfigError, get_settings
 from worker.signing import signed_headers
 
 DISTRICT = "5b2a6f0c8e9d7a0011223344"
@@ -38,13 +40,16 @@ def example_roster() -> dict[str, Any]:
 
 
 def webhook_secret() -> str:
-    secrets = get_settings().webhook_secrets
-    if secrets:
-        return secrets[0]
-    kept = Path("var") / "webhook-secret"
-    if kept.exists():
-        return kept.read_text().strip()
-    raise DemoError("no webhook secret: set WEBHOOK_SECRETS, or run this beside `grassroots run`")
+    """The secret to sign with: the first of WEBHOOK_SECRETS, which the command line has filled
+    from the stack's home when unset (``settings.home_secrets``)."""
+    settings = get_settings()
+    if settings.webhook_secrets:
+        return settings.webhook_secrets[0]
+    kept = settings.home.absolute() / HOME_SECRETS["WEBHOOK_SECRETS"]
+    raise ConfigError(
+        f"no webhook secret to sign with: WEBHOOK_SECRETS is not set and there is no {kept}:"
+        " start a stack with `grassroots run`, pass --home, or set WEBHOOK_SECRETS"
+    )
 
 
 def describe(view: dict[str, Any]) -> str:
@@ -59,6 +64,8 @@ def describe(view: dict[str, Any]) -> str:
 
 
 def show(title: str) -> None:
+    from tasks.view import account_view
+
     click.secho(title, bold=True)
     with session_scope() as session:
         for account_id, who in PEOPLE.items():
@@ -86,10 +93,38 @@ def events(run: str) -> list[dict[str, Any]]:
     ]
 
 
+def brake_note(steve_event: str, status: str) -> str:
+    """Where the removal brake stands in the demo's district, now that Steve's removal was
+    ``status``."""
+    from models import utcnow
+    from tasks.events import brake_engaged
+
+    percent = get_settings().removal_brake_percent
+    with session_scope() as session:
+        engaged = brake_engaged(session, DISTRICT, percent=percent, now=utcnow())
+    rule = f"REMOVAL_BRAKE_PERCENT={percent:g}% of its accounts in 24 h, at least one a day"
+    if status == "held":
+        return (
+            f"Steve's removal was held by the removal brake: this district's allowance ({rule})"
+            f" is used, by an earlier demo most likely. `grassroots held release {steve_event}`"
+            f" applies it; `grassroots held discard {steve_event}` drops it."
+        )
+    if not engaged:
+        return f"The removal brake ({rule}) still allows removals in this district today."
+    return (
+        f"The removal brake ({rule}) now allows no more removals in this district until those"
+        " of the last 24 h age out: a further users.deleted there is held until an operator"
+        " releases or discards it (`grassroots held list`)."
+    )
+
+
 def run_demo(url: str, timeout: float = 60) -> None:
-    secret = webhook_secret()
+    # Here, not at the top: `grassroots send-webhook` imports this module for webhook_secret.
+    from tasks.roster import load_snapshot
+
     with session_scope() as session:
         load_snapshot(session, example_roster())
+    secret = webhook_secret()
     click.echo("seeded the example district (idempotent): 6 people, 3 sections, 2 clubs")
     show("before")
     run = uuid.uuid4().hex[:8]
@@ -131,8 +166,15 @@ def run_demo(url: str, timeout: float = 60) -> None:
         time.sleep(0.3)
     click.echo("processed: " + ", ".join(f"{e} {states[e]}" for e in sent))
     show("after")
-    click.echo(
-        "Steve left the roster: grassroots, out of district classes, still in the math club with"
-        " all his progress.\nRivera lost the admin role: still a district teacher, district"
-        " reports denied.\nTry: grassroots restore " + STEVE
-    )
+    steve = states[sent[0]]
+    if steve == "done":
+        click.echo(
+            "Steve left the roster: grassroots, out of district classes, still in the math club"
+            " with all his progress."
+        )
+    elif steve == "ignored":
+        click.echo("Steve was a grassroots account already (an earlier demo): nothing to remove.")
+    click.echo("Rivera lost the admin role: still a district teacher, district reports denied.")
+    click.echo(brake_note(sent[0], steve))
+    if steve == "done":
+        click.echo(f"Try: grassroots restore {STEVE}")

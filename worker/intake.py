@@ -6,7 +6,7 @@ multi-row ``INSERT … ON CONFLICT DO NOTHING RETURNING`` and one commit for man
 the commit's disk flush is paid once per batch instead of once per event. Requests are answered
 when their batch has committed. The events new to the inbox are then sent to the workers in one
 pipelined broker round trip; if the broker is away they stay ``accepted`` in the inbox and the
-relay task sends them later, so nothing answered 202 is lost.
+relay (a loop in ``grassroots beat``) sends them later, so nothing answered 202 is lost.
 
 Only one batch is written at a time: while one commits, the next one fills up. Under light load
 a batch is a single event and waits for nothing; under heavy load batches grow by themselves.

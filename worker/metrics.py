@@ -40,6 +40,11 @@ def _outcome(rule: str) -> tuple[str, str]:
 
 
 class PipelineCollector(Collector):
+    def describe(self) -> Iterator[Any]:
+        # Without this a registry scrapes once at registration: importing the receiver would
+        # query the database and the broker (and fail where there is none yet).
+        return iter(())
+
     def collect(self) -> Iterator[Any]:
         up = GaugeMetricFamily(
             "grassroots_up", "Whether a dependency answered the scrape", labels=["dependency"]
@@ -72,9 +77,10 @@ class PipelineCollector(Collector):
     def _database(self) -> Iterator[Any]:
         now = utcnow()
         with session_scope() as session:
-            events = CounterMetricFamily(
+            # A gauge: an event moves from one status to the next, so a status's count goes down.
+            events = GaugeMetricFamily(
                 "grassroots_events",
-                "Roster events received, by type and current status",
+                "Roster events in the inbox, by type and current status",
                 labels=["type", "status"],
             )
             for type_, status, n in session.execute(

@@ -145,8 +145,8 @@ def pipeline_status(session: Session, *, with_broker: bool = True) -> dict[str, 
         try:
             client = broker_client()
             queues, unacked = queue_depths(client)
-            # The periodic relay, purge and poll never end for good: they are not work in
-            # flight, or ``pending`` would flicker above 0 every few seconds of an idle pipeline.
+            # The periodic purge and poll never end for good: they are not work in flight, or
+            # ``pending`` would flicker above 0 at each of their runs on an idle pipeline.
             housekeeping = queues[MAINTENANCE] + (
                 _unacked_in(client, MAINTENANCE) if unacked else 0
             )

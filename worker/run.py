@@ -1,13 +1,18 @@
 """``grassroots run``: the whole local stack in one command, on embedded defaults.
 
-Migrations first, then the receiver, a worker, beat and Flower as child processes, their output
-prefixed by name. If no Redis answers at BROKER_URL and ``redis-server`` is installed, a private
-one is started under ./var and stopped with the rest. Ctrl-C stops every child; a child that dies
-is reported and takes the stack down with it, rather than being silently lost.
+Its state is kept under the home (GRASSROOTS_HOME or ``--home``, default ./var): the SQLite
+database, the generated webhook secret and ops token, beat's schedule, a private redis's files.
+Ports are checked first: a port taken (by another stack, most likely) refuses the run before
+anything starts. Then migrations, and the receiver, a worker, beat and Flower as child processes,
+their output prefixed by name. If no Redis answers at BROKER_URL and ``redis-server`` is
+installed, a private one is started under the home and stopped with the rest. Ctrl-C stops every
+child; a child that dies is reported and takes the stack down with it, rather than being silently
+lost.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
@@ -17,15 +22,25 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 from urllib.parse import urlsplit
 
 import click
 
+from worker.settings import HOME_SECRETS, get_settings, home_secrets
 from worker.signing import generate_secret
 
-VAR = Path("var")
+
+def _ops_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+MAKE_SECRET: dict[str, Callable[[], str]] = {
+    "WEBHOOK_SECRETS": generate_secret,
+    "OPS_TOKEN": _ops_token,
+}
 
 
 def redis_server_argv(
@@ -51,16 +66,72 @@ def _answers(host: str, port: int) -> bool:
         return False
 
 
-def _local_secret(name: str, make: str) -> str:
-    """A secret kept under ./var (mode 600), made on first start."""
-    path = VAR / name
-    if path.exists():
-        return path.read_text().strip()
-    VAR.mkdir(exist_ok=True)
-    path.write_text(make + "\n")
-    path.chmod(0o600)
-    click.echo(f"run | generated {name.replace('-', ' ')} in {path}: {make}")
-    return make
+def _port_problem(host: str, port: int) -> str | None:
+    """Why nothing could listen on ``host:port`` (None: it is free)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        # As uvicorn and Flower (Tornado) bind: a port a stopped stack left in TIME_WAIT is free.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            return "in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+    return None
+
+
+def _refuse(message: str) -> int:
+    click.echo(f"grassroots: {message}", err=True)
+    return 1
+
+
+def _ports_refusal(host: str, port: int, flower_port: int) -> str | None:
+    """The first port the stack needs that it cannot have, as a one-line refusal."""
+    for what, option, address, number in (
+        ("the receiver", "--port", host, port),
+        ("Flower", "--flower-port", "127.0.0.1", flower_port),
+    ):
+        problem = _port_problem(address, number)
+        if problem == "in use":
+            return (
+                f"port {number} ({what}) is already in use on {address}: another `grassroots run`"
+                f" may be running; stop it, or pick another port with {option}"
+            )
+        if problem is not None:
+            return (
+                f"port {number} ({what}) cannot be used on {address} ({problem}):"
+                f" pick another with {option}"
+            )
+    return None
+
+
+def _new_secret(path: Path, value: str) -> None:
+    """Write a secret file, mode 600 from its creation: never readable by others, even briefly."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return  # another `grassroots run` on this home made it just now: that one is used
+    with os.fdopen(fd, "w") as out:
+        out.write(value + "\n")
+
+
+def _stack_secrets(home: Path, env: dict[str, str]) -> str | None:
+    """Fill ``env`` with the stack's secrets, generating under the home those that neither the
+    environment nor the home has, and say where each comes from (never its value). A refusal
+    message if one cannot be had."""
+    kept = home_secrets(home, {})
+    for name, file in HOME_SECRETS.items():
+        what, path = file.replace("-", " "), home / file
+        if env.get(name) and env[name] != kept.get(name):
+            click.echo(f"run | {what}: from {name}")
+        elif name in kept:
+            click.echo(f"run | {what}: {path}")
+        elif path.exists():
+            return f"{path} is empty: remove it, and a new {what} is generated"
+        else:
+            _new_secret(path, MAKE_SECRET[name]())
+            click.echo(f"run | generated the {what}: {path} (mode 600)")
+    env.update(home_secrets(home, env))
+    return None
 
 
 class Child:
@@ -94,35 +165,60 @@ class Child:
                 self.proc.wait(5)
 
 
+def _where_the_cli_finds_it(home: Path) -> str:
+    where = (
+        f"grassroots commands started in {Path.cwd()} find this stack by themselves"
+        f" (from elsewhere: --home {home})"
+        if not get_settings().home.is_absolute()
+        else f"grassroots commands find this stack with --home {home} or GRASSROOTS_HOME={home}"
+    )
+    if os.environ.get("DATABASE_URL"):
+        where += "; its database is DATABASE_URL's: they need it set too"
+    return where
+
+
 def run_stack(*, host: str = "127.0.0.1", port: int = 8000, flower_port: int = 5555) -> int:
+    # Everything that can refuse the run does so before anything is made or started.
+    refusal = _ports_refusal(host, port, flower_port)
+    if refusal is not None:
+        return _refuse(refusal)
     env = dict(os.environ)
-    env.setdefault("WEBHOOK_SECRETS", _local_secret("webhook-secret", generate_secret()))
-    env.setdefault("OPS_TOKEN", _local_secret("ops-token", secrets.token_urlsafe(32)))
+    broker = urlsplit(env.get("BROKER_URL") or "redis://127.0.0.1:6379/0")
+    broker_port = broker.port or 6379
+    redis_server = None
+    if not _answers(broker.hostname or "127.0.0.1", broker_port):
+        redis_server = shutil.which("redis-server")
+        if redis_server is None or broker.hostname not in ("127.0.0.1", "localhost"):
+            return _refuse(f"no Redis answers at {broker.geturl()} and none can be started here")
+        if _port_problem("127.0.0.1", broker_port) is not None:
+            return _refuse(
+                f"port {broker_port} (BROKER_URL) is taken by something that does not answer as"
+                " Redis, so no private redis-server can start there: stop it, or set BROKER_URL"
+                " to another port"
+            )
+
+    home = get_settings().home.absolute()
+    # It holds the secrets and the roster's personal data: for its owner only.
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    env["GRASSROOTS_HOME"] = str(home)
+    refusal = _stack_secrets(home, env)
+    if refusal is not None:
+        return _refuse(refusal)
+    click.echo(f"run | {_where_the_cli_finds_it(home)}")
     exe = [sys.executable, "-m", "worker.cli"]
     children: list[Child] = []
 
-    broker = urlsplit(env.get("BROKER_URL") or "redis://127.0.0.1:6379/0")
-    if not _answers(broker.hostname or "127.0.0.1", broker.port or 6379):
-        redis_server = shutil.which("redis-server")
-        if redis_server is None or broker.hostname not in ("127.0.0.1", "localhost"):
-            click.echo(
-                f"run | no Redis answers at {broker.geturl()} and none can be started here",
-                err=True,
-            )
-            return 1
-        VAR.mkdir(exist_ok=True)
-        click.echo(f"run | starting a private redis-server on port {broker.port or 6379}")
+    if redis_server is not None:
+        click.echo(f"run | starting a private redis-server on port {broker_port}")
         children.append(
             Child(
                 "redis",
-                redis_server_argv(
-                    broker.port or 6379, VAR.resolve(), persistent=True, executable=redis_server
-                ),
+                redis_server_argv(broker_port, home, persistent=True, executable=redis_server),
                 env,
             )
         )
         deadline = time.monotonic() + 10
-        while not _answers("127.0.0.1", broker.port or 6379):
+        while not _answers("127.0.0.1", broker_port):
             if time.monotonic() > deadline or children[0].proc.poll() is not None:
                 click.echo("run | redis-server did not start", err=True)
                 children[0].stop()

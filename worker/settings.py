@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+# Where `grassroots run` keeps a stack's state, relative to the current directory by default.
+DEFAULT_HOME = "var"
+DATABASE_FILE = "grassroots.db"
+# The secrets `grassroots run` generates and keeps under the home, by the variable each stands
+# in for when the environment leaves it unset.
+HOME_SECRETS = {"WEBHOOK_SECRETS": "webhook-secret", "OPS_TOKEN": "ops-token"}
 
 # Every variable the application reads (SPEC §5.7, plus the operational extras documented in the
 # README). A test holds docker-compose.yml to this list.
@@ -31,6 +38,7 @@ ENVIRONMENT_VARIABLES = (
     "POLL_INTERVAL",
     "EXIT_BATCH_SIZE",
     "LOG_LEVEL",
+    "GRASSROOTS_HOME",
 )
 
 
@@ -46,8 +54,30 @@ def normalize_database_url(url: str) -> str:
     return url
 
 
-def default_database_url() -> str:
-    return f"sqlite:///{Path('var') / 'grassroots.db'}"
+def default_database_url(home: Path) -> str:
+    return f"sqlite:///{home / DATABASE_FILE}"
+
+
+def home_secrets(home: Path, environ: Mapping[str, str]) -> dict[str, str]:
+    """The secrets the stack at ``home`` supplies for the variables ``environ`` leaves unset:
+    what `grassroots run` generated there, read from its files. The command line puts them in
+    its environment, and `grassroots run` in its children's."""
+    found = {}
+    for name, file in HOME_SECRETS.items():
+        if environ.get(name):
+            continue
+        path = home / file
+        try:
+            value = path.read_text().strip()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise ConfigError(
+                f"{name} is not set and {path} cannot be read: {exc.strerror}"
+            ) from exc
+        if value:
+            found[name] = value
+    return found
 
 
 def _int(name: str, default: int, *, minimum: int = 0) -> int:
@@ -98,16 +128,25 @@ class Settings:
     relay_after_seconds: float = 30.0
     poll_interval: float = 60.0
     exit_batch_size: int = 1000
+    home: Path = Path(DEFAULT_HOME)
 
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
 
+    @property
+    def home_database(self) -> Path | None:
+        """The SQLite file under the home, when DATABASE_URL names no other database."""
+        if self.database_url != default_database_url(self.home):
+            return None
+        return self.home / DATABASE_FILE
+
 
 def load_settings() -> Settings:
+    home = Path(os.environ.get("GRASSROOTS_HOME") or DEFAULT_HOME)
     return Settings(
         database_url=normalize_database_url(
-            os.environ.get("DATABASE_URL") or default_database_url()
+            os.environ.get("DATABASE_URL") or default_database_url(home)
         ),
         broker_url=os.environ.get("BROKER_URL") or DEFAULT_BROKER_URL,
         webhook_secrets=_list("WEBHOOK_SECRETS"),
@@ -124,6 +163,7 @@ def load_settings() -> Settings:
         relay_after_seconds=_float("RELAY_AFTER_SECONDS", 30.0),
         poll_interval=_float("POLL_INTERVAL", 60.0, minimum=1.0),
         exit_batch_size=_int("EXIT_BATCH_SIZE", 1000, minimum=1),
+        home=home,
     )
 
 

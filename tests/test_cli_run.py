@@ -1,0 +1,138 @@
+"""``grassroots run`` refuses, before it makes or starts anything, a port it cannot have; and it
+keeps the secrets it generates in files that are its owner's only from their creation, saying
+where they are, never what they are. (tests/test_run.py runs the whole stack.)"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.stack import spare_port
+from tests.test_cli_home import grassroots, tree
+from worker import run
+
+
+@pytest.fixture
+def taken() -> Iterator[int]:
+    """A port something listens on, and answers nothing (not Redis either)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield int(s.getsockname()[1])
+
+
+def test_run_refuses_a_taken_receiver_port_before_starting_anything(
+    tmp_path: Path, taken: int
+) -> None:
+    result = grassroots(tmp_path, "run", "--port", str(taken), "--flower-port", str(spare_port()))
+
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"grassroots: port {taken} (the receiver) is already in use on 127.0.0.1: another"
+        " `grassroots run` may be running; stop it, or pick another port with --port\n"
+    )
+    assert result.stdout == ""
+    assert tree(tmp_path) == []
+
+
+def test_run_refuses_a_taken_flower_port_before_starting_anything(
+    tmp_path: Path, taken: int
+) -> None:
+    result = grassroots(tmp_path, "run", "--port", str(spare_port()), "--flower-port", str(taken))
+
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"grassroots: port {taken} (Flower) is already in use on 127.0.0.1: another"
+        " `grassroots run` may be running; stop it, or pick another port with --flower-port\n"
+    )
+    assert result.stdout == ""
+    assert tree(tmp_path) == []
+
+
+def test_run_refuses_a_broker_port_taken_by_something_that_is_not_redis(
+    tmp_path: Path, taken: int
+) -> None:
+    result = grassroots(
+        tmp_path,
+        "run",
+        "--port",
+        str(spare_port()),
+        "--flower-port",
+        str(spare_port()),
+        BROKER_URL=f"redis://127.0.0.1:{taken}/0",
+    )
+
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"grassroots: port {taken} (BROKER_URL) is taken by something that does not answer as"
+        " Redis, so no private redis-server can start there: stop it, or set BROKER_URL to"
+        " another port\n"
+    )
+    assert tree(tmp_path) == []
+
+
+def test_the_receiver_and_flower_cannot_share_a_port(tmp_path: Path) -> None:
+    port = str(spare_port())
+
+    result = grassroots(tmp_path, "run", "--port", port, "--flower-port", port)
+
+    assert result.returncode == 2
+    assert "--port and --flower-port must differ" in result.stderr
+    assert tree(tmp_path) == []
+
+
+@pytest.fixture
+def no_chmod(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A umask that takes nothing away, and no chmod: a secret file is 600 only if it was made
+    so, not written readable and narrowed after."""
+
+    def refuse(*_: object, **__: object) -> None:
+        raise AssertionError("a secret file was chmod-ed after it was written")
+
+    monkeypatch.setattr(os, "chmod", refuse)
+    monkeypatch.setattr(Path, "chmod", refuse)
+    previous = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def test_secrets_are_generated_mode_600_and_their_values_never_printed(
+    tmp_path: Path, no_chmod: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env: dict[str, str] = {}
+
+    assert run._stack_secrets(tmp_path, env) is None
+
+    secret = (tmp_path / "webhook-secret").read_text().strip()
+    token = (tmp_path / "ops-token").read_text().strip()
+    assert env == {"WEBHOOK_SECRETS": secret, "OPS_TOKEN": token}
+    for name in ("webhook-secret", "ops-token"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600
+    out = capsys.readouterr().out
+    assert out == (
+        f"run | generated the webhook secret: {tmp_path / 'webhook-secret'} (mode 600)\n"
+        f"run | generated the ops token: {tmp_path / 'ops-token'} (mode 600)\n"
+    )
+
+
+def test_a_later_run_uses_the_kept_secrets_unless_the_environment_sets_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run._stack_secrets(tmp_path, {})
+    kept = (tmp_path / "webhook-secret").read_text().strip()
+    capsys.readouterr()
+
+    again: dict[str, str] = {"OPS_TOKEN": "exported-token"}
+    assert run._stack_secrets(tmp_path, again) is None
+
+    assert again == {"WEBHOOK_SECRETS": kept, "OPS_TOKEN": "exported-token"}
+    assert capsys.readouterr().out == (
+        f"run | webhook secret: {tmp_path / 'webhook-secret'}\nrun | ops token: from OPS_TOKEN\n"
+    )

@@ -5,18 +5,26 @@ BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-fast lint format typecheck bench bench-exit bench-intake bench-seed clean
+.PHONY: help install lock run test test-fast lint format typecheck bench bench-exit bench-intake bench-seed clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-$(BIN)/grassroots: pyproject.toml
+# Exact versions from the lock file (hash-checked), then the project itself on top of them.
+$(BIN)/grassroots: pyproject.toml requirements/dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --require-hashes -r requirements/dev.txt
+	$(BIN)/pip install --quiet --no-deps -e .
 	@touch $@
 
-install: $(BIN)/grassroots ## Create .venv and install grassroots with its dev tools
+install: $(BIN)/grassroots ## Create .venv and install grassroots with its dev tools, from the lock
+
+LOCK := $(BIN)/pip-compile --quiet --strip-extras --generate-hashes --allow-unsafe \
+	--no-emit-index-url --no-emit-find-links
+lock: install ## Resolve pyproject.toml's ranges again into requirements/ (then review the diff)
+	$(LOCK) --upgrade -o requirements/runtime.txt pyproject.toml
+	$(LOCK) --upgrade --extra dev -o requirements/dev.txt pyproject.toml
 
 run: install ## Run the whole local stack (receiver, worker, beat, Flower) on embedded defaults
 	$(BIN)/grassroots run
@@ -27,10 +35,11 @@ test: install ## Run the whole test suite (needs PostgreSQL and Redis on 127.0.0
 test-fast: install ## Run the tests that need no worker processes
 	$(BIN)/pytest -m "not slow"
 
-lint: install ## ruff (lint and format check) and mypy
+lint: install ## ruff (lint and format check), mypy, and the import layers (import-linter)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy worker tasks models tests bench
+	$(BIN)/lint-imports
 
 format: install ## Format the code
 	$(BIN)/ruff format .

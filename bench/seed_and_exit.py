@@ -6,7 +6,7 @@ migrations, then times:
 
   seed     ``tasks.roster.load_snapshot`` of the whole file, in one session scope
   reseed   the same file again: idempotency, so no table's row count may change
-  exit     ``tasks.conversion.run_district_exit`` of the district, in one session scope
+  exit     ``tasks.exits.run_in_process`` of the district, in one session scope
 
 and reports wall seconds, rows per table, peak RSS and accounts per second. The database is
 dropped at the end, whatever happens. See ``bench/README.md``.
@@ -36,7 +36,7 @@ from sqlalchemy import event, func, inspect, select
 from sqlalchemy.engine import Engine
 
 from models import Base
-from tasks.conversion import run_district_exit
+from tasks.exits import run_in_process
 from tasks.roster import load_snapshot
 from worker.db import make_engine, session_scope
 from worker.migrate import upgrade
@@ -179,7 +179,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
             def district_exit() -> tuple[int, dict[str, Any]]:
                 with session_scope(engine) as session:
-                    outcome = run_district_exit(session, district_id, trigger="bench").as_dict()
+                    outcome = run_in_process(session, district_id, trigger="bench").as_dict()
                 return outcome["converted"], outcome
 
             phases.append(timed("seed", engine, seed, profile_dir, statements))

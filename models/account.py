@@ -16,13 +16,15 @@ class Account(TimestampMixin, Base):
         CheckConstraint(sql_in("status", AccountStatus), name="status"),
         # A district account belongs to a district and came from Clever; a grassroots one has none.
         CheckConstraint(
-            "(kind = 'district' AND district_id IS NOT NULL AND clever_id IS NOT NULL)"
-            " OR (kind = 'grassroots' AND district_id IS NULL)",
+            f"(kind = '{AccountKind.DISTRICT}' AND district_id IS NOT NULL"
+            " AND clever_id IS NOT NULL)"
+            f" OR (kind = '{AccountKind.GRASSROOTS}' AND district_id IS NULL)",
             name="kind_district",
         ),
         # Anyone who can log in holds a role.
         CheckConstraint(
-            "status = 'removed' OR is_admin OR is_teacher OR is_student", name="active_has_role"
+            f"status = '{AccountStatus.REMOVED}' OR is_admin OR is_teacher OR is_student",
+            name="active_has_role",
         ),
     )
 

@@ -24,9 +24,9 @@ class JournalEntry(Base):
     __table_args__ = (
         CheckConstraint(sql_in("kind", JournalKind), name="kind"),
         CheckConstraint(
-            "(kind = 'account' AND account_id IS NOT NULL AND class_id IS NULL)"
-            " OR (kind = 'class' AND class_id IS NOT NULL AND account_id IS NULL)"
-            " OR (kind = 'district' AND account_id IS NULL AND class_id IS NULL"
+            f"(kind = '{JournalKind.ACCOUNT}' AND account_id IS NOT NULL AND class_id IS NULL)"
+            f" OR (kind = '{JournalKind.CLASS}' AND class_id IS NOT NULL AND account_id IS NULL)"
+            f" OR (kind = '{JournalKind.DISTRICT}' AND account_id IS NULL AND class_id IS NULL"
             " AND district_id IS NOT NULL)",
             name="subject",
         ),

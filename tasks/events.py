@@ -1,50 +1,51 @@
-"""Routing a stored roster event to the rules (SPEC §4): the ordering fence, the brake, and the
-handler for each event type. ``process_event`` runs in one transaction with the event row locked,
-so an event is applied at most once however often it is delivered or replayed.
+"""Routing a stored roster event to the rules (SPEC §4): the ordering fence (``tasks.fence``),
+the brake (``tasks.brake``), and the handler for each event type. ``process_event`` runs in one
+transaction with the event row locked, so an event is applied at most once however often it is
+delivered or replayed.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from datetime import timedelta
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import func, select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from models import (
-    FINAL_STATUSES,
     Account,
+    AccountKind,
     AuditRecord,
     Class,
     ClassTeacher,
-    DeadLetter,
     District,
+    DistrictStatus,
     Enrollment,
+    EventStatus,
     JournalEntry,
-    ObjectVersion,
+    JournalKind,
+    Role,
     RosterEvent,
     utcnow,
 )
-from tasks import conversion, exits, roster
+from tasks import brake, conversion, exits, fence, roster
 from tasks.errors import NotFound, RestoreRefused, WaitForRoster
 from tasks.inbox import event_object, previous_attributes
-from tasks.sql import dialect_insert
+from tasks.sql import count
 
 log = logging.getLogger("grassroots.events")
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-BRAKE_WINDOW = timedelta(hours=24)
+# A section naming people whose users.created has not been applied yet is tried again this many
+# times before it is applied with the people known.
 UNKNOWN_MEMBER_ATTEMPTS = 3
 
 
 @dataclass
 class Routed:
-    status: str  # done | ignored | stale | held
+    status: EventStatus  # done | ignored | stale | held | rejected
     reason: str | None = None
     outcome: dict[str, Any] = field(default_factory=dict)
     exit_id: int | None = None  # a district exit this event started: its units are dispatched
@@ -56,77 +57,7 @@ class Limits:
     brake_percent: float = 10.0
 
 
-# --------------------------------------------------------------------------------------------
-# Ordering fence
-
-
-def _fence(session: Session, ev: RosterEvent) -> ObjectVersion | None:
-    """Lock the object's fence row (creating it first), or None if the event has no object."""
-    if ev.object_type is None or ev.object_id is None:
-        return None
-    session.execute(
-        dialect_insert(session, ObjectVersion)
-        .values(object_type=ev.object_type, object_id=ev.object_id, occurred_at=EPOCH, event_id="")
-        .on_conflict_do_nothing()
-    )
-    return session.scalar(
-        select(ObjectVersion)
-        .where(ObjectVersion.object_type == ev.object_type, ObjectVersion.object_id == ev.object_id)
-        .with_for_update()
-    )
-
-
-def _is_stale(fence: ObjectVersion, ev: RosterEvent) -> bool:
-    assert ev.occurred_at is not None
-    return (ev.occurred_at, ev.id) < (fence.occurred_at, fence.event_id)
-
-
-# --------------------------------------------------------------------------------------------
-# Brake
-
-
-def brake_engaged(session: Session, district_id: str, *, percent: float, now: datetime) -> bool:
-    """Would one more roster-absence conversion in this district exceed the allowance?
-
-    The allowance is ``percent`` of the district's accounts at the start of the rolling window
-    (active now plus those already removed in it): the removals that do not exceed it, so the
-    whole accounts within it, but at least one, so a small district can still lose one person a
-    day without an operator.
-    """
-    since = now - BRAKE_WINDOW
-    removed = (
-        session.scalar(
-            select(func.count())
-            .select_from(RosterEvent)
-            .where(
-                RosterEvent.district_id == district_id,
-                RosterEvent.type == "users.deleted",
-                RosterEvent.status == "done",
-                RosterEvent.updated_at >= since,
-            )
-        )
-        or 0
-    )
-    active = (
-        session.scalar(
-            select(func.count())
-            .select_from(Account)
-            .where(
-                Account.district_id == district_id,
-                Account.kind == "district",
-                Account.status == "active",
-            )
-        )
-        or 0
-    )
-    # In decimal: 7 % of 700 accounts is 49, where binary floating point makes it 49.00000000000001.
-    share = Decimal(active + removed) * Decimal(str(percent)) / 100
-    allowance = max(1, math.floor(share))
-    return removed + 1 > allowance
-
-
-# --------------------------------------------------------------------------------------------
-# Handlers
+DONE, IGNORED = EventStatus.DONE, EventStatus.IGNORED
 
 
 def _trigger(ev: RosterEvent) -> str:
@@ -137,45 +68,34 @@ def _account(session: Session, object_id: str) -> Account | None:
     return session.scalar(select(Account).where(Account.clever_id == object_id))
 
 
-def _roles(obj: Any) -> set[str]:
+def _roles(obj: Any) -> set[Role]:
+    """The platform roles a Clever ``roles`` object holds."""
     if not isinstance(obj, dict):
         return set()
     return {roster.CLEVER_ROLES[r] for r in obj if r in roster.CLEVER_ROLES}
 
 
-def _held_roles(account: Account) -> set[str]:
-    flags = {
-        "admin": account.is_admin,
-        "teacher": account.is_teacher,
-        "student": account.is_student,
-    }
-    return {role for role, has in flags.items() if has}
-
-
 def _active_district(session: Session, district_id: Any) -> bool:
     if not isinstance(district_id, str):
         return False
-    return session.scalar(select(District.status).where(District.id == district_id)) == "active"
+    status = session.scalar(select(District.status).where(District.id == district_id))
+    return status == DistrictStatus.ACTIVE
 
 
 def on_user_deleted(session: Session, ev: RosterEvent, limits: Limits) -> Routed:
     account = _account(session, ev.object_id or "")
     if account is None:
-        return Routed("ignored", "unknown user")
-    if account.kind != "district" or account.district_id is None:
-        return Routed("ignored", "not a district account (already converted)")
+        return Routed(IGNORED, "unknown user")
+    if account.kind != AccountKind.DISTRICT or account.district_id is None:
+        return Routed(IGNORED, "not a district account (already converted)")
     # Serialise removals per district so concurrent deletions cannot all slip under the brake.
     session.execute(select(District.id).where(District.id == account.district_id).with_for_update())
-    if not ev.brake_released and brake_engaged(
+    if not ev.brake_released and brake.engaged(
         session, account.district_id, percent=limits.brake_percent, now=utcnow()
     ):
-        return Routed(
-            "held",
-            f"removal brake: over {limits.brake_percent:g}% of the district "
-            "in 24 h; an operator must release or discard it",
-        )
+        return Routed(EventStatus.HELD, brake.hold_reason(limits.brake_percent))
     out = conversion.convert_account(session, account.id, trigger=_trigger(ev))
-    return Routed("done", outcome=out.as_dict())
+    return Routed(DONE, outcome=out.as_dict())
 
 
 def on_user_updated(session: Session, ev: RosterEvent, limits: Limits) -> Routed:
@@ -185,24 +105,24 @@ def on_user_updated(session: Session, ev: RosterEvent, limits: Limits) -> Routed
         return (
             on_user_created(session, ev, limits)
             if _active_district(session, obj.get("district"))
-            else Routed("ignored", "unknown user")
+            else Routed(IGNORED, "unknown user")
         )
-    if account.kind != "district":
-        return Routed("ignored", "not a district account (already converted)")
+    if account.kind != AccountKind.DISTRICT:
+        return Routed(IGNORED, "not a district account (already converted)")
     prev = previous_attributes(ev.payload)
     result: dict[str, Any] = {}
-    lost: set[str] = set()
+    lost: set[Role] = set()
     if "roles" in prev:
         lost = _roles(prev["roles"]) - _roles(obj.get("roles"))
     elif "roles" in obj:
         # Sent without what changed: the roles the roster now lists, against the ones we hold.
-        lost = _held_roles(account) - _roles(obj["roles"])
+        lost = set(account.roles) - _roles(obj["roles"])
     if lost:
         result = conversion.lose_roles(session, account.id, lost, trigger=_trigger(ev)).as_dict()
     session.refresh(account)
-    if account.kind == "district" and obj.get("roles"):
+    if account.kind == AccountKind.DISTRICT and obj.get("roles"):
         _mirror_user(session, obj)
-    return Routed("done", outcome=result)
+    return Routed(DONE, outcome=result)
 
 
 def _mirror_user(session: Session, obj: dict[str, Any]) -> None:
@@ -213,38 +133,36 @@ def _mirror_user(session: Session, obj: dict[str, Any]) -> None:
 def on_user_created(session: Session, ev: RosterEvent, limits: Limits) -> Routed:
     obj = event_object(ev.payload) or {}
     account = _account(session, ev.object_id or "")
-    if account is not None and account.kind != "district":
-        converted = session.scalar(
-            select(func.count())
-            .select_from(JournalEntry)
-            .where(
-                JournalEntry.kind == "account",
-                JournalEntry.account_id == account.id,
-                JournalEntry.restored_at.is_(None),
-                JournalEntry.created_at >= utcnow() - timedelta(days=limits.retention_days),
-            )
+    if account is not None and account.kind != AccountKind.DISTRICT:
+        converted = count(
+            session,
+            JournalEntry,
+            JournalEntry.kind == JournalKind.ACCOUNT,
+            JournalEntry.account_id == account.id,
+            JournalEntry.restored_at.is_(None),
+            JournalEntry.created_at >= utcnow() - timedelta(days=limits.retention_days),
         )
         if not converted:
-            return Routed("ignored", "converted outside the retention window")
+            return Routed(IGNORED, "converted outside the retention window")
         try:
             restored = conversion.restore(
                 session, account.id, trigger=_trigger(ev), retention_days=limits.retention_days
             )
         except RestoreRefused as exc:
-            return Routed("ignored", str(exc))
-        return Routed("done", outcome=restored.as_dict())
+            return Routed(IGNORED, str(exc))
+        return Routed(DONE, outcome=restored.as_dict())
     if not _active_district(session, obj.get("district")):
-        return Routed("ignored", "district unknown or not in the program")
+        return Routed(IGNORED, "district unknown or not in the program")
     _mirror_user(session, obj)
-    return Routed("done")
+    return Routed(DONE)
 
 
 def on_section_deleted(session: Session, ev: RosterEvent, limits: Limits) -> Routed:
     try:
         out = conversion.drop_class(session, ev.object_id or "", trigger=_trigger(ev))
     except NotFound:
-        return Routed("ignored", "unknown section")
-    return Routed("done", outcome=out.as_dict())
+        return Routed(IGNORED, "unknown section")
+    return Routed(DONE, outcome=out.as_dict())
 
 
 def _live(session: Session, link: Any, who: Any, class_id: str) -> set[str]:
@@ -259,16 +177,16 @@ def on_section_changed(session: Session, ev: RosterEvent, limits: Limits) -> Rou
     section = roster.CleverSection.model_validate(obj)
     klass = session.get(Class, section.id)
     if klass is None and not _active_district(session, section.district):
-        return Routed("ignored", "district unknown or not in the program")
+        return Routed(IGNORED, "district unknown or not in the program")
     if klass is not None and (klass.removed_by is not None or not klass.district_synced):
-        return Routed("ignored", "class already removed")
+        return Routed(IGNORED, "class already removed")
     members = [*section.all_teachers, *section.students]
     accounts = dict(
         session.execute(select(Account.id, Account.kind).where(Account.id.in_(members)))
         .tuples()
         .all()
     )
-    known = {a for a, kind in accounts.items() if kind == "district"}
+    known = {a for a, kind in accounts.items() if kind == AccountKind.DISTRICT}
     unknown = set(members) - set(accounts)
     if unknown and ev.attempts < UNKNOWN_MEMBER_ATTEMPTS:
         # Their users.created may be in flight on another worker: try again shortly. After a few
@@ -300,7 +218,7 @@ def on_section_changed(session: Session, ev: RosterEvent, limits: Limits) -> Rou
             result.update(shrunk.as_dict())
             session.refresh(klass)
             if klass.removed_by is not None:
-                return Routed("done", outcome=result)
+                return Routed(DONE, outcome=result)
     grown = section.model_copy(
         update={
             "teacher": None,
@@ -309,17 +227,17 @@ def on_section_changed(session: Session, ev: RosterEvent, limits: Limits) -> Rou
         }
     )
     if not grown.teachers and klass is None:
-        return Routed("ignored", "section has no teacher we know")
+        return Routed(IGNORED, "section has no teacher we know")
     roster.upsert_sections(session, [grown])
-    return Routed("done", outcome=result)
+    return Routed(DONE, outcome=result)
 
 
 def on_district_deleted(session: Session, ev: RosterEvent, limits: Limits) -> Routed:
     if session.get(District, ev.object_id or "") is None:
-        return Routed("ignored", "unknown district")
+        return Routed(IGNORED, "unknown district")
     plan = exits.start_exit(session, ev.object_id or "", trigger=_trigger(ev))
     return Routed(
-        "done", outcome={"exit": plan.exit_id, "units": len(plan.pending)}, exit_id=plan.exit_id
+        DONE, outcome={"exit": plan.exit_id, "units": len(plan.pending)}, exit_id=plan.exit_id
     )
 
 
@@ -334,31 +252,29 @@ HANDLERS: dict[str, Callable[[Session, RosterEvent, Limits], Routed]] = {
 }
 
 
-# --------------------------------------------------------------------------------------------
-# Entry point
-
-
 def process_event(session: Session, event_id: str, limits: Limits) -> Routed | None:
     """Apply a stored event. None when there is nothing to do (already final, held, or gone)."""
     ev = session.scalar(select(RosterEvent).where(RosterEvent.id == event_id).with_for_update())
-    if ev is None or ev.status in FINAL_STATUSES or ev.status in ("held", "dead"):
+    if ev is None or ev.status in EventStatus.final() | EventStatus.waiting_for_operator():
         return None
     handler = HANDLERS.get(ev.type)
     if handler is None:
-        routed = Routed("ignored", f"event type {ev.type} does not concern conversions")
+        routed = Routed(IGNORED, f"event type {ev.type} does not concern conversions")
     else:
-        fence = _fence(session, ev)
-        if fence is not None and _is_stale(fence, ev):
-            routed = Routed("stale", f"older than event {fence.event_id} already applied")
+        newest = fence.lock(session, ev)
+        if newest is not None and fence.is_stale(newest, ev):
+            routed = Routed(
+                EventStatus.STALE, f"older than event {newest.event_id} already applied"
+            )
         else:
             try:
                 routed = handler(session, ev, limits)
             except ValidationError as exc:
                 err = exc.errors()[0]
-                routed = Routed("rejected", f"{'.'.join(map(str, err['loc']))}: {err['msg']}")
-            if fence is not None and routed.status in ("done", "ignored"):
-                assert ev.occurred_at is not None
-                fence.occurred_at, fence.event_id = ev.occurred_at, ev.id
+                where = ".".join(map(str, err["loc"]))
+                routed = Routed(EventStatus.REJECTED, f"{where}: {err['msg']}")
+            if newest is not None and routed.status in (DONE, IGNORED):
+                fence.advance(newest, ev)
     ev.status = routed.status
     ev.error = routed.reason
     ev.updated_at = utcnow()
@@ -374,10 +290,10 @@ def process_event(session: Session, event_id: str, limits: Limits) -> Routed | N
             **routed.outcome,
         },
     )
-    if routed.status in ("done", "held"):
+    if routed.status in (DONE, EventStatus.HELD):
         session.add(
             AuditRecord(
-                action="hold" if routed.status == "held" else "apply_event",
+                action="hold" if routed.status == EventStatus.HELD else "apply_event",
                 trigger=_trigger(ev),
                 subject_type=ev.object_type or "event",
                 subject_id=(ev.object_id or ev.id)[:64],
@@ -385,112 +301,3 @@ def process_event(session: Session, event_id: str, limits: Limits) -> Routed | N
             )
         )
     return routed
-
-
-# --------------------------------------------------------------------------------------------
-# Operator actions on held events
-
-
-def held_events(session: Session, *, district_id: str | None = None) -> list[RosterEvent]:
-    query = (
-        select(RosterEvent).where(RosterEvent.status == "held").order_by(RosterEvent.received_at)
-    )
-    if district_id:
-        query = query.where(RosterEvent.district_id == district_id)
-    return list(session.scalars(query))
-
-
-def _held(session: Session, event_id: str | None, district_id: str | None) -> list[RosterEvent]:
-    if event_id is not None:
-        ev = session.scalar(select(RosterEvent).where(RosterEvent.id == event_id).with_for_update())
-        if ev is None:
-            raise NotFound(f"no event {event_id}")
-        if ev.status != "held":
-            raise RestoreRefused(f"event {event_id} is {ev.status}, not held")
-        return [ev]
-    return list(
-        session.scalars(
-            select(RosterEvent)
-            .where(RosterEvent.status == "held", RosterEvent.district_id == district_id)
-            .order_by(RosterEvent.id)
-            .with_for_update()
-        )
-    )
-
-
-def _settle_held(
-    session: Session, event_id: str | None, district_id: str | None, *, action: str, by: str
-) -> list[str]:
-    events = _held(session, event_id, district_id)
-    for ev in events:
-        if action == "release":
-            ev.status, ev.brake_released, ev.error = "accepted", True, None
-        else:
-            ev.status = "discarded"
-        ev.updated_at = utcnow()
-        session.add(
-            AuditRecord(
-                action=action,
-                trigger=by,
-                subject_type="event",
-                subject_id=ev.id[:64],
-                details={"district": ev.district_id},
-            )
-        )
-    return [ev.id for ev in events]
-
-
-def release_held(
-    session: Session, *, event_id: str | None = None, district_id: str | None = None, by: str
-) -> list[str]:
-    """Let held removals through the brake: they go back to ``accepted`` to be processed."""
-    return _settle_held(session, event_id, district_id, action="release", by=by)
-
-
-def discard_held(
-    session: Session, *, event_id: str | None = None, district_id: str | None = None, by: str
-) -> list[str]:
-    """Drop held removals for good: the accounts stay as they are."""
-    return _settle_held(session, event_id, district_id, action="discard", by=by)
-
-
-REPLAYED = "accepted"  # what ``mark_replay`` answers when the event goes round again
-
-
-def mark_replay(session: Session, event_id: str, *, by: str) -> str:
-    """Send a dead event round again by the same id; say what became of the request:
-    ``REPLAYED``, or why not: ``already_final`` (replaying an applied event is a no-op),
-    ``held`` (the brake's: released with ``held release``), ``in_flight`` (queued or being
-    processed already, as after a concurrent replay: a second copy would only count attempts
-    against the first; if its worker is lost, the relay sends it again)."""
-    # One statement decides, on either backend (SQLite takes no row locks): of replays at once,
-    # one finds the event dead. A fresh budget of attempts; the dead letter is closed, and a new
-    # failure reopens it with its count raised.
-    replayed = session.execute(
-        update(RosterEvent)
-        .where(RosterEvent.id == event_id, RosterEvent.status == "dead")
-        .values(status="accepted", attempts=0, updated_at=utcnow())
-        .returning(RosterEvent.id)
-    ).first()
-    if replayed is None:
-        status = session.scalar(select(RosterEvent.status).where(RosterEvent.id == event_id))
-        if status is None:
-            raise NotFound(f"no event {event_id}")
-        if status in FINAL_STATUSES:
-            return "already_final"
-        return "held" if status == "held" else "in_flight"
-    session.execute(
-        update(DeadLetter)
-        .where(DeadLetter.event_id == event_id, DeadLetter.resolved_at.is_(None))
-        .values(resolved_at=utcnow())
-    )
-    session.add(
-        AuditRecord(
-            action="replay",
-            trigger=by,
-            subject_type="event",
-            subject_id=event_id[:64],
-            details={"was": "dead"},
-        )
-    )
-    return REPLAYED

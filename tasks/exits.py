@@ -1,70 +1,97 @@
-"""A district exit as fan-out units: one unit per teacher (drop that teacher's district classes and
-so the coaching through them), and batches of accounts to convert. The units and their count are
-written in the same transaction that starts the exit, under deterministic keys, so the exit's
-progress is known from the start and a redelivered parent never plans twice.
+"""A district exit (contract end, SPEC §3 and §6), whole: every account of the district is
+converted and every district class removed, fanned out into units that workers run in parallel.
+
+- ``start_exit`` marks the district exited, opens the journal entry everything hangs under, and
+  plans the units in the same transaction: one per teacher (drop that teacher's district classes,
+  and so the coaching through them), then batches of accounts to convert. Keys are
+  deterministic, so a redelivered start plans nothing twice and the progress is known at once.
+- ``run_unit`` runs one unit exactly once: its work, its ``done`` mark and the exit's count
+  commit together. ``count_and_run_teacher_unit`` sends the same statements, after the attempt
+  counter, to Postgres in one round trip: a district has thousands of teacher units.
+- ``finish`` removes what no unit reached; ``run_in_process`` does it all in one transaction.
+
+Teacher units run first, then the account batches: a batch run beside them would detach teachers
+one account at a time and contend with them for the same class locks; after them it only
+converts accounts.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
+from typing import cast as type_cast
 
 import psycopg
-from sqlalchemy import JSON, String, bindparam, select, text, update
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy import Integer, bindparam, cast, exists, select, text, update
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from models import DistrictExit, ExitUnit, JournalEntry, utcnow
-from tasks import conversion
-from tasks.errors import GrassrootsError, NotFound
-from tasks.sql import ASYNC_COMMIT_PG, CHUNK, AsyncCommit, insert_rows
+from models import (
+    Account,
+    AccountKind,
+    Class,
+    ClassTeacher,
+    District,
+    DistrictExit,
+    DistrictStatus,
+    ExitStatus,
+    ExitUnit,
+    JournalEntry,
+    JournalKind,
+    UnitKind,
+    UnitStatus,
+    utcnow,
+)
+from tasks.attempts import BUMP_UNIT, THIS_UNIT, unit_params
+from tasks.conversion import Outcome, convert_accounts, drop_classes
+from tasks.conversion.journal import audit, new_batch, open_exit_root
+from tasks.errors import GrassrootsError, NotFound, RestoreRefused
+from tasks.sql import CHUNK, AsyncCommit, insert_rows
 
 TEACHER_UNIT = "teacher:"  # a teacher unit's key: this, then the teacher's account id
+ACCOUNTS_UNIT = "accounts:"  # an account batch's key: this, then its number
+EXIT_RULE = "district_exit"
+RESTORED = "restored"  # a progress status only: the exit's row keeps its own status
+
+
+def trigger_of(exit_id: int) -> str:
+    """The trigger the units of an exit journal and audit their work under."""
+    return f"exit:{exit_id}"
+
+
+# --------------------------------------------------------------------------------------------
+# Starting
 
 
 @dataclass(frozen=True)
 class ExitPlan:
     exit_id: int
     district_id: str
-    pending: list[tuple[str, str]]  # (key, kind) of units still to run
-    created: bool
+    pending: list[tuple[str, str]]  # (key, kind) of the units to run now (see ``pending_units``)
+    created: bool  # False: the exit had been planned already, this call only found it
 
 
 def start_exit(
     session: Session, district_id: str, *, trigger: str, batch_size: int = CHUNK
 ) -> ExitPlan:
-    """Begin (or find) the district's exit and its units."""
-    start = conversion.begin_district_exit(session, district_id, trigger=trigger)
-    existing = session.get(DistrictExit, start.root_id, with_for_update=True)
+    """Begin (or find) the district's exit and its units. Idempotent."""
+    root_id = _begin(session, district_id, trigger=trigger)
+    existing = session.get(DistrictExit, root_id, with_for_update=True)
     if existing is None:
-        teachers = conversion.exit_teacher_ids(session, district_id)
-        accounts = conversion.exit_account_ids(session, district_id)
-        units: list[dict[str, Any]] = [
-            {
-                "exit_id": start.root_id,
-                "key": TEACHER_UNIT + t,
-                "kind": "teacher",
-                "account_ids": [t],
-            }
-            for t in teachers
+        teachers = _teacher_ids(session, district_id)
+        accounts = _account_ids(session, district_id)
+        units = [(TEACHER_UNIT + t, UnitKind.TEACHER, [t]) for t in teachers]
+        units += [
+            (f"{ACCOUNTS_UNIT}{n:06d}", UnitKind.ACCOUNTS, accounts[first : first + batch_size])
+            for n, first in enumerate(range(0, len(accounts), batch_size))
         ]
-        for n, first in enumerate(range(0, len(accounts), batch_size)):
-            units.append(
-                {
-                    "exit_id": start.root_id,
-                    "key": f"accounts:{n:06d}",
-                    "kind": "accounts",
-                    "account_ids": accounts[first : first + batch_size],
-                }
-            )
         session.add(
             DistrictExit(
-                id=start.root_id,
+                id=root_id,
                 district_id=district_id,
                 trigger=trigger,
                 units_total=len(units),
@@ -77,191 +104,230 @@ def start_exit(
         insert_rows(
             session,
             ExitUnit,
-            [{**u, "status": "pending", "attempts": 0, "dispatched_at": now} for u in units],
+            [
+                {
+                    "exit_id": root_id,
+                    "key": key,
+                    "kind": kind,
+                    "account_ids": ids,
+                    "status": UnitStatus.PENDING,
+                    "attempts": 0,
+                    "dispatched_at": now,
+                }
+                for key, kind, ids in units
+            ],
         )
-    return ExitPlan(
-        exit_id=start.root_id,
+    return ExitPlan(root_id, district_id, pending_units(session, root_id), existing is None)
+
+
+def _begin(session: Session, district_id: str, *, trigger: str) -> int:
+    """Mark the district exited and open the journal entry every exit step hangs under; for a
+    district already exited, the open exit's entry."""
+    district = session.get(District, district_id, with_for_update=True)
+    if district is None:
+        raise NotFound(f"no district {district_id}")
+    if district.status == DistrictStatus.EXITED:
+        root = open_exit_root(session, district_id)
+        if root is None:
+            raise RestoreRefused(f"district {district_id} is exited but has no exit on record")
+        return root
+    entry = JournalEntry(
+        batch=new_batch(),
+        kind=JournalKind.DISTRICT,
         district_id=district_id,
-        pending=pending_units(session, start.root_id),
-        created=existing is None,
+        rule=EXIT_RULE,
+        trigger=trigger,
+        before={"status": district.status},
+    )
+    session.add(entry)
+    district.status = DistrictStatus.EXITED
+    session.flush()
+    audit(
+        session,
+        [
+            {
+                "action": "district_exit",
+                "trigger": trigger,
+                "subject_type": "district",
+                "subject_id": district_id,
+                "details": {"journal": entry.id},
+            }
+        ],
+    )
+    return entry.id
+
+
+def _teacher_ids(session: Session, district_id: str) -> list[str]:
+    """Teachers with a live link to a live class of the district: one unit each."""
+    return list(
+        session.scalars(
+            select(ClassTeacher.teacher_id)
+            .distinct()
+            .join(Class, Class.id == ClassTeacher.class_id)
+            .where(
+                Class.district_id == district_id,
+                Class.removed_by.is_(None),
+                ClassTeacher.removed_by.is_(None),
+            )
+            .order_by(ClassTeacher.teacher_id)
+        )
+    )
+
+
+def _account_ids(session: Session, district_id: str) -> list[str]:
+    """District accounts of the district still to convert."""
+    return list(
+        session.scalars(
+            select(Account.id)
+            .where(Account.district_id == district_id, Account.kind == AccountKind.DISTRICT)
+            .order_by(Account.id)
+        )
     )
 
 
 def pending_units(session: Session, exit_id: int) -> list[tuple[str, str]]:
-    """Units still to run, in their phase: every teacher's classes first, then the account
-    batches. A batch run beside the teacher units would detach teachers one account at a time
-    and contend with them for the same class locks; after them it only converts accounts."""
+    """Units still to run, in their phase: every teacher's classes first, then the batches."""
     units = [
         (key, kind)
         for key, kind in session.execute(
             select(ExitUnit.key, ExitUnit.kind)
-            .where(ExitUnit.exit_id == exit_id, ExitUnit.status == "pending")
+            .where(ExitUnit.exit_id == exit_id, ExitUnit.status == UnitStatus.PENDING)
             .order_by(ExitUnit.key)
         )
     ]
-    teachers = [u for u in units if u[1] == "teacher"]
+    teachers = [u for u in units if u[1] == UnitKind.TEACHER]
     return teachers or units
+
+
+# --------------------------------------------------------------------------------------------
+# Running a unit
 
 
 @dataclass(frozen=True)
 class UnitResult:
-    ran: bool  # False: the unit was already done (a redelivery)
-    exit_complete: bool  # every unit is done: the finish step may run
-    outcome: conversion.Outcome
+    ran: bool  # False: the unit was already done (a redelivery), or not this copy's to run
+    exit_complete: bool = False  # every unit is done: the finish step may run
     teachers_complete: bool = False  # the last teacher unit: the account batches may start
+    outcome: Outcome = field(default_factory=Outcome)
 
 
-# The statements every unit runs, built once: thousands of units each building them afresh spent
-# more time in SQLAlchemy's statement construction than in the database.
-_this_unit = (
-    ExitUnit.exit_id == bindparam("unit_exit"),
-    ExitUnit.key == bindparam("unit_key"),
-)
-# Marking the unit done is what locks it: a redelivered copy waits, then finds it done.
+# The statements every unit runs, built once (thousands of units each building them afresh spent
+# more time in SQLAlchemy's statement construction than in the database). A run is known by its
+# ``unit_now``: the claim stamps the unit with it, and the steps after it act only for the run
+# whose stamp they find, so they can be sent together without waiting for the claim's answer.
+
+# Marking the unit done is what locks it: a redelivered copy waits, then finds it done. A unit
+# started more than ``unit_max_attempts`` times (if not NULL) is not claimed.
 _CLAIM = (
     update(ExitUnit)
-    .where(*_this_unit, ExitUnit.status == "pending")
-    .values(status="done", finished_at=bindparam("unit_now"))
-    .returning(
-        ExitUnit.kind,
-        ExitUnit.account_ids,
-        select(DistrictExit.district_id)
-        .where(DistrictExit.id == ExitUnit.exit_id)
-        .scalar_subquery(),
+    .where(
+        *THIS_UNIT,
+        ExitUnit.status == UnitStatus.PENDING,
+        # Typed: Postgres cannot tell a parameter's type from ``IS NULL`` alone.
+        cast(bindparam("unit_max_attempts"), Integer).is_(None)
+        | (ExitUnit.attempts <= bindparam("unit_max_attempts")),
     )
+    .values(status=UnitStatus.DONE, finished_at=bindparam("unit_now"))
+    .returning(ExitUnit.kind, ExitUnit.account_ids, AsyncCommit())
 )
-_STATUS = select(ExitUnit.status).where(*_this_unit)
-# The counter row serialises concurrent units, so exactly one of them sees the last unit done,
-# and exactly one the last teacher unit (no account batch runs before that one).
+_CLAIMED_NOW = exists().where(
+    *THIS_UNIT, ExitUnit.status == UnitStatus.DONE, ExitUnit.finished_at == bindparam("unit_now")
+)
+# The classes are locked in id order: a co-taught class is in two teachers' units, and the second
+# waits for the first, then finds it gone.
+_DROP_TEACHER_CLASSES = (
+    update(Class)
+    .where(
+        Class.id.in_(
+            select(Class.id)
+            .join(ClassTeacher, ClassTeacher.class_id == Class.id)
+            .where(
+                ClassTeacher.teacher_id == bindparam("unit_teacher"),
+                ClassTeacher.removed_by.is_(None),
+                Class.district_id
+                == select(DistrictExit.district_id)
+                .where(DistrictExit.id == bindparam("unit_exit"))
+                .scalar_subquery(),
+                Class.removed_by.is_(None),
+            )
+            .order_by(Class.id)
+            .with_for_update(of=Class)
+            .scalar_subquery()
+        ),
+        Class.removed_by.is_(None),
+        _CLAIMED_NOW,
+    )
+    .values(removed_by=bindparam("unit_exit"), updated_at=bindparam("unit_now"))
+    .returning(Class.id)
+)
+# Last: the counter row is every unit's, and its lock is held to the commit. It serialises
+# concurrent units, so exactly one of them sees the last unit done, and exactly one the last
+# teacher unit (no account batch runs before that one).
 _COUNT_DONE = (
     update(DistrictExit)
-    .where(DistrictExit.id == bindparam("unit_exit"))
+    .where(DistrictExit.id == bindparam("unit_exit"), _CLAIMED_NOW)
     .values(units_done=DistrictExit.units_done + 1, progressed_at=bindparam("unit_now"))
     .returning(DistrictExit.units_done, DistrictExit.units_total, DistrictExit.teacher_units)
 )
-BUMP_ATTEMPTS = (
-    update(ExitUnit)
-    .where(*_this_unit, ExitUnit.status == "pending")
-    .values(attempts=ExitUnit.attempts + 1)
-    .returning(ExitUnit.attempts, AsyncCommit())
-)
+_STATUS = select(ExitUnit.status).where(*THIS_UNIT)
 
 
-# Postgres does a teacher unit in one statement: claim the unit, lock and drop the teacher's
-# classes, count the unit done. The same steps as ``run_unit`` takes one statement at a time, in
-# one round trip instead of four; a district has thousands of these units. An account batch is
-# claimed by the same statement; its conversion and then its count follow in the transaction.
-# ``unit_alone``: the statement is its own transaction (autocommit), so it claims a teacher unit
-# only. ``unit_max_attempts``, if not NULL: it claims no unit started more often than that (see
-# ``count_and_run_teacher_unit``). Its last column is ``tasks.sql.AsyncCommit``: the unit commits
-# without the WAL wait.
-_RUN_UNIT_PG = text(
-    f"""
-    WITH claimed AS (
-        UPDATE exit_units SET status = 'done', finished_at = :unit_now
-        WHERE exit_id = :unit_exit AND key = :unit_key AND status = 'pending'
-            AND (kind = 'teacher' OR NOT :unit_alone)
-            AND (CAST(:unit_max_attempts AS integer) IS NULL OR attempts <= :unit_max_attempts)
-        RETURNING kind, account_ids
-    ), locked AS (
-        SELECT classes.id FROM classes
-        JOIN class_teachers ON class_teachers.class_id = classes.id
-        WHERE class_teachers.teacher_id = (
-                SELECT account_ids ->> 0 FROM claimed WHERE kind = 'teacher'
-            )
-            AND class_teachers.removed_by IS NULL
-            AND classes.district_id = (
-                SELECT district_id FROM district_exits WHERE id = :unit_exit
-            )
-            AND classes.removed_by IS NULL
-        ORDER BY classes.id
-        FOR UPDATE OF classes
-    ), dropped AS (
-        UPDATE classes SET removed_by = :unit_exit, updated_at = :unit_now
-        WHERE id IN (SELECT id FROM locked) AND removed_by IS NULL
-        RETURNING id
-    ), counted AS (
-        UPDATE district_exits
-        SET units_done = units_done + 1, progressed_at = :unit_now
-        WHERE id = :unit_exit AND EXISTS (SELECT FROM claimed WHERE kind = 'teacher')
-        RETURNING units_done, units_total, teacher_units
-    )
-    SELECT claimed.kind, claimed.account_ids,
-           (SELECT district_id FROM district_exits WHERE id = :unit_exit) AS district_id,
-           ARRAY(SELECT id FROM dropped ORDER BY id) AS dropped,
-           counted.units_done, counted.units_total, counted.teacher_units,
-           {ASYNC_COMMIT_PG}
-    FROM claimed LEFT JOIN counted ON true
-    """
-).columns(account_ids=JSON(), dropped=ARRAY(String()))
+def _params(exit_id: int, key: str, max_attempts: int | None = None) -> dict[str, Any]:
+    teacher = key.removeprefix(TEACHER_UNIT) if key.startswith(TEACHER_UNIT) else None
+    return {
+        **unit_params(exit_id, key),
+        "unit_now": utcnow(),
+        "unit_teacher": teacher,
+        "unit_max_attempts": max_attempts,
+    }
 
 
-def run_unit(session: Session, exit_id: int, key: str, *, trigger: str) -> UnitResult:
-    """Run one unit exactly once: its work, its ``done`` mark and the exit's count commit
-    together. A failure rolls the mark back.
+def _counted(row: Sequence[Any] | None, kind: str, outcome: Outcome) -> UnitResult:
+    if row is None:  # not this run's claim
+        return UnitResult(False)
+    done, total, teachers = row
+    return UnitResult(True, done >= total, kind == UnitKind.TEACHER and done == teachers, outcome)
 
-    The count comes last: the counter row is every unit's, and its lock is held to the commit.
-    """
+
+def run_unit(session: Session, exit_id: int, key: str) -> UnitResult:
+    """Run one unit exactly once, in the session's transaction; a failure rolls its mark back."""
     conn = session.connection()
-    unit = {"unit_exit": exit_id, "unit_key": key, "unit_now": utcnow()}
-    if conn.dialect.name == "postgresql":
-        row = conn.execute(
-            _RUN_UNIT_PG, {**unit, "unit_alone": False, "unit_max_attempts": None}
-        ).one_or_none()
-        if row is None:
-            return _not_claimed(conn, unit)
-        if row.kind == "teacher":  # done and counted by the statement itself
-            return _teacher_unit_result(row)
-        kind, account_ids = row.kind, row.account_ids
+    unit = _params(exit_id, key)
+    claimed = conn.execute(_CLAIM, unit).one_or_none()
+    if claimed is None:
+        return _not_claimed(conn, unit)
+    kind, account_ids, _ = claimed
+    if kind == UnitKind.TEACHER:
+        dropped = conn.scalars(_DROP_TEACHER_CLASSES, unit).all()
+        outcome = Outcome(classes_removed=sorted(dropped))
     else:
-        claimed = conn.execute(_CLAIM, unit).one_or_none()
-        if claimed is None:
-            return _not_claimed(conn, unit)
-        kind, account_ids, district_id = claimed
-        if kind == "teacher":
-            outcome = conversion.exit_teacher_unit(
-                session, district_id, account_ids[0], root_id=exit_id, trigger=trigger
-            )
-    if kind == "accounts":
-        outcome = conversion.exit_account_batch(
-            session, account_ids, root_id=exit_id, trigger=trigger
+        if conn.dialect.name == "postgresql":
+            # The batch's statements run a hundred times with a thousand ids each: psycopg
+            # prepares them, and Postgres' generic plan for a prepared statement cannot see that
+            # the exit has left no live class to join, so it scans the batch's enrollments where
+            # a plan for the actual ids reads nothing.
+            conn.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
+        outcome = convert_accounts(
+            session, account_ids, trigger=trigger_of(exit_id), parent_id=exit_id
         )
-    done, total, teachers = conn.execute(_COUNT_DONE, unit).one()
-    return UnitResult(True, done >= total, outcome, kind == "teacher" and done == teachers)
+    return _counted(conn.execute(_COUNT_DONE, unit).one_or_none(), kind, outcome)
 
 
-def runs_alone(dialect: Dialect, key: str) -> bool:
-    """Whether the unit is one statement that can run on an autocommit connection: a teacher
-    unit on Postgres (``run_teacher_unit``, ``count_and_run_teacher_unit``)."""
+def _not_claimed(conn: Connection, unit: dict[str, Any]) -> UnitResult:
+    status = conn.scalar(_STATUS, unit)
+    if status is None:
+        raise NotFound(f"no unit {unit['unit_key']} in exit {unit['unit_exit']}")
+    return UnitResult(False)  # done or dead already, or past its attempts
+
+
+def runs_in_one_round_trip(dialect: Dialect, key: str) -> bool:
+    """Whether ``count_and_run_teacher_unit`` can run the unit: a teacher unit, on Postgres."""
     return dialect.name == "postgresql" and key.startswith(TEACHER_UNIT)
 
 
-def _teacher_unit_params(conn: Connection, exit_id: int, key: str) -> dict[str, Any]:
-    if not runs_alone(conn.dialect, key):
-        raise GrassrootsError(f"unit {key} cannot run as one statement here")
-    return {"unit_exit": exit_id, "unit_key": key, "unit_now": utcnow(), "unit_alone": True}
-
-
-def _teacher_unit_result(row: Sequence[Any]) -> UnitResult:
-    _, _, _, dropped, done, total, teachers, _ = row
-    return UnitResult(
-        True, done >= total, conversion.Outcome(classes_removed=list(dropped)), done == teachers
-    )
-
-
-def run_teacher_unit(conn: Connection, exit_id: int, key: str) -> UnitResult:
-    """Postgres: run a teacher unit as one statement on an autocommit connection, where that
-    statement is the whole transaction; no BEGIN, SET or COMMIT round trips around it."""
-    unit = {**_teacher_unit_params(conn, exit_id, key), "unit_max_attempts": None}
-    row = conn.execute(_RUN_UNIT_PG, unit).one_or_none()
-    if row is None:
-        return _not_claimed(conn, unit)
-    return _teacher_unit_result(row)
-
-
 class TeacherUnitFailed(Exception):
-    """The attempt was counted (``attempts``), then the unit's statement failed (``error``, as
-    SQLAlchemy would have raised it)."""
+    """The attempt was counted (``attempts``), then the unit failed (``error``, as SQLAlchemy
+    would have raised it)."""
 
     def __init__(self, attempts: int, error: Exception) -> None:
         super().__init__(f"teacher unit failed on attempt {attempts}: {error}")
@@ -270,94 +336,152 @@ class TeacherUnitFailed(Exception):
 
 
 @functools.cache
-def _driver_sql(dialect: Dialect) -> tuple[str, dict[str, Any], str]:
-    """The counter's and the unit's statements as the driver takes them, with the counter's own
+def _driver_sql(dialect: Dialect) -> list[tuple[str, dict[str, Any]]]:
+    """The counter's and the unit's statements as the driver takes them, each with its own
     constant parameters: compiled once, for a pipeline that bypasses SQLAlchemy's execution."""
-    bump = BUMP_ATTEMPTS.compile(dialect=dialect)
-    return bump.string, dict(bump.params), _RUN_UNIT_PG.compile(dialect=dialect).string
+    compiled = []
+    for statement in (BUMP_UNIT, _CLAIM, _DROP_TEACHER_CLASSES, _COUNT_DONE):
+        sql = statement.compile(dialect=dialect)
+        compiled.append((sql.string, {k: v for k, v in sql.params.items() if v is not None}))
+    return compiled
 
 
 def count_and_run_teacher_unit(
     conn: Connection, exit_id: int, key: str, *, max_attempts: int
 ) -> tuple[int | None, UnitResult | None]:
-    """Postgres, on an autocommit connection: count the attempt and run a teacher unit in one
-    round trip (a psycopg pipeline), where counting and running cost one each.
+    """Postgres, on an autocommit connection: count the attempt and run a teacher unit (the
+    statements of ``run_unit``) in one round trip, a psycopg pipeline.
 
-    The count is a transaction of its own at the head of the pipeline (explicit BEGIN and COMMIT:
-    a pipeline is otherwise one implicit transaction), so it is committed before the unit's
-    statement starts, as every task's attempt count is. The unit's statement then claims the unit
-    only if the count is within ``max_attempts``.
+    The count is a transaction of its own at the head of the pipeline, committed before the
+    unit's transaction starts, as every task's attempt count is. The unit is claimed only if
+    the count is within ``max_attempts``.
 
     Returns the count (None: the unit is no longer pending, nothing ran) and the unit's result
     (None if the count was past ``max_attempts``). Raises ``TeacherUnitFailed`` (with the count)
-    if the unit's statement failed after the count committed; any other error (a
-    ``DBAPIError``) leaves the count unknown.
+    if the unit failed after the count committed; any other error (a ``DBAPIError``) leaves the
+    count unknown.
     """
-    unit = {**_teacher_unit_params(conn, exit_id, key), "unit_max_attempts": max_attempts}
-    bump_sql, bump_constants, unit_sql = _driver_sql(conn.dialect)
+    if not runs_in_one_round_trip(conn.dialect, key):
+        raise GrassrootsError(f"unit {key} cannot run in one round trip here")
     driver = conn.connection.driver_connection
     if not isinstance(driver, psycopg.Connection) or not driver.autocommit:
         raise GrassrootsError("counting and running a unit at once needs psycopg in autocommit")
-    counted = None
+    unit = _params(exit_id, key, max_attempts)
+    (bump_sql, bump_k), (claim_sql, claim_k), (drop_sql, drop_k), (count_sql, count_k) = (
+        _driver_sql(conn.dialect)
+    )
+    bumped = None
     try:
         with driver.pipeline():
             driver.execute("BEGIN")
-            counted = driver.execute(bump_sql, {**bump_constants, **unit})
+            bumped = driver.execute(bump_sql, {**bump_k, **unit})
             driver.execute("COMMIT")
-            ran = driver.execute(unit_sql, unit)
+            driver.execute("BEGIN")
+            claimed = driver.execute(claim_sql, {**claim_k, **unit})
+            dropped = driver.execute(drop_sql, {**drop_k, **unit})
+            counted = driver.execute(count_sql, {**count_k, **unit})
+            driver.execute("COMMIT")
     except psycopg.Error as exc:
-        # What SQLAlchemy does with a driver error: a lost connection leaves the pool, and the
-        # error is raised as SQLAlchemy's (which the task's retries classify).
-        if conn.dialect.is_disconnect(cast(Any, exc), conn.connection, None):
-            conn.invalidate(exc)
-        error = DBAPIError.instance(
-            unit_sql,
-            unit,
-            exc,
-            psycopg.Error,
-            connection_invalidated=conn.invalidated,
-            dialect=conn.dialect,
-        )
-        row = counted.fetchone() if counted is not None and counted.pgresult else None
-        if row is None:
-            raise error from exc
-        raise TeacherUnitFailed(row[0], error) from exc
-    bumped = counted.fetchone()
-    if bumped is None:
+        raise _failed(conn, driver, exc, claim_sql, unit, bumped) from exc
+    attempts = bumped.fetchone()
+    if attempts is None:
         return None, None
-    row = ran.fetchone()
-    if row is not None:
-        return bumped[0], _teacher_unit_result(row)
-    if bumped[0] > max_attempts:
-        return bumped[0], None
-    # Within the count but not claimed: another copy of the task has claimed the unit, or has
-    # counted past the cap and dead-letters it.
-    return bumped[0], UnitResult(False, False, conversion.Outcome())
+    if claimed.fetchone() is None:
+        if attempts[0] > max_attempts:
+            return attempts[0], None
+        # Within the count but not claimed: another copy of the task has claimed the unit, or
+        # has counted past the cap and dead-letters it.
+        return attempts[0], UnitResult(False)
+    outcome = Outcome(classes_removed=sorted(row[0] for row in dropped.fetchall()))
+    return attempts[0], _counted(counted.fetchone(), UnitKind.TEACHER, outcome)
 
 
-def _not_claimed(conn: Connection, unit: dict[str, Any]) -> UnitResult:
-    status = conn.scalar(_STATUS, unit)
-    if status == "pending":  # only an account batch is not claimed while pending
-        raise GrassrootsError(f"unit {unit['unit_key']} needs a transaction of its own")
-    if status:
-        return UnitResult(False, False, conversion.Outcome())  # done (or dead) already
-    raise NotFound(f"no unit {unit['unit_key']} in exit {unit['unit_exit']}")
+def _failed(
+    conn: Connection,
+    driver: psycopg.Connection[Any],
+    exc: psycopg.Error,
+    sql: str,
+    unit: dict[str, Any],
+    bumped: psycopg.Cursor[Any] | None,
+) -> Exception:
+    """What SQLAlchemy does with a driver error: a lost connection leaves the pool, and the error
+    is raised as SQLAlchemy's (which the task's retries classify). A unit's transaction that
+    failed halfway is rolled back here: the pipeline's COMMIT never ran."""
+    if conn.dialect.is_disconnect(type_cast(Any, exc), conn.connection, None):
+        conn.invalidate(exc)
+    elif driver.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        driver.rollback()
+    error = DBAPIError.instance(
+        sql, unit, exc, psycopg.Error, connection_invalidated=conn.invalidated, dialect=conn.dialect
+    )
+    row = bumped.fetchone() if bumped is not None and bumped.pgresult else None
+    return error if row is None else TeacherUnitFailed(row[0], error)
 
 
-def finish(session: Session, exit_id: int, *, trigger: str) -> conversion.Outcome | None:
-    """The last step: remove what no unit reached. None if the exit was already finished or still
-    has pending units."""
+# --------------------------------------------------------------------------------------------
+# Finishing
+
+
+def finish(session: Session, exit_id: int) -> Outcome | None:
+    """The last step: remove what no unit reached (classes no teacher held, accounts a roster
+    change added during the exit). None if the exit was already finished or still has pending
+    units."""
     district_exit = session.get(DistrictExit, exit_id, with_for_update=True)
     if district_exit is None:
         raise NotFound(f"no exit {exit_id}")
-    if district_exit.status == "done" or district_exit.units_done < district_exit.units_total:
+    if (
+        district_exit.status == ExitStatus.DONE
+        or district_exit.units_done < district_exit.units_total
+    ):
         return None
-    outcome = conversion.finish_district_exit(
-        session, district_exit.district_id, root_id=exit_id, trigger=trigger
+    district_id, trigger = district_exit.district_id, trigger_of(exit_id)
+    leftover = session.scalars(
+        select(Class.id).where(Class.district_id == district_id, Class.removed_by.is_(None))
+    ).all()
+    out = drop_classes(session, leftover, trigger=trigger, rule=EXIT_RULE, under=exit_id)
+    out.merge(
+        convert_accounts(
+            session, _account_ids(session, district_id), trigger=trigger, parent_id=exit_id
+        )
     )
-    district_exit.status = "done"
+    district_exit.status = ExitStatus.DONE
     district_exit.finished_at = utcnow()
-    return outcome
+    return out
+
+
+def run_in_process(
+    session: Session, district_id: str, *, trigger: str, batch_size: int = CHUNK
+) -> Outcome:
+    """The whole exit in the session's transaction, unit after unit: the path without workers
+    (``grassroots district exit --in-process``, tests)."""
+    plan = start_exit(session, district_id, trigger=trigger, batch_size=batch_size)
+    out = Outcome()
+    while pending := pending_units(session, plan.exit_id):
+        for key, _ in pending:
+            out.merge(run_unit(session, plan.exit_id, key).outcome)
+    return out.merge(finish(session, plan.exit_id) or Outcome())
+
+
+def stalled_exits(session: Session, *, since: datetime) -> list[int]:
+    """Running exits that have not progressed since ``since``: a unit was lost with a worker, or
+    never reached the broker. They are stamped now, so the next pass leaves them alone for as
+    long again."""
+    ids = list(
+        session.scalars(
+            select(DistrictExit.id).where(
+                DistrictExit.status == ExitStatus.RUNNING, DistrictExit.progressed_at < since
+            )
+        )
+    )
+    if ids:
+        session.execute(
+            update(DistrictExit).where(DistrictExit.id.in_(ids)).values(progressed_at=utcnow())
+        )
+    return ids
+
+
+# --------------------------------------------------------------------------------------------
+# Progress
 
 
 @dataclass(frozen=True)
@@ -382,9 +506,6 @@ class ExitProgress:
             "started_at": self.started_at.isoformat(),
             "finished_at": self.finished_at.isoformat() if self.finished_at else None,
         }
-
-
-RESTORED = "restored"  # a progress status only: the exit's row keeps its own status
 
 
 def progress(session: Session, district_id: str) -> ExitProgress | None:

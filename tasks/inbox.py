@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeGuard
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from models import RosterEvent, utcnow
+from models import EventStatus, RosterEvent, utcnow
 from tasks.sql import dialect_insert, in_ids
 
 OBJECT_TYPES = {"users": "user", "sections": "section", "districts": "district"}
@@ -148,7 +148,7 @@ def inbox_row(raw: Any, *, source: str, now: datetime | None = None) -> dict[str
         "type": event_type,
         "source": source,
         "payload": raw,
-        "status": "rejected" if problem else "accepted",
+        "status": EventStatus.REJECTED if problem else EventStatus.ACCEPTED,
         "error": problem,
         "attempts": 0,
         "brake_released": False,
@@ -195,6 +195,40 @@ def store(session: Session, rows: Sequence[dict[str, Any]]) -> list[Ingested]:
         status = first[event_id]["status"] if event_id in new else stored.get(event_id)
         outcomes.append(Ingested(event_id, is_new, status or row["status"]))
     return outcomes
+
+
+def unsent_events(
+    session: Session,
+    *,
+    accepted_before: datetime,
+    processing_before: datetime,
+    limit: int = 5000,
+) -> list[str]:
+    """Events the broker may never have received: accepted and left alone since
+    ``accepted_before``, or processing since ``processing_before`` (a worker lost with them).
+    They are stamped now, so the next pass leaves them alone for as long again."""
+    ids = list(
+        session.scalars(
+            select(RosterEvent.id)
+            .where(
+                (
+                    (RosterEvent.status == EventStatus.ACCEPTED)
+                    & (RosterEvent.updated_at < accepted_before)
+                )
+                | (
+                    (RosterEvent.status == EventStatus.PROCESSING)
+                    & (RosterEvent.updated_at < processing_before)
+                )
+            )
+            .order_by(RosterEvent.received_at)
+            .limit(limit)
+        )
+    )
+    if ids:
+        session.execute(
+            update(RosterEvent).where(in_ids(RosterEvent.id, ids)).values(updated_at=utcnow())
+        )
+    return ids
 
 
 def ingest(session: Session, raw: Any, *, source: str) -> Ingested:

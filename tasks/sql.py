@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import psycopg
@@ -44,6 +44,14 @@ def chunks(items: Sequence[T], size: int = CHUNK) -> Iterator[list[T]]:
         yield list(items[start : start + size])
 
 
+def existing_ids(session: Session, column: Any, ids: Iterable[Any], *where: Any) -> set[Any]:
+    """The ids found in ``column`` (of rows that also meet ``where``)."""
+    found: set[Any] = set()
+    for batch in chunks(sorted(set(ids))):
+        found.update(session.scalars(select(column).where(column.in_(batch), *where)))
+    return found
+
+
 # Joins a list of text ids into one parameter for Postgres to split; no id may contain it.
 ID_SEPARATOR = "\x1f"  # ASCII unit separator
 
@@ -54,13 +62,13 @@ class InIds(ColumnElement[bool]):
     batch.
 
     Text ids travel as one string that Postgres splits (``string_to_array``): the driver quotes an
-    array parameter element by element in Python, which cost a district exit a sixth of its
-    client time. Other ids, or text ids holding the separator, travel as an array.
+    array parameter element by element in Python, a client cost paid on every batch of a district
+    exit. Other ids, or text ids holding the separator, travel as an array.
 
     ``skewed``: Postgres keeps most-common values for the column (a teacher id in the class
     links, say), and estimating ``= ANY(...)`` compares each of the thousand ids with that list
-    whenever the statement is planned for its ids: several milliseconds. The ids then go in as a
-    semi-join on their ``unnest``, which the planner estimates without that.
+    whenever the statement is planned for its ids, which makes planning slow. The ids then go in
+    as a semi-join on their ``unnest``, which the planner estimates without that.
 
     Cacheable: the ids travel in bound parameters that are part of the statement's cache key, so
     a statement of the same shape compiles once per process, whatever ids it is given. Each
@@ -122,6 +130,11 @@ def in_ids(column: Any, ids: Sequence[Any], *, skewed: bool = False) -> ColumnEl
     return InIds(column, ids, skewed=skewed)
 
 
+def count(session: Session, model: Any, *where: ColumnElement[bool]) -> int:
+    """How many rows of ``model`` meet ``where``."""
+    return session.scalar(select(func.count()).select_from(model).where(*where)) or 0
+
+
 def dialect_insert(session: Session, model: Any) -> Any:
     """The backend's own INSERT, which has ``on_conflict_do_nothing`` / ``_do_update``."""
     dialect = session.get_bind().dialect.name
@@ -139,11 +152,11 @@ class RowHash(ColumnElement[int]):
 
     Postgres hashes the row itself with ``hash_record_extended`` (Postgres 14+): each value by its
     type's own hash function (a NULL counts as 0, an empty string does not), mixed by position.
-    Every value must have a hash function (text, numbers, times; not ``json``). It costs a fifth of
-    an MD5 of the row's text, and the digest only has to catch a conversion that changed learner
-    data by mistake. SQLite calls the function registered below on a JSON array of the values.
-    The two give different numbers; a digest is only ever compared with one taken by the same
-    database, in the same transaction.
+    Every value must have a hash function (text, numbers, times; not ``json``). It is far cheaper
+    than an MD5 of the row's text, and the digest only has to catch a conversion that changed
+    learner data by mistake. SQLite calls the function registered below on a JSON array of the
+    values. The two give different numbers; a digest is only ever compared with one taken by the
+    same database, in the same transaction.
     """
 
     type = BigInteger()
@@ -220,9 +233,10 @@ def _row_hash_of_values(*values: Any) -> int:
     return _hash_of_text(json.dumps(values))
 
 
-# From this many rows on, Postgres gets the rows by COPY instead of an executemany, which psycopg
-# sends as one INSERT per row: 1,000 journal rows took 50 ms that way, and 4 ms by COPY.
-COPY_MIN_ROWS = 100
+# From this many rows on, a plain INSERT goes to Postgres by COPY, which streams the rows where
+# psycopg's executemany sends one INSERT per row. One account's conversion journals a handful of
+# rows (an executemany); an exit's batch of accounts, one or more per account (a COPY).
+COPY_INSERT_MIN_ROWS = 100
 
 
 def insert_rows(session: Session, model: Any, rows: Sequence[dict[str, Any]]) -> None:
@@ -238,7 +252,7 @@ def insert_rows(session: Session, model: Any, rows: Sequence[dict[str, Any]]) ->
         if col.key not in rows[0] and col.default is not None and not col.primary_key
     }
     session.flush()  # what the session holds goes first, as ``session.execute`` would
-    if len(rows) < COPY_MIN_ROWS or session.get_bind().dialect.name != "postgresql":
+    if len(rows) < COPY_INSERT_MIN_ROWS or session.get_bind().dialect.name != "postgresql":
         session.connection().execute(insert(table), list(rows))
         return
     fills = {key: _default_value(default) for key, default in defaults.items()}
@@ -246,18 +260,35 @@ def insert_rows(session: Session, model: Any, rows: Sequence[dict[str, Any]]) ->
     dialect = session.get_bind().dialect
     # Each value as SQLAlchemy would bind it (JSON serialised, type decorators applied).
     processors = [table.c[name].type._cached_bind_processor(dialect) for name in columns]
+    filled = list(fills.values())
+    copy_rows(
+        session,
+        table.name,
+        columns,
+        (
+            [
+                v if proc is None else proc(v)
+                for v, proc in zip([row[name] for name in names] + filled, processors, strict=True)
+            ]
+            for row in rows
+        ),
+    )
+
+
+def copy_rows(
+    session: Session, table_name: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]
+) -> None:
+    """Postgres: stream ``rows`` (each its values in ``columns`` order, as the driver takes them)
+    into ``table_name`` by COPY, on the session's own connection: part of its transaction."""
     dbapi = session.connection().connection.driver_connection
     if not isinstance(dbapi, psycopg.Connection):
         raise GrassrootsError("COPY needs the psycopg driver")
     statement = pgsql.SQL("COPY {} ({}) FROM STDIN").format(
-        pgsql.Identifier(table.name), pgsql.SQL(", ").join(map(pgsql.Identifier, columns))
+        pgsql.Identifier(table_name), pgsql.SQL(", ").join(map(pgsql.Identifier, columns))
     )
     with dbapi.cursor() as cursor, cursor.copy(statement) as copy:
         for row in rows:
-            values = [row[name] for name in names] + list(fills.values())
-            copy.write_row(
-                [v if proc is None else proc(v) for v, proc in zip(values, processors, strict=True)]
-            )
+            copy.write_row(row)
 
 
 def _default_value(default: Any) -> Any:

@@ -9,22 +9,28 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from models import (
     Account,
+    AccountKind,
+    AccountStatus,
     Assignment,
     Class,
     ClassTeacher,
     District,
+    DistrictStatus,
     Enrollment,
     Goal,
     ReportAccess,
+    Role,
     SkillProgress,
 )
 from tasks.conversion import AccountState, full_conversion
+from tasks.conversion.apply import STATE_COLUMNS
 from tasks.errors import NotFound
+from tasks.sql import count
 
 DISTRICT_ACCESS_ENDED = (
     "This account is no longer part of the district program: district reports are not available."
@@ -50,7 +56,11 @@ def _live_links(link: Any, who: Any, account_id: str) -> Any:
 
 
 def reports_allowed(session: Session, account: Account) -> bool:
-    if account.kind != "district" or account.status != "active" or not account.is_admin:
+    if (
+        account.kind != AccountKind.DISTRICT
+        or account.status != AccountStatus.ACTIVE
+        or not account.is_admin
+    ):
         return False
     return (
         session.scalar(
@@ -61,7 +71,7 @@ def reports_allowed(session: Session, account: Account) -> bool:
                 ReportAccess.account_id == account.id,
                 ReportAccess.district_id == account.district_id,
                 ReportAccess.removed_by.is_(None),
-                District.status == "active",
+                District.status == DistrictStatus.ACTIVE,
             )
         )
         or 0
@@ -135,22 +145,54 @@ def preview_exit(session: Session, district_id: str) -> dict[str, Any]:
     district = session.get(District, district_id)
     if district is None:
         raise NotFound(f"no district {district_id}")
-    accounts = session.execute(
-        select(
-            Account.id,
-            Account.is_admin,
-            Account.is_teacher,
-            Account.is_student,
-            Account.kind,
-            Account.status,
-            Account.district_id,
-        )
-        .where(Account.district_id == district_id, Account.kind == "district")
-        .order_by(Account.id)
-    ).all()
     live_classes = select(Class.id).where(
         Class.district_id == district_id, Class.removed_by.is_(None)
     )
+    granted = set(
+        session.scalars(
+            select(ReportAccess.account_id).where(
+                ReportAccess.district_id == district_id, ReportAccess.removed_by.is_(None)
+            )
+        )
+    )
+    per_account, per_role = _preview_accounts(
+        session, district_id, district.admin_removal, live_classes, granted
+    )
+
+    def live_rows(model: Any) -> int:
+        return count(session, model, model.class_id.in_(live_classes), model.removed_by.is_(None))
+
+    return {
+        "district": district_id,
+        "name": district.name,
+        "status": district.status,
+        "policy": {"admin_removal": district.admin_removal},
+        "accounts": len(per_account),
+        "roles": per_role,
+        "classes_removed": session.scalar(select(func.count()).select_from(live_classes.subquery()))
+        or 0,
+        "enrollments_removed": live_rows(Enrollment),
+        "teacher_links_removed": live_rows(ClassTeacher),
+        "goals_removed": live_rows(Goal),
+        "assignments_removed": live_rows(Assignment),
+        "report_grants_revoked": len(granted),
+        "per_account": per_account,
+    }
+
+
+def _preview_accounts(
+    session: Session,
+    district_id: str,
+    policy: str,
+    live_classes: Select[tuple[str]],
+    granted: set[str],
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, int]]]:
+    """Each district account as the exit would leave it, and the counts per role."""
+    accounts = session.execute(
+        select(*STATE_COLUMNS)
+        .where(Account.district_id == district_id, Account.kind == AccountKind.DISTRICT)
+        .order_by(Account.id)
+    ).all()
     teaching = Counter(
         session.scalars(
             select(ClassTeacher.teacher_id).where(
@@ -165,59 +207,29 @@ def preview_exit(session: Session, district_id: str) -> dict[str, Any]:
             )
         )
     )
-    granted = set(
-        session.scalars(
-            select(ReportAccess.account_id).where(
-                ReportAccess.district_id == district_id, ReportAccess.removed_by.is_(None)
-            )
-        )
-    )
-
-    def count(model: Any) -> int:
-        return (
-            session.scalar(
-                select(func.count())
-                .select_from(model)
-                .where(model.class_id.in_(live_classes), model.removed_by.is_(None))
-            )
-            or 0
-        )
-
     per_account = []
-    per_role: dict[str, Counter[str]] = {r: Counter() for r in ("admin", "teacher", "student")}
+    per_role: dict[str, Counter[str]] = {role: Counter() for role in Role}
     for row in accounts:
         state = AccountState.of(row)
-        plan = full_conversion(row.id, state, district.admin_removal)
-        item = {
-            "id": row.id,
-            "roles": sorted(state.roles),
-            "roles_after": sorted(plan.target.roles),
-            "status_after": plan.target.status,
-            "kind_after": plan.target.kind,
-            "district_classes_left": teaching[row.id],
-            "district_enrollments_removed": enrolled[row.id],
-            "district_reports_revoked": row.id in granted,
-        }
-        per_account.append(item)
+        plan = full_conversion(row.id, state, policy)
+        per_account.append(
+            {
+                "id": row.id,
+                "roles": sorted(state.roles),
+                "roles_after": sorted(plan.target.roles),
+                "status_after": plan.target.status,
+                "kind_after": plan.target.kind,
+                "district_classes_left": teaching[row.id],
+                "district_enrollments_removed": enrolled[row.id],
+                "district_reports_revoked": row.id in granted,
+            }
+        )
+        removed = plan.target.status == AccountStatus.REMOVED
         for role in state.roles:
             per_role[role]["accounts"] += 1
-            per_role[role]["removed" if plan.target.status == "removed" else "converted"] += 1
-    class_count = session.scalar(select(func.count()).select_from(live_classes.subquery())) or 0
-    return {
-        "district": district_id,
-        "name": district.name,
-        "status": district.status,
-        "policy": {"admin_removal": district.admin_removal},
-        "accounts": len(per_account),
-        "roles": {
-            role: {"accounts": c["accounts"], "converted": c["converted"], "removed": c["removed"]}
-            for role, c in per_role.items()
-        },
-        "classes_removed": class_count,
-        "enrollments_removed": count(Enrollment),
-        "teacher_links_removed": count(ClassTeacher),
-        "goals_removed": count(Goal),
-        "assignments_removed": count(Assignment),
-        "report_grants_revoked": len(granted),
-        "per_account": per_account,
+            per_role[role]["removed" if removed else "converted"] += 1
+    roles = {
+        role: {"accounts": c["accounts"], "converted": c["converted"], "removed": c["removed"]}
+        for role, c in per_role.items()
     }
+    return per_account, roles

@@ -15,27 +15,28 @@ from kombu import Queue as KombuQueue
 
 from tests.stack import RedisServer, spare_port
 from worker.broker import TRANSPORT
-from worker.celery_app import QUEUES, ROUTES, UnsafeConfiguration, app, check_safe
+from worker.celery_app import QUEUES, UnsafeConfiguration, app, check_safe
+from worker.names import ROUTES, TaskName
 from worker.settings import load_settings
+from worker.tasking import GrassrootsTask
 
 GRASSROOTS = Path(sys.executable).parent / "grassroots"
 
 
 def test_task_names_are_pinned_because_queued_messages_carry_them() -> None:
-    import tasks.jobs  # noqa: F401  (registers the tasks)
+    app.loader.import_default_modules()  # what a worker does: registers worker.jobs
 
     ours = sorted(name for name in app.tasks if name.startswith("grassroots."))
-    assert ours == sorted(
-        [
-            "grassroots.district_exit",
-            "grassroots.exit_unit",
-            "grassroots.finish_exit",
-            "grassroots.process_event",
-            "grassroots.purge",
-        ]
-        + [name for name in ROUTES if name == "grassroots.poll" and name in app.tasks]
-    )
-    assert set(ours) <= set(ROUTES)
+    assert ours == [
+        "grassroots.district_exit",
+        "grassroots.exit_unit",
+        "grassroots.finish_exit",
+        "grassroots.poll",
+        "grassroots.process_event",
+        "grassroots.purge",
+    ]
+    assert set(ours) == set(ROUTES) == set(TaskName)
+    assert all(isinstance(app.tasks[name], GrassrootsTask) for name in ours)
 
 
 def test_app_is_configured_for_at_least_once_delivery_with_json_only() -> None:

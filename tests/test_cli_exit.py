@@ -33,9 +33,9 @@ def _run_pending_units(exit_id: int) -> None:
         ).all()
     for key in keys:
         with session_scope() as session:
-            exits.run_unit(session, exit_id, key, trigger="test")
+            exits.run_unit(session, exit_id, key)
     with session_scope() as session:
-        exits.finish(session, exit_id, trigger="test")
+        exits.finish(session, exit_id)
 
 
 def _kind(account_id: str) -> str:

@@ -10,11 +10,12 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 from models import DeadLetter, RosterEvent
-from tasks import jobs
+from tasks.attempts import EventLedger
 from tasks.inbox import ingest
 from tests.app_env import CLOSED_BROKER, Configure
-from worker import db
+from worker import db, tasking
 from worker.db import session_scope
+from worker.jobs import process_event
 
 
 def test_a_dead_letter_is_written_after_a_transient_failure_to_write_it(
@@ -33,15 +34,10 @@ def test_a_dead_letter_is_written_after_a_transient_failure_to_write_it(
             raise OperationalError("UPDATE roster_events", {}, Exception("lock timeout"))
         return real_scope()
 
-    monkeypatch.setattr(jobs, "session_scope", lock_timeout_first)
+    monkeypatch.setattr(tasking, "session_scope", lock_timeout_first)
 
-    jobs._dead_letter(
-        task="grassroots.process_event",
-        args={"event_id": "evt-1"},
-        event_id="evt-1",
-        exc=RuntimeError("it broke"),
-        reason="error",
-        attempts=1,
+    process_event._dead_letter(
+        EventLedger("evt-1"), ("evt-1",), {}, RuntimeError("it broke"), "error", 1
     )
 
     assert len(tries) == 2

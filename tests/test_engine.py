@@ -17,7 +17,9 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from models import Account, Class, Enrollment, JournalEntry, SkillProgress, utcnow
-from tasks import conversion
+from tasks import conversion, exits
+from tasks.conversion import apply as conversion_apply
+from tasks.conversion import journal as conversion_journal
 from tasks.errors import InvariantViolation, RestoreRefused
 from tasks.roster import MAX_PROBLEMS, SnapshotError, load_snapshot
 from tasks.view import account_view
@@ -35,14 +37,14 @@ def test_conversion_that_would_touch_learner_data_is_rolled_back_whole(
 ) -> None:
     load_snapshot(session, example())
     before = account_view(session, STEVE)
-    real_mark = conversion._mark
+    real_mark = conversion_journal.mark
 
     def mark_and_lose_progress(*args: Any, **kwargs: Any) -> int:
         # A fault inside the conversion: a statement that deletes a learner's progress.
         session.execute(delete(SkillProgress).where(SkillProgress.student_id == STEVE))
         return real_mark(*args, **kwargs)
 
-    monkeypatch.setattr(conversion, "_mark", mark_and_lose_progress)
+    monkeypatch.setattr(conversion_apply, "mark", mark_and_lose_progress)  # as apply calls it
     savepoint = session.begin_nested()
     with pytest.raises(InvariantViolation) as failure:
         conversion.convert_account(session, STEVE, trigger="test")
@@ -91,7 +93,7 @@ def test_seeding_an_exited_district_again_after_the_purge_brings_nothing_back(
 ) -> None:
     load_snapshot(session, example())
     before = account_view(session, STEVE)
-    conversion.run_district_exit(session, DISTRICT, trigger="test")
+    exits.run_in_process(session, DISTRICT, trigger="test")
     conversion.purge(session, retention_days=30, now=utcnow() + timedelta(days=31))
     assert _live_district_classes(session, DISTRICT) == 0
     after = account_view(session, STEVE)
@@ -316,14 +318,14 @@ def test_seed_command_is_idempotent_and_refuses_a_bad_file_with_nothing_written(
 def test_bulk_copy_path_loads_exactly_what_the_row_path_loads(
     session: Session, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tasks import roster
+    from tasks.roster import mirror
     from tests.scenario import PEOPLE
 
     savepoint = session.begin_nested()
     load_snapshot(session, example())
     by_rows = {p: account_view(session, p) for p in PEOPLE}
     savepoint.rollback()
-    monkeypatch.setattr(roster, "COPY_MIN_ROWS", 1)  # every table through COPY on Postgres
+    monkeypatch.setattr(mirror, "COPY_UPSERT_MIN_ROWS", 1)  # every table through COPY on Postgres
     load_snapshot(session, example())
     load_snapshot(session, example())  # and again: existing rows take the upsert
     assert {p: account_view(session, p) for p in PEOPLE} == by_rows

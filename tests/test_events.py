@@ -7,7 +7,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from models import RosterEvent
-from tasks import events
+from tasks import brake, events
 from tasks.errors import WaitForRoster
 from tasks.inbox import ingest
 from tasks.roster import load_snapshot
@@ -92,10 +92,10 @@ def test_held_removal_discarded_by_an_operator_leaves_the_account_as_it_was(
     second = events.process_event(session, "d-1", limits)
     assert first is not None and first.status == "done"
     assert second is not None and second.status == "held"
-    assert events.discard_held(session, district_id=DISTRICT, by="test") == ["d-1"]
+    assert brake.discard_held(session, district_id=DISTRICT, by="test") == ["d-1"]
     assert events.process_event(session, "d-1", limits) is None
     assert account_view(session, MARIA)["kind"] == "district"
-    assert events.held_events(session) == []
+    assert brake.held_events(session) == []
 
 
 def _user_updated(session: Session, event_id: str, obj: dict[str, object], created: str) -> None:

@@ -14,11 +14,11 @@ from sqlalchemy.orm import Session
 from models import Class as Klass
 from models import ClassTeacher, DistrictExit, ExitUnit
 from tasks import exits
-from tasks.jobs import is_transient
 from tasks.roster import load_snapshot
 from tests.conftest import PgDatabases
 from tests.scenario import DISTRICT, KIM, example
 from worker.db import make_engine
+from worker.tasking import is_transient
 
 
 @dataclass
@@ -117,7 +117,7 @@ def test_a_unit_that_fails_keeps_its_count_and_runs_once_the_lock_is_gone(starte
     assert isinstance(failed.value.error, OperationalError) and is_transient(failed.value.error)
     assert unit_state(ex) == ("pending", 1)
     assert kims_live_classes(ex) == classes
-    with autocommit(ex) as conn:
-        assert exits.run_teacher_unit(conn, ex.exit_id, ex.key).ran
+    with Session(ex.engine) as session, session.begin():
+        assert exits.run_unit(session, ex.exit_id, ex.key).ran
     assert unit_state(ex) == ("done", 1)
     assert kims_live_classes(ex) == []

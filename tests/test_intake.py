@@ -33,8 +33,9 @@ from tests.app_env import CLOSED_BROKER, Configure
 from tests.conftest import PgDatabases
 from tests.scenario import DISTRICT, STEVE
 from worker import db, intake
-from worker.api import MAX_BODY, app
+from worker.api import app
 from worker.intake import InboxWriter
+from worker.receiver import MAX_BODY
 from worker.signing import signed_headers
 
 SECRET = "whsec_" + base64.b64encode(b"grassroots-intake-webhook-secret").decode()

@@ -8,11 +8,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 from sqlalchemy import update
 
 from models import RosterEvent
+from tasks.conversion.rules import rule_outcome
 from tasks.inbox import inbox_row, store
 from tests.app_env import CLOSED_BROKER, Configure
 from tests.scenario import DISTRICT, STEVE
 from worker.db import session_scope
-from worker.metrics import PipelineCollector, _outcome
+from worker.metrics import PipelineCollector
 
 
 @pytest.mark.parametrize(
@@ -27,7 +28,7 @@ from worker.metrics import PipelineCollector, _outcome
     ],
 )
 def test_conversion_rules_map_to_role_and_outcome(rule: str, labels: tuple[str, str]) -> None:
-    assert _outcome(rule) == labels
+    assert rule_outcome(rule) == labels
 
 
 def _store(*events: tuple[str, str]) -> None:

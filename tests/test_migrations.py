@@ -7,6 +7,8 @@ from alembic.migration import MigrationContext
 from sqlalchemy import Engine, inspect
 
 from models import Base
+from worker.db import make_engine
+from worker.migrate import downgrade, upgrade
 
 
 def test_migrations_build_exactly_the_tables_the_models_declare(engine: Engine) -> None:
@@ -19,12 +21,7 @@ def test_migrations_build_exactly_the_tables_the_models_declare(engine: Engine) 
 
 
 def test_migrations_run_down_to_nothing_and_back_up(database_url: str) -> None:
-    from alembic import command
-
-    from worker.db import make_engine
-    from worker.migrate import alembic_config, upgrade
-
-    command.downgrade(alembic_config(database_url), "base")
+    downgrade(database_url)
     engine = make_engine(database_url)
     with engine.connect() as conn:
         assert set(inspect(conn).get_table_names()) <= {"alembic_version"}

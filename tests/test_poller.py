@@ -42,20 +42,14 @@ from tests.conftest import PgDatabases, _fresh_sqlite
 from tests.fake_clever import FakeClever, Scripted
 from tests.stack import RedisServer, Stack, clever_event, running_stack, wait_until
 from worker import db as worker_db
-from worker.celery_app import ROUTES
 from worker.celery_app import app as celery_app
-from worker.cli_poll import poll as poll_command
+from worker.clever import DistrictToken, RateLimiter, parse_tokens
+from worker.cli.poll import poll as poll_command
 from worker.db import make_engine, session_scope
-from worker.poller import (
-    DistrictToken,
-    PollOptions,
-    PollResult,
-    RateLimiter,
-    parse_tokens,
-    poll_all,
-    poll_district,
-    reset_district,
-)
+from worker.jobs import poll as poll_task
+from worker.jobs import process_event
+from worker.names import ROUTES
+from worker.poller import PollOptions, PollResult, poll_all, poll_district, reset_district
 from worker.settings import ConfigError, get_settings
 
 FAST = PollOptions(
@@ -553,7 +547,7 @@ def test_the_same_events_from_webhook_and_poller_at_once_are_stored_and_sent_onc
 
 def _apply(db: Db, event_ids: list[str]) -> list[str]:
     """What the workers do with the sent events, in order, in-process."""
-    statuses = []
+    statuses: list[str] = []
     for event_id in event_ids:
         with db.session() as s:
             routed = routing.process_event(s, event_id, routing.Limits(brake_percent=100))
@@ -564,8 +558,8 @@ def _apply(db: Db, event_ids: list[str]) -> list[str]:
                 # Phase by phase (teachers, then account batches), as the workers are sent them.
                 while pending := exits.pending_units(s, routed.exit_id):
                     for key, _ in pending:
-                        exits.run_unit(s, routed.exit_id, key, trigger="test")
-                exits.finish(s, routed.exit_id, trigger="test")
+                        exits.run_unit(s, routed.exit_id, key)
+                exits.finish(s, routed.exit_id)
     return statuses
 
 
@@ -660,7 +654,7 @@ def _poll_env(db: Db, clever: FakeClever, ids: Ids, broker: str) -> dict[str, st
 
 
 def _poll_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "worker.cli_poll", "--page-size", "2", *args]
+    return [sys.executable, "-m", "worker.cli", "poll", "--page-size", "2", *args]
 
 
 def _sent_to_workers(broker: RedisServer) -> Counter[str]:
@@ -840,8 +834,6 @@ def test_poll_command_refuses_a_district_without_a_token(
 def test_poll_task_has_a_stable_name_and_polls_the_districts_of_its_environment(
     configure: Callable[..., None], db: Db, ids: Ids, clever: FakeClever
 ) -> None:
-    from tasks.poll_jobs import poll as poll_task
-
     clever.add(ids.district(), ids.event(1))
     configure(
         DATABASE_URL=db.url,
@@ -887,8 +879,6 @@ class StackPoller:
     token: DistrictToken
 
     def enqueue(self, event_ids: Any) -> None:
-        from tasks.jobs import process_event
-
         with celery_app.connection_for_write(self.stack.redis.url) as conn:
             producer = conn.Producer()
             for event_id in event_ids:

@@ -29,7 +29,7 @@ from models import (
     JournalEntry,
     SkillProgress,
 )
-from tasks import conversion
+from tasks import conversion, exits
 from tasks.errors import RestoreRefused
 from tasks.roster import load_snapshot
 from tasks.view import account_view
@@ -91,7 +91,7 @@ def apply(session: Session, op: Op) -> int:
             session, op.target, students=op.students, teachers=op.teachers, trigger=T
         ).journal_entries
     if op.kind == "exit":
-        return conversion.run_district_exit(session, op.target, trigger=T).journal_entries
+        return exits.run_in_process(session, op.target, trigger=T).journal_entries
     try:
         with session.begin_nested():
             result = conversion.restore(
@@ -261,7 +261,7 @@ def test_restore_after_conversion_or_district_exit_gives_back_every_view(
         before = views(session, roster)
         if undo == "exit":
             subject = data.draw(st.sampled_from(sorted(roster.districts)), label="district")
-            exited = conversion.run_district_exit(session, subject, trigger=T)
+            exited = exits.run_in_process(session, subject, trigger=T)
             assert exited.journal_entries > 0
             status = select(District.status).where(District.id == subject)
             assert session.scalar(status) == "exited"

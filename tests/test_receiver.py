@@ -23,7 +23,8 @@ from models import RosterEvent
 from tests.app_env import CLOSED_BROKER, CLOSED_DATABASE, Configure, assert_error
 from tests.scenario import DISTRICT, STEVE
 from worker import db
-from worker.api import MAX_BODY, app
+from worker.api import app
+from worker.receiver import MAX_BODY
 from worker.signing import signed_headers
 
 URL = "/webhooks/clever"

@@ -263,7 +263,12 @@ def test_beat_is_silent_when_idle_and_relays_an_event_accepted_while_redis_was_d
             what="the relayed event processed",
         )
         loud = [(r["level"], r["msg"]) for r in beat_relay_lines(stack) if r["level"] != "debug"]
-        assert [level for level, _ in loud] == ["error", "warning", "warning"]
+        # The failing streak is logged once when it starts and once when it ends. The event may
+        # be relayed twice on a loaded machine: taken from the queue by the worker, it is
+        # "accepted" for a moment before the worker counts its attempt, and a pass that falls
+        # in that moment sends it again (harmless: the second copy finds it processed).
+        assert [level for level, _ in loud[:3]] == ["error", "warning", "warning"]
         assert loud[0][1].startswith("relay pass failed;")
         assert loud[1][1].startswith("relay passes succeed again after")
         assert loud[2][1] == line["msg"]
+        assert all(msg.startswith("relayed: sent 1 event(s) again") for _, msg in loud[3:])

@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from models import JournalEntry
-from tasks import conversion
+from tasks import conversion, exits
 from tasks.roster import load_snapshot
 from tasks.view import account_view, find_account, reports_allowed
 from tests.scenario import (
@@ -72,7 +72,7 @@ def assert_exit_outcome(v: dict[str, dict[str, Any]]) -> None:
 
 def test_district_exit_with_convert_policy_matches_scenario_a(seeded: Session) -> None:
     before = views(seeded)
-    conversion.run_district_exit(seeded, DISTRICT, trigger=T)
+    exits.run_in_process(seeded, DISTRICT, trigger=T)
     after = views(seeded)
     assert_exit_outcome(after)
     assert after[PAT]["roles"] == ["teacher"] and after[PAT]["status"] == "active"
@@ -85,7 +85,7 @@ def test_district_exit_with_convert_policy_matches_scenario_a(seeded: Session) -
 
 def test_district_exit_with_remove_policy_removes_admin_only_account(session: Session) -> None:
     load_snapshot(session, example("remove"))
-    conversion.run_district_exit(session, DISTRICT, trigger=T)
+    exits.run_in_process(session, DISTRICT, trigger=T)
     v = views(session)
     assert v[PAT]["status"] == "removed"
     assert not reports_allowed(session, find_account(session, PAT))
@@ -144,7 +144,7 @@ def test_every_scenario_twice_equals_once_and_journals_nothing_new_scenario_f(
 ) -> None:
     def run() -> conversion.Outcome:
         if scenario == "exit":
-            return conversion.run_district_exit(seeded, DISTRICT, trigger=T)
+            return exits.run_in_process(seeded, DISTRICT, trigger=T)
         if scenario == "student":
             return conversion.convert_account(seeded, STEVE, trigger=T)
         if scenario == "teacher":
@@ -171,9 +171,9 @@ def test_restore_brings_back_exactly_the_state_before_conversion(seeded: Session
 
 def test_restore_of_district_undoes_the_whole_exit(seeded: Session) -> None:
     before = views(seeded)
-    conversion.run_district_exit(seeded, DISTRICT, trigger=T)
+    exits.run_in_process(seeded, DISTRICT, trigger=T)
     conversion.restore(seeded, DISTRICT, trigger=T, retention_days=30)
     assert views(seeded) == before
     # and the district can leave again afterwards
-    conversion.run_district_exit(seeded, DISTRICT, trigger=T)
+    exits.run_in_process(seeded, DISTRICT, trigger=T)
     assert_exit_outcome(views(seeded))

@@ -10,9 +10,9 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session
 
 from models import District, JournalEntry
-from tasks import exits
+from tasks.attempts import BUMP_UNIT
 from tasks.sql import (
-    COPY_MIN_ROWS,
+    COPY_INSERT_MIN_ROWS,
     ID_SEPARATOR,
     ROW_HASH_BITS,
     AsyncCommit,
@@ -104,7 +104,7 @@ def test_async_commit_skips_the_wal_wait_of_its_own_transaction_only(pg_engine: 
 def test_statements_with_async_commit_compile_once() -> None:
     # Without a cache key SQLAlchemy compiles the statement again on every execution.
     assert AsyncCommit()._generate_cache_key() is not None
-    assert exits.BUMP_ATTEMPTS._generate_cache_key() is not None
+    assert BUMP_UNIT._generate_cache_key() is not None
     assert str(select(AsyncCommit()).compile(dialect=sqlite.dialect())) == "SELECT NULL AS anon_1"
 
 
@@ -179,7 +179,7 @@ def test_in_ids_as_a_semi_join_has_a_cache_key_of_its_own() -> None:
     assert key(["d1"], False) == key(["d2", "d3"], False)
 
 
-@pytest.mark.parametrize("count", [3, COPY_MIN_ROWS + 5])
+@pytest.mark.parametrize("count", [3, COPY_INSERT_MIN_ROWS + 5])
 def test_insert_rows_stores_every_row_as_given_with_defaults_filled(
     session: Session, count: int
 ) -> None:

@@ -3,9 +3,9 @@ its acknowledgement bookkeeping sent without MULTI/EXEC.
 
 kombu's Redis channel builds a new ``redis.Redis`` each time it records a delivered message as
 unacknowledged and each time it acknowledges one, and redis-py copies its table of about 170
-response callbacks into every client it builds. With late acks that is two clients per task: in a
-district exit's thousands of short teacher units, the worker's main process spent about a tenth
-of its time building them.
+response callbacks into every client it builds. With late acks that is two clients per task, which
+the worker's main process builds one task at a time: a measurable share of its time in a district
+exit's thousands of short teacher units (figures in bench/README.md).
 
 The client kept here shares the channel's connection pool, as every client kombu builds does:
 each command checks a connection out of that pool, and a pipeline is still made per use. It is
@@ -14,8 +14,8 @@ built again when the channel replaces its pool (after a fork, or a reconnection)
 With late acks, the main process records each delivered message as unacknowledged (ZADD to an
 index, HSET of the message) and removes both on its ack, two commands each time, which kombu
 wraps in MULTI/EXEC. The worker's main process does this for every task, one task at a time,
-and the transaction doubles the commands Redis and redis-py handle: 285 µs a task here against
-167 µs without it. ``QoS`` sends the two commands as a plain pipeline, in one write on one
+and the transaction doubles the commands Redis and redis-py handle (bench/README.md has the
+per-task cost of each). ``QoS`` sends the two commands as a plain pipeline, in one write on one
 connection, which Redis runs in order. Nothing depends on their being atomic. No restore looks
 at a message recorded less than the visibility timeout ago. A pipeline cut short (the
 connection lost halfway) applies only its first command: when recording, an index entry with no
@@ -31,12 +31,15 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+import redis
 from kombu.transport import redis as kombu_redis
+
+from worker.settings import get_settings
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -71,6 +74,45 @@ class Transport(kombu_redis.Transport):
 
 # For Celery's ``broker_transport`` setting.
 TRANSPORT = f"{__name__}:Transport"
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the queues (status, metrics, the relay)
+
+# kombu's Redis transport keeps each priority level of a queue in its own list, named as its
+# ``Channel._q_for_pri`` names it (the level 0 list is the queue's own name).
+_PRIORITY_SUFFIXES = tuple(
+    f"{kombu_redis.Channel.sep}{level}" if level else ""
+    for level in kombu_redis.Channel.priority_steps
+)
+
+
+def broker_client() -> redis.Redis:
+    """A plain Redis client of the broker, with short timeouts: a status never hangs on it."""
+    return redis.Redis.from_url(
+        get_settings().broker_url, socket_timeout=2, socket_connect_timeout=2
+    )
+
+
+def queue_depths(client: redis.Redis, queues: Sequence[str]) -> tuple[dict[str, int], int]:
+    """Messages waiting per named queue, and messages delivered but not yet acknowledged
+    (running, or waiting out a retry countdown)."""
+    pipe = client.pipeline()
+    for name in queues:
+        for suffix in _PRIORITY_SUFFIXES:
+            pipe.llen(name + suffix)
+    pipe.hlen(kombu_redis.Channel.unacked_key)
+    counts = pipe.execute()
+    per = len(_PRIORITY_SUFFIXES)
+    depths = {name: sum(counts[i * per : (i + 1) * per]) for i, name in enumerate(queues)}
+    return depths, int(counts[-1])
+
+
+def unacked_in(client: redis.Redis, queue: str) -> int:
+    """Messages taken from ``queue`` and not yet acknowledged (kombu keeps each as JSON
+    ``[message, exchange, routing key]``; a routing key names its queue)."""
+    stored = client.hvals(kombu_redis.Channel.unacked_key)
+    return sum(1 for message in stored if json.loads(message)[2] == queue)
 
 
 def _due(headers: dict[str, Any]) -> float:

@@ -1,42 +1,27 @@
-"""The Celery app, configured once (SPEC §6). Tasks live in ``tasks.jobs``."""
+"""The Celery app, configured once (SPEC §6). Its tasks are ``worker.jobs``; every task's base class
+is ``worker.tasking.GrassrootsTask``."""
 
 from __future__ import annotations
 
 import gc
-import os
 from typing import Any
 
 from celery import Celery, signals
-from kombu import Queue
+from kombu import Queue as KombuQueue
 
-from worker import broker
+from worker import broker, logs
+from worker.names import ROUTES, Queue, TaskName
 from worker.settings import Settings, get_settings
 
-QUEUES = ("events", "conversions", "fanout", "maintenance")
-ROUTES = {
-    "grassroots.process_event": {"queue": "events"},
-    "grassroots.district_exit": {"queue": "fanout"},
-    "grassroots.exit_unit": {"queue": "fanout"},
-    "grassroots.finish_exit": {"queue": "fanout"},
-    "grassroots.purge": {"queue": "maintenance"},
-    "grassroots.poll": {"queue": "maintenance"},
-}
+QUEUES = tuple(str(queue) for queue in Queue)
 
 
 class UnsafeConfiguration(RuntimeError):
     """The worker would lose or duplicate work with these settings: it refuses to start."""
 
 
-def visibility_timeout(settings: Settings) -> int:
-    """Longer than any retry countdown, or Redis would hand a waiting retry to a second worker."""
-    override = os.environ.get("BROKER_VISIBILITY_TIMEOUT")
-    if override:
-        return int(override)
-    return max(3600, 2 * settings.retry_backoff_max + 600)
-
-
 def transport_options(settings: Settings) -> dict[str, Any]:
-    timeout = visibility_timeout(settings)
+    timeout = settings.visibility_timeout
     # kombu sweeps for unacknowledged messages of dead workers every interval x throttle seconds
     # (100 s by default): keep that well under a short visibility timeout.
     short = timeout < 600
@@ -71,22 +56,22 @@ def build_config(settings: Settings) -> dict[str, Any]:
         "task_track_started": False,
         "worker_prefetch_multiplier": 1,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
-        # Task events cost the worker's main process a Redis round trip each, three per task:
-        # over a third of its time in a district exit. Flower turns them on while it watches
+        # Task events cost the worker's main process a Redis round trip each, three per task,
+        # paid one task at a time in a district exit. Flower turns them on while it watches
         # (its --enable_events, on by default); nothing else reads them.
         "worker_send_task_events": False,
-        "task_default_queue": "events",
-        "task_queues": [Queue(name) for name in QUEUES],
+        "task_default_queue": Queue.EVENTS,
+        "task_queues": [KombuQueue(name) for name in QUEUES],
         "task_routes": ROUTES,
-        # The relay is not on the schedule: it is a loop of beat's own (``_start_relay``).
+        # The relay is not on the schedule: it is a loop of beat's own (``worker.relay``).
         "beat_schedule": {
-            "purge": {"task": "grassroots.purge", "schedule": 3600.0},
+            "purge": {"task": TaskName.PURGE, "schedule": 3600.0},
             # Only with district tokens to poll. A pass that waited a whole interval in the
             # queue is dropped: the next one reads the same feed from the same cursor.
             **(
                 {
                     "poll": {
-                        "task": "grassroots.poll",
+                        "task": TaskName.POLL,
                         "schedule": settings.poll_interval,
                         "options": {"expires": settings.poll_interval},
                     }
@@ -121,9 +106,8 @@ def check_safe(conf: Any, settings: Settings) -> None:
 
 
 def create_app() -> Celery:
-    settings = get_settings()
-    celery = Celery("grassroots", include=["tasks.jobs", "tasks.poll_jobs"])
-    celery.conf.update(build_config(settings))
+    celery = Celery("grassroots", include=["worker.jobs"], task_cls="worker.tasking:GrassrootsTask")
+    celery.conf.update(build_config(get_settings()))
     return celery
 
 
@@ -147,25 +131,7 @@ def _share_memory_with_the_pool(**_: Any) -> None:
     gc.freeze()
 
 
-@signals.beat_init.connect
-def _start_relay(**_: Any) -> None:
-    # Every RELAY_INTERVAL seconds, in the one beat a deployment runs; a thread rather than a
-    # scheduled task, so an idle relay writes no log lines and no task rows in Flower.
-    from worker.relay import start
-
-    start(get_settings().relay_interval)
-
-
 @signals.setup_logging.connect
 def _json_logs(**_: Any) -> None:
     # Connecting here stops Celery from installing its own handlers: worker and beat log JSON.
-    from worker.logs import configure
-
-    configure("celery")
-
-
-@signals.task_prerun.connect
-def _bind_task(task_id: str | None = None, task: Any = None, **_: Any) -> None:
-    from worker.logs import _bound
-
-    _bound.set({"task": getattr(task, "name", None), "task_id": task_id})
+    logs.configure("celery")

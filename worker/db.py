@@ -63,8 +63,8 @@ def postgres_options(own: str | None = None) -> str:
     - ``lock_timeout``: a statement waiting on a row lock gives up after LOCK_TIMEOUT_MS and its
       task is retried, on every transaction without a ``SET`` round trip each.
     - ``random_page_cost``: the default (4) prices an index probe for a spinning disk, so looking
-      up a batch of 1,000 ids "costs" more than reading the whole table; the learner checksum of
-      one exit batch scanned 100,000 accounts and 500,000 progress rows (85 ms instead of 22 ms).
+      up a batch of 1,000 ids "costs" more than reading the whole table (the learner checksum of
+      an exit batch then scans every account and progress row: bench/README.md).
       1.1 is what the Postgres documentation suggests for SSDs and data that fits in memory.
 
     ``options`` given in DATABASE_URL come last, so they win.
@@ -104,8 +104,8 @@ def _ping_when_idle(engine: Engine) -> None:
     """Pessimistic disconnect handling, without a round trip on every checkout.
 
     ``pool_pre_ping`` pings each time a connection leaves the pool: an exit unit checks one out
-    twice, and under load the pings were a sixth of a worker's time. A connection in steady use
-    is known to be alive; only one that idled (through a database restart, say) is pinged, and
+    twice, and under load the pings took a large share of a worker's time. A connection in
+    steady use is known to be alive; only one that idled (a database restart, say) is pinged, and
     if the ping fails the pool replaces it. A connection lost mid-use still fails its task, which
     the task's retries take care of.
     """
@@ -160,6 +160,6 @@ def autocommit() -> Iterator[Connection]:
 
 def refresh_statistics(session: Session) -> None:
     """After a bulk load, tell Postgres' planner what the tables now hold: with the statistics of
-    empty tables it picks nested loops that turn a 5 ms query into a 500 ms one."""
+    empty tables it picks nested loops that make a query a hundred times slower."""
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("ANALYZE"))

@@ -17,9 +17,14 @@ from typing import Any
 
 import click
 import httpx
+from sqlalchemy import select
 
+from models import EventStatus, RosterEvent, utcnow
+from tasks.brake import allowance
+from tasks.roster import load_snapshot
+from tasks.view import account_view
 from worker.db import session_scope
-from worker.settings import HOME_SECRETS, ConfigError, get_settings
+from worker.settings import get_settings
 from worker.signing import signed_headers
 
 DISTRICT = "5b2a6f0c8e9d7a0011223344"
@@ -39,19 +44,6 @@ def example_roster() -> dict[str, Any]:
     return data
 
 
-def webhook_secret() -> str:
-    """The secret to sign with: the first of WEBHOOK_SECRETS, which the command line has filled
-    from the stack's home when unset (``settings.home_secrets``)."""
-    settings = get_settings()
-    if settings.webhook_secrets:
-        return settings.webhook_secrets[0]
-    kept = settings.home.absolute() / HOME_SECRETS["WEBHOOK_SECRETS"]
-    raise ConfigError(
-        f"no webhook secret to sign with: WEBHOOK_SECRETS is not set and there is no {kept}:"
-        " start a stack with `grassroots run`, pass --home, or set WEBHOOK_SECRETS"
-    )
-
-
 def describe(view: dict[str, Any]) -> str:
     classes = ", ".join(
         f"{c['id'][-4:] if c['district_synced'] else c['id']}" for c in view["classes"]
@@ -64,8 +56,6 @@ def describe(view: dict[str, Any]) -> str:
 
 
 def show(title: str) -> None:
-    from tasks.view import account_view
-
     click.secho(title, bold=True)
     with session_scope() as session:
         for account_id, who in PEOPLE.items():
@@ -96,21 +86,19 @@ def events(run: str) -> list[dict[str, Any]]:
 def brake_note(steve_event: str, status: str) -> str:
     """Where the removal brake stands in the demo's district, now that Steve's removal was
     ``status``."""
-    from models import utcnow
-    from tasks.events import brake_engaged
-
     percent = get_settings().removal_brake_percent
     with session_scope() as session:
-        engaged = brake_engaged(session, DISTRICT, percent=percent, now=utcnow())
+        left = allowance(session, DISTRICT, percent=percent, now=utcnow())
     rule = f"REMOVAL_BRAKE_PERCENT={percent:g}% of its accounts in 24 h, at least one a day"
-    if status == "held":
+    if status == EventStatus.HELD:
         return (
             f"Steve's removal was held by the removal brake: this district's allowance ({rule})"
             f" is used, by an earlier demo most likely. `grassroots held release {steve_event}`"
             f" applies it; `grassroots held discard {steve_event}` drops it."
         )
-    if not engaged:
-        return f"The removal brake ({rule}) still allows removals in this district today."
+    if left > 0:
+        more = f"{left} more removal{'' if left == 1 else 's'}"
+        return f"The removal brake ({rule}) still allows {more} in this district today."
     return (
         f"The removal brake ({rule}) now allows no more removals in this district until those"
         " of the last 24 h age out: a further users.deleted there is held until an operator"
@@ -118,36 +106,24 @@ def brake_note(steve_event: str, status: str) -> str:
     )
 
 
-def run_demo(url: str, timeout: float = 60) -> None:
-    # Here, not at the top: `grassroots send-webhook` imports this module for webhook_secret.
-    from tasks.roster import load_snapshot
+def _send(url: str, secret: str, event: dict[str, Any]) -> None:
+    body = json.dumps(event).encode()
+    headers = {"content-type": "application/json", **signed_headers(secret, body)}
+    try:
+        answer = httpx.post(url, content=body, headers=headers, timeout=10)
+    except httpx.HTTPError as exc:
+        raise DemoError(
+            f"{url} is not answering ({type(exc).__name__}): start the stack"
+            " with `grassroots run` first"
+        ) from exc
+    if answer.status_code != 202:
+        raise DemoError(f"{url} answered {answer.status_code}: {answer.text}")
+    click.echo(f"sent {event['type']:<14} {event['id']} -> {answer.status_code} {answer.text}")
 
-    with session_scope() as session:
-        load_snapshot(session, example_roster())
-    secret = webhook_secret()
-    click.echo("seeded the example district (idempotent): 6 people, 3 sections, 2 clubs")
-    show("before")
-    run = uuid.uuid4().hex[:8]
-    sent = []
-    for event in events(run):
-        body = json.dumps(event).encode()
-        headers = {"content-type": "application/json", **signed_headers(secret, body)}
-        try:
-            answer = httpx.post(url, content=body, headers=headers, timeout=10)
-        except httpx.HTTPError as exc:
-            raise DemoError(
-                f"{url} is not answering ({type(exc).__name__}): start the stack"
-                " with `grassroots run` first"
-            ) from exc
-        if answer.status_code != 202:
-            raise DemoError(f"{url} answered {answer.status_code}: {answer.text}")
-        click.echo(f"sent {event['type']:<14} {event['id']} -> {answer.status_code} {answer.text}")
-        sent.append(event["id"])
+
+def _processed(sent: list[str], timeout: float) -> dict[str, str]:
+    """The final statuses of the events sent, once the workers are done with them."""
     deadline = time.monotonic() + timeout
-    from sqlalchemy import select
-
-    from models import RosterEvent
-
     while True:
         with session_scope() as session:
             states = dict(
@@ -157,24 +133,37 @@ def run_demo(url: str, timeout: float = 60) -> None:
                 .tuples()
                 .all()
             )
-        if all(states.get(e) not in (None, "accepted", "processing") for e in sent):
-            break
+        if all(states.get(e) not in (None, *EventStatus.in_flight()) for e in sent):
+            return states
         if time.monotonic() > deadline:
             raise DemoError(
                 f"events still waiting after {timeout:.0f}s ({states}): is a worker running?"
             )
         time.sleep(0.3)
+
+
+def run_demo(url: str, secret: str, timeout: float = 60) -> None:
+    """Against the stack whose receiver is at ``url``, signing with ``secret``."""
+    with session_scope() as session:
+        load_snapshot(session, example_roster())
+    click.echo("seeded the example district (idempotent): 6 people, 3 sections, 2 clubs")
+    show("before")
+    sent = []
+    for event in events(uuid.uuid4().hex[:8]):
+        _send(url, secret, event)
+        sent.append(event["id"])
+    states = _processed(sent, timeout)
     click.echo("processed: " + ", ".join(f"{e} {states[e]}" for e in sent))
     show("after")
     steve = states[sent[0]]
-    if steve == "done":
+    if steve == EventStatus.DONE:
         click.echo(
             "Steve left the roster: grassroots, out of district classes, still in the math club"
             " with all his progress."
         )
-    elif steve == "ignored":
+    elif steve == EventStatus.IGNORED:
         click.echo("Steve was a grassroots account already (an earlier demo): nothing to remove.")
     click.echo("Rivera lost the admin role: still a district teacher, district reports denied.")
     click.echo(brake_note(sent[0], steve))
-    if steve == "done":
+    if steve == EventStatus.DONE:
         click.echo(f"Try: grassroots restore {STEVE}")

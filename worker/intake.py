@@ -25,9 +25,10 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
-from tasks import jobs
+from models import EventStatus
 from tasks.inbox import Ingested, store
 from worker.db import session_scope
+from worker.dispatch import enqueue_events
 
 log = logging.getLogger("grassroots.api")
 T = TypeVar("T")
@@ -183,7 +184,7 @@ class InboxWriter:
                 ids, self._to_send = self._to_send, []
                 try:
                     # A broker outage is logged there, not raised: the relay sends them later.
-                    await run_in_threadpool(jobs.enqueue_events, ids)
+                    await run_in_threadpool(enqueue_events, ids)
                 except Exception:
                     log.exception("sending %d event(s) failed; left for the relay", len(ids))
         finally:
@@ -192,7 +193,7 @@ class InboxWriter:
 
 def _to_enqueue(outcome: Ingested) -> bool:
     """Only an event new to the inbox goes to the workers, and only one it could interpret."""
-    return outcome.new and outcome.status == "accepted"
+    return outcome.new and outcome.status == EventStatus.ACCEPTED
 
 
 def _copy(exc: Exception) -> Exception:

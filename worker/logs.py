@@ -1,63 +1,49 @@
-"""Structured logs: one JSON object per line, with the ids of what is being worked on bound.
+"""Structured logs: one JSON object per line on stderr, from every process and library, with the
+ids of what is being worked on bound (``structlog.contextvars``: a task binds its ids when it
+starts and clears them when it ends, ``worker.tasking``).
 
-Only ids are ever bound (event, account, district, task): never emails or names.
+Only ids are ever bound or logged (event, account, district, task): never emails or names.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
-from datetime import UTC, datetime
-from typing import Any
 
-_bound: ContextVar[dict[str, Any]] = ContextVar("grassroots_log_context", default={})  # noqa: B039
+import structlog
 
-# Attributes every LogRecord has; anything else on a record came from ``extra=`` and is logged.
-_STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+from worker.settings import get_settings
 
-
-@contextmanager
-def bound(**fields: Any) -> Iterator[None]:
-    """Attach ids to every log line written inside the block."""
-    token = _bound.set({**_bound.get(), **{k: v for k, v in fields.items() if v is not None}})
-    try:
-        yield
-    finally:
-        _bound.reset(token)
-
-
-class JsonFormatter(logging.Formatter):
-    def __init__(self, process: str) -> None:
-        super().__init__()
-        self.process = process
-
-    def format(self, record: logging.LogRecord) -> str:
-        data: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "process": self.process,
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        data.update(_bound.get())
-        data.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD})
-        if record.exc_info:
-            data["exc"] = self.formatException(record.exc_info)
-        return json.dumps(data, default=str)
+# Libraries that log every request at INFO.
+NOISY = ("uvicorn.access", "httpx", "httpcore")
 
 
 def configure(process: str) -> None:
-    """JSON lines on stderr at LOG_LEVEL (default INFO), for this process and its libraries."""
-    level = os.environ.get("LOG_LEVEL", "INFO").upper()
+    """JSON lines on stderr at LOG_LEVEL, for this process and its libraries."""
+
+    def add_process(_: object, __: str, event: structlog.typing.EventDict) -> dict[str, object]:
+        return {**event, "process": process}
+
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.stdlib.add_log_level,
+            structlog.stdlib.add_logger_name,
+            structlog.stdlib.ExtraAdder(),
+            structlog.contextvars.merge_contextvars,
+        ],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.TimeStamper(fmt="iso", key="ts"),
+            add_process,
+            structlog.processors.format_exc_info,
+            structlog.processors.EventRenamer("msg"),
+            structlog.processors.JSONRenderer(default=str),
+        ],
+    )
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter(process))
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level if level in logging.getLevelNamesMapping() else "INFO")
-    for noisy in ("uvicorn.access", "httpx", "httpcore"):
-        logging.getLogger(noisy).setLevel("WARNING")
+    root.setLevel(get_settings().log_level)
+    for noisy in NOISY:
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -14,29 +14,23 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from models import (
     DeadLetter,
-    DistrictExit,
-    ExitUnit,
+    EventStatus,
     JournalEntry,
+    JournalKind,
     PollCursor,
+    PollStatus,
     RosterEvent,
     utcnow,
 )
-from models.poll_cursor import POLL_STATUSES
+from tasks.conversion.rules import rule_outcome
+from tasks.status import backlog
+from worker.broker import broker_client, queue_depths
+from worker.celery_app import QUEUES
 from worker.db import session_scope
-from worker.ops import queue_depths
-
-
-def _outcome(rule: str) -> tuple[str, str]:
-    """(role, outcome) of a conversion from its journal rule: ``admin+teacher:remove`` (a full
-    conversion under a policy) or ``lost:admin`` (a role that ended)."""
-    roles, _, policy = rule.partition(":")
-    if roles == "lost":
-        return policy or "none", "role_removed"
-    outcome = "removed" if policy == "remove" and roles == "admin" else "converted"
-    return roles or "none", outcome
 
 
 class PipelineCollector(Collector):
@@ -55,7 +49,7 @@ class PipelineCollector(Collector):
         except SQLAlchemyError:
             up.add_metric(["database"], 0)
         try:
-            depths, unacked = queue_depths()
+            depths, unacked = queue_depths(broker_client(), QUEUES)
             depth = GaugeMetricFamily(
                 "grassroots_queue_depth_messages",
                 "Messages waiting in each Celery queue",
@@ -75,91 +69,103 @@ class PipelineCollector(Collector):
         yield up
 
     def _database(self) -> Iterator[Any]:
-        now = utcnow()
         with session_scope() as session:
-            # A gauge: an event moves from one status to the next, so a status's count goes down.
-            events = GaugeMetricFamily(
-                "grassroots_events",
-                "Roster events in the inbox, by type and current status",
-                labels=["type", "status"],
-            )
-            for type_, status, n in session.execute(
-                select(RosterEvent.type, RosterEvent.status, func.count()).group_by(
-                    RosterEvent.type, RosterEvent.status
-                )
-            ):
-                events.add_metric([type_, status], n)
+            found = backlog(session)
+            families = [
+                _events(session),
+                _conversions(session),
+                _poll_districts(session),
+                *_dead_letters(session),
+            ]
             retries = session.scalar(
                 select(func.coalesce(func.sum(RosterEvent.attempts - 1), 0)).where(
                     RosterEvent.attempts > 1
                 )
             )
-            held = session.scalar(
-                select(func.count()).select_from(RosterEvent).where(RosterEvent.status == "held")
-            )
-            conversions = CounterMetricFamily(
-                "grassroots_conversions",
-                "Accounts converted, by role and outcome",
-                labels=["role", "outcome"],
-            )
-            totals: dict[tuple[str, str], int] = {}
-            for rule, n in session.execute(
-                select(JournalEntry.rule, func.count())
-                .where(JournalEntry.kind == "account")
-                .group_by(JournalEntry.rule)
-            ):
-                key = _outcome(rule)
-                totals[key] = totals.get(key, 0) + n
-            for (role, outcome), n in sorted(totals.items()):
-                conversions.add_metric([role, outcome], n)
-            dead, oldest = session.execute(
-                select(func.count(), func.min(DeadLetter.first_failed_at)).where(
-                    DeadLetter.resolved_at.is_(None)
-                )
-            ).one()
-            exits_running = session.scalar(
-                select(func.count())
-                .select_from(DistrictExit)
-                .where(DistrictExit.status == "running")
-            )
-            units = session.scalar(
-                select(func.count()).select_from(ExitUnit).where(ExitUnit.status == "pending")
-            )
-            polled = GaugeMetricFamily(
-                "grassroots_poll_districts",
-                "Districts read from the Clever Events API, by poller status",
-                labels=["status"],
-            )
-            by_status = dict(
-                session.execute(select(PollCursor.status, func.count()).group_by(PollCursor.status))
-                .tuples()
-                .all()
-            )
-            for status in POLL_STATUSES:
-                polled.add_metric([status], by_status.get(status, 0))
-        yield events
-        yield conversions
-        yield polled
+        yield from families
         yield CounterMetricFamily(
             "grassroots_task_retries", "Event task attempts beyond the first", value=retries or 0
         )
-        yield GaugeMetricFamily("grassroots_dead_letters", "Open dead letters", value=dead or 0)
-        age = (now - oldest).total_seconds() if oldest is not None else 0
         yield GaugeMetricFamily(
-            "grassroots_dead_letter_oldest_age_seconds",
-            "Age of the oldest open dead letter",
-            value=age,
-        )
-        yield GaugeMetricFamily(
-            "grassroots_held_removals", "Removals held by the brake", value=held or 0
+            "grassroots_held_removals",
+            "Removals held by the brake",
+            value=found.events.get(EventStatus.HELD, 0),
         )
         yield GaugeMetricFamily(
             "grassroots_district_exits_in_progress",
             "District exits still running",
-            value=exits_running or 0,
+            value=found.exits_running,
         )
         yield GaugeMetricFamily(
             "grassroots_exit_units_pending",
             "Fan-out units of running exits not yet done",
-            value=units or 0,
+            value=found.units_pending,
         )
+
+
+def _events(session: Session) -> GaugeMetricFamily:
+    # A gauge: an event moves from one status to the next, so a status's count goes down.
+    events = GaugeMetricFamily(
+        "grassroots_events",
+        "Roster events in the inbox, by type and current status",
+        labels=["type", "status"],
+    )
+    for type_, status, n in session.execute(
+        select(RosterEvent.type, RosterEvent.status, func.count()).group_by(
+            RosterEvent.type, RosterEvent.status
+        )
+    ):
+        events.add_metric([type_, status], n)
+    return events
+
+
+def _conversions(session: Session) -> CounterMetricFamily:
+    conversions = CounterMetricFamily(
+        "grassroots_conversions",
+        "Accounts converted, by role and outcome",
+        labels=["role", "outcome"],
+    )
+    totals: dict[tuple[str, str], int] = {}
+    for rule, n in session.execute(
+        select(JournalEntry.rule, func.count())
+        .where(JournalEntry.kind == JournalKind.ACCOUNT)
+        .group_by(JournalEntry.rule)
+    ):
+        key = rule_outcome(rule)
+        totals[key] = totals.get(key, 0) + n
+    for (role, outcome), n in sorted(totals.items()):
+        conversions.add_metric([role, outcome], n)
+    return conversions
+
+
+def _poll_districts(session: Session) -> GaugeMetricFamily:
+    polled = GaugeMetricFamily(
+        "grassroots_poll_districts",
+        "Districts read from the Clever Events API, by poller status",
+        labels=["status"],
+    )
+    by_status = dict(
+        session.execute(select(PollCursor.status, func.count()).group_by(PollCursor.status))
+        .tuples()
+        .all()
+    )
+    for status in PollStatus:
+        polled.add_metric([status], by_status.get(status, 0))
+    return polled
+
+
+def _dead_letters(session: Session) -> list[GaugeMetricFamily]:
+    dead, oldest = session.execute(
+        select(func.count(), func.min(DeadLetter.first_failed_at)).where(
+            DeadLetter.resolved_at.is_(None)
+        )
+    ).one()
+    age = (utcnow() - oldest).total_seconds() if oldest is not None else 0
+    return [
+        GaugeMetricFamily("grassroots_dead_letters", "Open dead letters", value=dead or 0),
+        GaugeMetricFamily(
+            "grassroots_dead_letter_oldest_age_seconds",
+            "Age of the oldest open dead letter",
+            value=age,
+        ),
+    ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from alembic import command
@@ -9,6 +10,8 @@ from alembic.config import Config
 from sqlalchemy.engine import Connection
 
 import models
+from worker.db import make_engine
+from worker.settings import get_settings
 
 MIGRATIONS = Path(models.__file__).parent / "migrations"
 
@@ -24,4 +27,20 @@ def alembic_config(url: str | None = None, connection: Connection | None = None)
 
 
 def upgrade(url: str | None = None, revision: str = "head") -> None:
-    command.upgrade(alembic_config(url), revision)
+    """Migrate the database at ``url`` (default: the settings'), creating a SQLite file if
+    there is none."""
+    _run(command.upgrade, url, revision)
+
+
+def downgrade(url: str | None = None, revision: str = "base") -> None:
+    _run(command.downgrade, url, revision)
+
+
+def _run(step: Callable[[Config, str], None], url: str | None, revision: str) -> None:
+    # On the application's own engine, so its connection settings apply.
+    engine = make_engine(url or get_settings().database_url)
+    try:
+        with engine.begin() as conn:
+            step(alembic_config(connection=conn), revision)
+    finally:
+        engine.dispose()

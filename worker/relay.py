@@ -17,11 +17,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from sqlalchemy import select, update
-
-from models import DistrictExit, RosterEvent, utcnow
-from worker.broker import restore_orphans
+from models import utcnow
+from tasks.exits import stalled_exits
+from tasks.inbox import unsent_events
+from worker.broker import broker_client, queue_depths, restore_orphans
+from worker.celery_app import QUEUES, app
 from worker.db import session_scope
+from worker.dispatch import dispatch_exit, enqueue_events
+from worker.names import Queue
 from worker.settings import get_settings
 
 log = logging.getLogger("grassroots.relay")
@@ -34,15 +37,9 @@ def relay_pass() -> dict[str, int]:
     exits that stopped progressing. Only when the queues are drained, so work merely waiting its
     turn is not sent twice (a second copy would be harmless, only wasteful). Returns how many of
     each it sent or put back."""
-    # The tasks module registers the Celery tasks this sends: imported here, not at the top, so
-    # ``worker.celery_app`` can name this module without a circular import.
-    from tasks.jobs import dispatch_exit, enqueue_events
-    from worker.celery_app import app
-    from worker.ops import queue_depths
-
     settings = get_settings()
     orphans = restore_orphans(app, older_than=settings.relay_after_seconds)
-    depths, _ = queue_depths()
+    depths, _ = queue_depths(broker_client(), QUEUES)
     now = utcnow()
     quiet = now - timedelta(seconds=settings.relay_after_seconds)
     # A task waiting out a retry countdown stays "processing"; leave it alone for that long.
@@ -50,36 +47,10 @@ def relay_pass() -> dict[str, int]:
     waiting: list[str] = []
     exit_ids: list[int] = []
     with session_scope() as session:
-        if depths["events"] == 0:
-            waiting = list(
-                session.scalars(
-                    select(RosterEvent.id)
-                    .where(
-                        ((RosterEvent.status == "accepted") & (RosterEvent.updated_at < quiet))
-                        | ((RosterEvent.status == "processing") & (RosterEvent.updated_at < stuck))
-                    )
-                    .order_by(RosterEvent.received_at)
-                    .limit(5000)
-                )
-            )
-            if waiting:
-                session.execute(
-                    update(RosterEvent).where(RosterEvent.id.in_(waiting)).values(updated_at=now)
-                )
-        if depths["fanout"] == 0 and depths["conversions"] == 0:
-            exit_ids = list(
-                session.scalars(
-                    select(DistrictExit.id).where(
-                        DistrictExit.status == "running", DistrictExit.progressed_at < quiet
-                    )
-                )
-            )
-            if exit_ids:
-                session.execute(
-                    update(DistrictExit)
-                    .where(DistrictExit.id.in_(exit_ids))
-                    .values(progressed_at=now)
-                )
+        if depths[Queue.EVENTS] == 0:
+            waiting = unsent_events(session, accepted_before=quiet, processing_before=stuck)
+        if depths[Queue.FANOUT] == 0 and depths[Queue.CONVERSIONS] == 0:
+            exit_ids = stalled_exits(session, since=quiet)
     sent = enqueue_events(waiting)
     for exit_id in exit_ids:
         dispatch_exit(exit_id)

@@ -205,42 +205,51 @@ def run_stack(*, host: str = "127.0.0.1", port: int = 8000, flower_port: int = 5
     if refusal is not None:
         return _refuse(refusal)
     click.echo(f"run | {_where_the_cli_finds_it(home)}")
-    exe = [sys.executable, "-m", "worker.cli"]
     children: list[Child] = []
-
     if redis_server is not None:
-        click.echo(f"run | starting a private redis-server on port {broker_port}")
-        children.append(
-            Child(
-                "redis",
-                redis_server_argv(broker_port, home, persistent=True, executable=redis_server),
-                env,
-            )
-        )
-        deadline = time.monotonic() + 10
-        while not _answers("127.0.0.1", broker_port):
-            if time.monotonic() > deadline or children[0].proc.poll() is not None:
-                click.echo("run | redis-server did not start", err=True)
-                children[0].stop()
-                return 1
-            time.sleep(0.1)
-
-    upgrade = subprocess.run([*exe, "db", "upgrade"], env=env, check=False)
+        redis = _start_redis(redis_server, broker_port, home, env)
+        if redis is None:
+            return 1
+        children.append(redis)
+    upgrade = subprocess.run([*CLI, "db", "upgrade"], env=env, check=False)
     if upgrade.returncode != 0:
         for child in children:
             child.stop()
         return upgrade.returncode
-
     children += [
-        Child("serve", [*exe, "serve", "--host", host, "--port", str(port)], env),
-        Child("worker", [*exe, "worker"], env),
-        Child("beat", [*exe, "beat"], env),
-        Child("flower", [*exe, "flower", "--port", str(flower_port)], env),
+        Child("serve", [*CLI, "serve", "--host", host, "--port", str(port)], env),
+        Child("worker", [*CLI, "worker"], env),
+        Child("beat", [*CLI, "beat"], env),
+        Child("flower", [*CLI, "flower", "--port", str(flower_port)], env),
     ]
     click.echo(
         f"run | receiver http://{host}:{port}  Flower http://127.0.0.1:{flower_port}"
         "  (Ctrl-C stops everything)"
     )
+    return _supervise(children)
+
+
+# Our own command line, in this interpreter.
+CLI = [sys.executable, "-m", "worker.cli"]
+
+
+def _start_redis(executable: str, port: int, home: Path, env: dict[str, str]) -> Child | None:
+    click.echo(f"run | starting a private redis-server on port {port}")
+    child = Child(
+        "redis", redis_server_argv(port, home, persistent=True, executable=executable), env
+    )
+    deadline = time.monotonic() + 10
+    while not _answers("127.0.0.1", port):
+        if time.monotonic() > deadline or child.proc.poll() is not None:
+            click.echo("run | redis-server did not start", err=True)
+            child.stop()
+            return None
+        time.sleep(0.1)
+    return child
+
+
+def _supervise(children: list[Child]) -> int:
+    """Until Ctrl-C (or SIGTERM), or a child dies, which is reported and stops the stack."""
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:

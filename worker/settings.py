@@ -1,44 +1,32 @@
-"""Settings, read from the environment once per process (SPEC §5.7)."""
+"""Settings: read from the environment once per process, in one typed object (SPEC §5.7, and the
+operational extras the README's configuration table lists). Nothing else reads the environment
+for a setting.
+
+A value we cannot use is a ``ConfigError`` naming the variable; secrets are never echoed in it.
+"""
 
 from __future__ import annotations
 
-import os
+import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_CLEVER_API_BASE = "https://api.clever.com"
 # Where `grassroots run` keeps a stack's state, relative to the current directory by default.
 DEFAULT_HOME = "var"
 DATABASE_FILE = "grassroots.db"
 # The secrets `grassroots run` generates and keeps under the home, by the variable each stands
 # in for when the environment leaves it unset.
 HOME_SECRETS = {"WEBHOOK_SECRETS": "webhook-secret", "OPS_TOKEN": "ops-token"}
-
-# Every variable the application reads (SPEC §5.7, plus the operational extras documented in the
-# README). A test holds docker-compose.yml to this list.
-ENVIRONMENT_VARIABLES = (
-    "DATABASE_URL",
-    "BROKER_URL",
-    "WEBHOOK_SECRETS",
-    "OPS_TOKEN",
-    "CLEVER_API_BASE",
-    "CLEVER_DISTRICT_TOKENS",
-    "RETENTION_DAYS",
-    "REMOVAL_BRAKE_PERCENT",
-    "LOCK_TIMEOUT_MS",
-    "TASK_MAX_RETRIES",
-    "RETRY_BACKOFF_MAX",
-    "FLOWER_BASIC_AUTH",
-    # operational extras (README "Configuration")
-    "BROKER_VISIBILITY_TIMEOUT",
-    "RELAY_INTERVAL",
-    "RELAY_AFTER_SECONDS",
-    "POLL_INTERVAL",
-    "EXIT_BATCH_SIZE",
-    "LOG_LEVEL",
-    "GRASSROOTS_HOME",
+# Their values never appear in an error message.
+SECRET_VARIABLES = frozenset(
+    {"WEBHOOK_SECRETS", "OPS_TOKEN", "FLOWER_BASIC_AUTH", "CLEVER_DISTRICT_TOKENS", "DATABASE_URL"}
 )
 
 
@@ -56,6 +44,126 @@ def normalize_database_url(url: str) -> str:
 
 def default_database_url(home: Path) -> str:
     return f"sqlite:///{home / DATABASE_FILE}"
+
+
+# Comma-separated in the environment (not JSON, which pydantic-settings expects of a list).
+CommaList = Annotated[tuple[str, ...], NoDecode]
+
+
+def _env(name: str) -> Any:
+    return Field(validation_alias=AliasChoices(name))
+
+
+class Settings(BaseSettings):
+    """Every setting, by the name of its environment variable. Unset or blank: the default."""
+
+    model_config = SettingsConfigDict(env_ignore_empty=True, frozen=True, extra="ignore")
+
+    home: Annotated[Path, _env("GRASSROOTS_HOME")] = Path(DEFAULT_HOME)
+    # Empty: the SQLite database in the home.
+    database_url: Annotated[str, _env("DATABASE_URL")] = ""
+    broker_url: Annotated[str, _env("BROKER_URL")] = DEFAULT_BROKER_URL
+    webhook_secrets: Annotated[CommaList, _env("WEBHOOK_SECRETS")] = ()
+    ops_token: Annotated[str | None, _env("OPS_TOKEN")] = None
+    clever_api_base: Annotated[str, _env("CLEVER_API_BASE")] = DEFAULT_CLEVER_API_BASE
+    clever_district_tokens: Annotated[CommaList, _env("CLEVER_DISTRICT_TOKENS")] = ()
+    retention_days: Annotated[int, _env("RETENTION_DAYS"), Field(ge=0)] = 30
+    removal_brake_percent: Annotated[float, _env("REMOVAL_BRAKE_PERCENT"), Field(ge=0)] = 10.0
+    lock_timeout_ms: Annotated[int, _env("LOCK_TIMEOUT_MS"), Field(ge=1)] = 5000
+    task_max_retries: Annotated[int, _env("TASK_MAX_RETRIES"), Field(ge=0)] = 8
+    retry_backoff_max: Annotated[int, _env("RETRY_BACKOFF_MAX"), Field(ge=1)] = 600
+    flower_basic_auth: Annotated[str | None, _env("FLOWER_BASIC_AUTH")] = None
+    # Empty: long enough for any retry countdown (``visibility_timeout``).
+    broker_visibility_timeout: Annotated[
+        int | None, _env("BROKER_VISIBILITY_TIMEOUT"), Field(ge=1)
+    ] = None
+    relay_interval: Annotated[float, _env("RELAY_INTERVAL"), Field(ge=0.1)] = 5.0
+    relay_after_seconds: Annotated[float, _env("RELAY_AFTER_SECONDS"), Field(ge=0)] = 30.0
+    poll_interval: Annotated[float, _env("POLL_INTERVAL"), Field(ge=1)] = 60.0
+    exit_batch_size: Annotated[int, _env("EXIT_BATCH_SIZE"), Field(ge=1)] = 1000
+    log_level: Annotated[str, _env("LOG_LEVEL")] = "INFO"
+
+    @field_validator("webhook_secrets", "clever_district_tokens", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("clever_api_base")
+    @classmethod
+    def _no_trailing_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in logging.getLevelNamesMapping():
+            raise ValueError("must be a logging level (DEBUG, INFO, WARNING, ERROR, CRITICAL)")
+        return level
+
+    @model_validator(mode="after")
+    def _database_in_home(self) -> Settings:
+        url = self.database_url or default_database_url(self.home)
+        object.__setattr__(self, "database_url", normalize_database_url(url))
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def home_database(self) -> Path | None:
+        """The SQLite file under the home, when DATABASE_URL names no other database."""
+        if self.database_url != default_database_url(self.home):
+            return None
+        return self.home / DATABASE_FILE
+
+    @property
+    def visibility_timeout(self) -> int:
+        """Seconds before Redis hands an unacknowledged task to another worker: longer than any
+        retry countdown, or a task waiting out its countdown would run twice."""
+        if self.broker_visibility_timeout is not None:
+            return self.broker_visibility_timeout
+        return max(3600, 2 * self.retry_backoff_max + 600)
+
+
+def _variable(field: str) -> str:
+    alias = Settings.model_fields[field].validation_alias
+    assert isinstance(alias, AliasChoices)
+    name = alias.choices[0]
+    assert isinstance(name, str)
+    return name
+
+
+# Every variable the application reads. A test holds docker-compose.yml to this list.
+ENVIRONMENT_VARIABLES = tuple(_variable(field) for field in Settings.model_fields)
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        name = str(error["loc"][0]) if error["loc"] else "settings"
+        message = error["msg"].removeprefix("Value error, ")
+        if name in SECRET_VARIABLES or not error["loc"]:
+            problems.append(f"{name}: {message}")
+        else:
+            problems.append(f"{name}: {message}, got {error['input']!r}")
+    return "; ".join(problems)
+
+
+def load_settings() -> Settings:
+    """The settings, from the process environment."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return load_settings()
 
 
 def home_secrets(home: Path, environ: Mapping[str, str]) -> dict[str, str]:
@@ -78,95 +186,3 @@ def home_secrets(home: Path, environ: Mapping[str, str]) -> dict[str, str]:
         if value:
             found[name] = value
     return found
-
-
-def _int(name: str, default: int, *, minimum: int = 0) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError as exc:
-        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from exc
-    if value < minimum:
-        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
-    return value
-
-
-def _float(name: str, default: float, *, minimum: float = 0.0) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError as exc:
-        raise ConfigError(f"{name} must be a number, got {raw!r}") from exc
-    if value < minimum:
-        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
-    return value
-
-
-def _list(name: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in os.environ.get(name, "").split(",") if part.strip())
-
-
-@dataclass(frozen=True)
-class Settings:
-    database_url: str
-    broker_url: str
-    webhook_secrets: tuple[str, ...] = ()
-    ops_token: str | None = None
-    clever_api_base: str = "https://api.clever.com"
-    clever_district_tokens: tuple[str, ...] = ()
-    retention_days: int = 30
-    removal_brake_percent: float = 10.0
-    lock_timeout_ms: int = 5000
-    task_max_retries: int = 8
-    retry_backoff_max: int = 600
-    flower_basic_auth: str | None = None
-    relay_interval: float = 5.0
-    relay_after_seconds: float = 30.0
-    poll_interval: float = 60.0
-    exit_batch_size: int = 1000
-    home: Path = Path(DEFAULT_HOME)
-
-    @property
-    def is_sqlite(self) -> bool:
-        return self.database_url.startswith("sqlite")
-
-    @property
-    def home_database(self) -> Path | None:
-        """The SQLite file under the home, when DATABASE_URL names no other database."""
-        if self.database_url != default_database_url(self.home):
-            return None
-        return self.home / DATABASE_FILE
-
-
-def load_settings() -> Settings:
-    home = Path(os.environ.get("GRASSROOTS_HOME") or DEFAULT_HOME)
-    return Settings(
-        database_url=normalize_database_url(
-            os.environ.get("DATABASE_URL") or default_database_url(home)
-        ),
-        broker_url=os.environ.get("BROKER_URL") or DEFAULT_BROKER_URL,
-        webhook_secrets=_list("WEBHOOK_SECRETS"),
-        ops_token=os.environ.get("OPS_TOKEN") or None,
-        clever_api_base=(os.environ.get("CLEVER_API_BASE") or "https://api.clever.com").rstrip("/"),
-        clever_district_tokens=_list("CLEVER_DISTRICT_TOKENS"),
-        retention_days=_int("RETENTION_DAYS", 30),
-        removal_brake_percent=_float("REMOVAL_BRAKE_PERCENT", 10.0),
-        lock_timeout_ms=_int("LOCK_TIMEOUT_MS", 5000, minimum=1),
-        task_max_retries=_int("TASK_MAX_RETRIES", 8),
-        retry_backoff_max=_int("RETRY_BACKOFF_MAX", 600, minimum=1),
-        flower_basic_auth=os.environ.get("FLOWER_BASIC_AUTH") or None,
-        relay_interval=_float("RELAY_INTERVAL", 5.0, minimum=0.1),
-        relay_after_seconds=_float("RELAY_AFTER_SECONDS", 30.0),
-        poll_interval=_float("POLL_INTERVAL", 60.0, minimum=1.0),
-        exit_batch_size=_int("EXIT_BATCH_SIZE", 1000, minimum=1),
-        home=home,
-    )
-
-
-@lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    return load_settings()

@@ -1,14 +1,15 @@
-"""Alembic environment: the database is the one the settings (or the caller) name."""
+"""Alembic environment. ``worker.migrate`` runs it on a connection of its own engine (the
+application's connection settings); with ``alembic`` alone it connects to ``sqlalchemy.url``."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
 from alembic import context
+from sqlalchemy import create_engine
 
 from models import Base
 from models.base import UTCDateTime
-from worker.db import make_engine
 
 config = context.config
 target_metadata = Base.metadata
@@ -26,7 +27,7 @@ def run_migrations() -> None:
     if connection is not None:
         _run(connection)
         return
-    engine = make_engine(config.get_main_option("sqlalchemy.url") or None)
+    engine = create_engine(config.get_main_option("sqlalchemy.url") or "")
     with engine.begin() as conn:
         _run(conn)
     engine.dispose()

@@ -1,36 +1,50 @@
 """``grassroots poll``: pull each district's Clever Events API feed into the inbox (SPEC §5.3).
 
-Registered on the main command line as ``main.add_command(poll)``; ``python -m worker.cli_poll``
-runs it alone.
+The poller (``worker.poller``: httpx, and the Celery app it sends through) and the structured logs
+(structlog) are imported inside the command: `grassroots --help` and the other commands do without
+them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import click
+from sqlalchemy.exc import SQLAlchemyError
 
-from worker.settings import ConfigError, get_settings
+from worker.cli.common import fail
+from worker.db import require_stack, session_scope
+from worker.settings import ConfigError, Settings, get_settings
 
 if TYPE_CHECKING:
+    from worker.clever import DistrictToken
     from worker.poller import PollResult
 
 
-def _configure_logging(forever: bool) -> None:
+def _configure_logging(settings: Settings, *, forever: bool) -> None:
+    from worker import logs
+
     if logging.getLogger().handlers:
-        return  # somebody (a test, the main CLI) already decided
-    default = "INFO" if forever else "WARNING"
-    logging.basicConfig(
-        level=os.environ.get("LOG_LEVEL") or default,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # httpx logs every request at INFO; the poller logs what matters per district.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+        return  # somebody (a test, a process embedding the command) already decided
+    logs.configure("poll")
+    if not forever and "log_level" not in settings.model_fields_set:
+        # One pass prints its own summary per district: its INFO lines would say it twice.
+        logging.getLogger().setLevel(logging.WARNING)
+
+
+def _only(tokens: list[DistrictToken], districts: Sequence[str]) -> list[DistrictToken]:
+    """The tokens of the districts asked for (none asked: every one configured)."""
+    if not tokens:
+        fail("CLEVER_DISTRICT_TOKENS names no district to poll")
+    unknown = sorted(set(districts) - {t.district_id for t in tokens})
+    if unknown:
+        raise click.UsageError(f"no token for district {', '.join(unknown)}")
+    return [t for t in tokens if not districts or t.district_id in districts]
 
 
 def _line(result: PollResult) -> str:
@@ -40,15 +54,21 @@ def _line(result: PollResult) -> str:
     return f"district {result.district_id}: {result.outcome} ({result.error}), {counts}"
 
 
+def _report(results: Sequence[PollResult], *, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps([r.as_dict() for r in results]))
+        return
+    for result in results:
+        click.echo(_line(result))
+
+
 @click.command("poll")
 @click.option("--forever", is_flag=True, help="Keep polling, one pass every --interval seconds.")
 @click.option(
     "--interval",
     type=click.FloatRange(min=1.0),
-    default=60.0,
-    show_default=True,
-    envvar="POLL_INTERVAL",
-    help="Seconds between passes with --forever (env POLL_INTERVAL).",
+    default=None,
+    help="Seconds between passes with --forever [default: POLL_INTERVAL, 60].",
 )
 @click.option(
     "--from-start",
@@ -76,7 +96,7 @@ def _line(result: PollResult) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print each pass as a JSON array.")
 def poll(
     forever: bool,
-    interval: float,
+    interval: float | None,
     from_start: bool,
     districts: tuple[str, ...],
     reset: bool,
@@ -88,26 +108,13 @@ def poll(
     A district's first pass starts at its newest event (history is not replayed unless
     --from-start asks). Exit status 1 when a district needs attention.
     """
-    from sqlalchemy.exc import SQLAlchemyError
+    from worker.clever import parse_tokens
+    from worker.poller import PollOptions, poll_all, reset_district
 
-    from worker.cli import fail
-    from worker.db import require_stack, session_scope
-    from worker.poller import PollOptions, parse_tokens, poll_all, reset_district
-
-    _configure_logging(forever)
     try:
         settings = get_settings()
-        tokens = parse_tokens(settings.clever_district_tokens)
-    except ConfigError as exc:
-        fail(str(exc))
-    if not tokens:
-        fail("CLEVER_DISTRICT_TOKENS names no district to poll")
-    if districts:
-        unknown = sorted(set(districts) - {t.district_id for t in tokens})
-        if unknown:
-            raise click.UsageError(f"no token for district {', '.join(unknown)}")
-        tokens = [t for t in tokens if t.district_id in districts]
-    try:
+        _configure_logging(settings, forever=forever)
+        tokens = _only(parse_tokens(settings.clever_district_tokens), districts)
         # Here, once: each district's pass would otherwise fail on its own with NoStack.
         require_stack(settings)
     except ConfigError as exc:
@@ -122,22 +129,14 @@ def poll(
         while True:
             # Each district's failure is caught (and logged) inside: one never stops the others.
             results = poll_all(session_scope, tokens, options=options, from_start=from_start)
-            if as_json:
-                click.echo(json.dumps([r.as_dict() for r in results]))
-            else:
-                for result in results:
-                    click.echo(_line(result))
+            _report(results, as_json=as_json)
             if not forever:
                 break
             from_start = False  # the window is replayed once, then the feed is followed
-            time.sleep(interval)
+            time.sleep(interval or settings.poll_interval)
     except SQLAlchemyError as exc:
         fail(f"database unavailable: {type(exc).__name__}")
     troubled = [r for r in results if not r.ok]
     if troubled:
         names = ", ".join(f"{r.district_id} ({r.outcome})" for r in troubled)
         fail(f"{len(troubled)} of {len(results)} district(s) need attention: {names}")
-
-
-if __name__ == "__main__":
-    poll()

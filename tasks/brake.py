@@ -1,0 +1,129 @@
+"""The brake (SPEC §4): mass removal is the classic disaster of roster sync (an empty export read
+as "everyone left"). Roster-absence removals of one district beyond ``REMOVAL_BRAKE_PERCENT`` of
+its accounts in a rolling 24 hours are ``held``; an operator releases or discards them."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from models import (
+    Account,
+    AccountKind,
+    AccountStatus,
+    AuditRecord,
+    EventStatus,
+    RosterEvent,
+    utcnow,
+)
+from tasks.errors import NotFound, RestoreRefused
+from tasks.sql import count
+
+WINDOW = timedelta(hours=24)
+REMOVAL = "users.deleted"  # the roster-absence removal the brake counts and holds
+
+
+def allowance(session: Session, district_id: str, *, percent: float, now: datetime) -> int:
+    """How many more roster-absence removals the district may have today: ``percent`` of its
+    accounts at the start of the rolling window (active now plus those removed in it), the
+    whole ones within it, but at least one a day, so a small district can still lose one person
+    a day without an operator, less those already removed in the window."""
+    removed = count(
+        session,
+        RosterEvent,
+        RosterEvent.district_id == district_id,
+        RosterEvent.type == REMOVAL,
+        RosterEvent.status == EventStatus.DONE,
+        RosterEvent.updated_at >= now - WINDOW,
+    )
+    active = count(
+        session,
+        Account,
+        Account.district_id == district_id,
+        Account.kind == AccountKind.DISTRICT,
+        Account.status == AccountStatus.ACTIVE,
+    )
+    # In decimal: 7 % of 700 accounts is 49, where binary floating point makes it 49.00000000000001.
+    share = Decimal(active + removed) * Decimal(str(percent)) / 100
+    return max(1, math.floor(share)) - removed
+
+
+def engaged(session: Session, district_id: str, *, percent: float, now: datetime) -> bool:
+    """Would one more roster-absence removal in this district exceed the allowance?"""
+    return allowance(session, district_id, percent=percent, now=now) < 1
+
+
+def hold_reason(percent: float) -> str:
+    return (
+        f"removal brake: over {percent:g}% of the district in 24 h; an operator must release or"
+        " discard it"
+    )
+
+
+def held_events(session: Session, *, district_id: str | None = None) -> list[RosterEvent]:
+    query = (
+        select(RosterEvent)
+        .where(RosterEvent.status == EventStatus.HELD)
+        .order_by(RosterEvent.received_at)
+    )
+    if district_id:
+        query = query.where(RosterEvent.district_id == district_id)
+    return list(session.scalars(query))
+
+
+def _held(session: Session, event_id: str | None, district_id: str | None) -> list[RosterEvent]:
+    if event_id is not None:
+        ev = session.scalar(select(RosterEvent).where(RosterEvent.id == event_id).with_for_update())
+        if ev is None:
+            raise NotFound(f"no event {event_id}")
+        if ev.status != EventStatus.HELD:
+            raise RestoreRefused(f"event {event_id} is {ev.status}, not held")
+        return [ev]
+    return list(
+        session.scalars(
+            select(RosterEvent)
+            .where(RosterEvent.status == EventStatus.HELD, RosterEvent.district_id == district_id)
+            .order_by(RosterEvent.id)
+            .with_for_update()
+        )
+    )
+
+
+def _settle(
+    session: Session, event_id: str | None, district_id: str | None, *, release: bool, by: str
+) -> list[str]:
+    events = _held(session, event_id, district_id)
+    for ev in events:
+        if release:
+            ev.status, ev.brake_released, ev.error = EventStatus.ACCEPTED, True, None
+        else:
+            ev.status = EventStatus.DISCARDED
+        ev.updated_at = utcnow()
+        session.add(
+            AuditRecord(
+                action="release" if release else "discard",
+                trigger=by,
+                subject_type="event",
+                subject_id=ev.id[:64],
+                details={"district": ev.district_id},
+            )
+        )
+    return [ev.id for ev in events]
+
+
+def release_held(
+    session: Session, *, event_id: str | None = None, district_id: str | None = None, by: str
+) -> list[str]:
+    """Let held removals through the brake: they go back to ``accepted`` to be processed."""
+    return _settle(session, event_id, district_id, release=True, by=by)
+
+
+def discard_held(
+    session: Session, *, event_id: str | None = None, district_id: str | None = None, by: str
+) -> list[str]:
+    """Drop held removals for good: the accounts stay as they are."""
+    return _settle(session, event_id, district_id, release=False, by=by)

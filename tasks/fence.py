@@ -1,0 +1,43 @@
+"""The ordering fence (SPEC §4): events for the same object can arrive twice, late or out of
+order. An event older (by Clever ``created``, then event id) than the newest one already applied
+to its object is ``stale`` and changes nothing."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from models import ObjectVersion, RosterEvent
+from tasks.sql import dialect_insert
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def lock(session: Session, ev: RosterEvent) -> ObjectVersion | None:
+    """Lock the fence row of the event's object (creating it first), or None if the event has
+    no object. Held to the commit: events about one object are applied one at a time."""
+    if ev.object_type is None or ev.object_id is None:
+        return None
+    session.execute(
+        dialect_insert(session, ObjectVersion)
+        .values(object_type=ev.object_type, object_id=ev.object_id, occurred_at=EPOCH, event_id="")
+        .on_conflict_do_nothing()
+    )
+    return session.scalar(
+        select(ObjectVersion)
+        .where(ObjectVersion.object_type == ev.object_type, ObjectVersion.object_id == ev.object_id)
+        .with_for_update()
+    )
+
+
+def is_stale(fence: ObjectVersion, ev: RosterEvent) -> bool:
+    assert ev.occurred_at is not None
+    return (ev.occurred_at, ev.id) < (fence.occurred_at, fence.event_id)
+
+
+def advance(fence: ObjectVersion, ev: RosterEvent) -> None:
+    """The event was applied: it is now the newest of its object."""
+    assert ev.occurred_at is not None
+    fence.occurred_at, fence.event_id = ev.occurred_at, ev.id

@@ -1,0 +1,255 @@
+"""Validating a roster snapshot whole, before anything is written: its shape (``parse_snapshot``),
+then every id it names (``check_references``). A bad snapshot is refused with every problem
+named by its record's path and id, never by a name or an email.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy.orm import Session
+
+from models import Account, Class, CleverRole, District
+from tasks.roster.shapes import (
+    ID_MAX_LENGTH,
+    ID_PATTERN,
+    CleverSection,
+    CleverUser,
+    Snapshot,
+    SnapshotError,
+)
+from tasks.sql import existing_ids
+
+MAX_PROBLEMS = 20  # named one by one; beyond, only counted
+
+
+class _Problems:
+    """The problems of one snapshot, each naming its record by path and id (never by personal
+    data), reported together: a seed file is fixed in one round, not one problem per run."""
+
+    def __init__(self) -> None:
+        self.named: list[str] = []
+        self.count = 0
+
+    def add(self, problem: str) -> None:
+        self.count += 1
+        if len(self.named) < MAX_PROBLEMS:
+            self.named.append(problem)
+
+    def error(self) -> SnapshotError:
+        # One line: the CLI prints it after the file's name.
+        more = self.count - len(self.named)
+        return SnapshotError(
+            "; ".join(self.named) + (f"; and {more} more problems" if more else "")
+        )
+
+    def raise_any(self) -> None:
+        if self.count:
+            raise self.error()
+
+
+def _where(data: Any, loc: Sequence[int | str]) -> str:
+    """Name a record by its path and id, never by its personal data."""
+    path = ""
+    node = data
+    record_id = None
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            break
+        found = node.get("id") if isinstance(node, dict) else None
+        # Only an id that is one: a malformed "id" may hold an email or a name.
+        if (
+            isinstance(found, str)
+            and len(found) <= ID_MAX_LENGTH
+            and re.fullmatch(ID_PATTERN, found)
+        ):
+            record_id = found
+    return f"{path} (id {record_id})" if record_id else path
+
+
+def parse_snapshot(data: Any) -> Snapshot:
+    if not isinstance(data, dict):
+        raise SnapshotError(
+            "a roster snapshot is a JSON object with districts, users, sections, platform"
+        )
+    try:
+        return Snapshot.model_validate(data)
+    except ValidationError as exc:
+        problems = _Problems()
+        # pydantic's messages name what was expected, never the input (personal data).
+        for err in exc.errors(include_input=False, include_url=False):
+            problems.add(f"{_where(data, err['loc'])}: {err['msg']}")
+        raise problems.error() from None
+
+
+def _duplicates(problems: _Problems, kind: str, ids: Iterable[str]) -> None:
+    seen: set[str] = set()
+    for i, record_id in enumerate(ids):
+        if record_id in seen:
+            problems.add(f"{kind}[{i}] (id {record_id}): duplicate id")
+        seen.add(record_id)
+
+
+@dataclass
+class _Known:
+    """The ids a snapshot may name: its own records' and those already in the database."""
+
+    districts: set[str]
+    users: dict[str, CleverUser]  # the snapshot's own
+    accounts: set[str]
+    classes: set[str]
+
+
+def check_references(session: Session, snap: Snapshot) -> None:
+    """Every id the snapshot names must be in the snapshot or already in the database. Raises
+    one ``SnapshotError`` naming every problem (up to ``MAX_PROBLEMS``, then their number)."""
+    problems = _Problems()
+    _check_duplicates(problems, snap)
+    known = _Known(
+        districts=_known_districts(session, snap),
+        users={u.id: u for u in snap.users},
+        accounts=_known_accounts(session, snap, problems),
+        classes=_known_classes(session, snap, problems),
+    )
+    # A 100k-student district has a million links to check: the per-link loops only run to name
+    # the bad records once a whole-list set operation has found one.
+    _check_users(problems, snap, known)
+    _check_sections(problems, snap.sections, known)
+    _check_platform_classes(problems, snap, known)
+    _check_class_items(problems, snap, known)
+    _check_progress(problems, snap, known)
+    problems.raise_any()
+
+
+def _check_duplicates(problems: _Problems, snap: Snapshot) -> None:
+    _duplicates(problems, "districts", (d.id for d in snap.districts))
+    _duplicates(problems, "users", (u.id for u in snap.users))
+    _duplicates(problems, "sections", (s.id for s in snap.sections))
+    _duplicates(problems, "platform.accounts", (a.id for a in snap.platform.accounts))
+    _duplicates(problems, "platform.classes", (c.id for c in snap.platform.classes))
+    _duplicates(problems, "platform.goals", (g.id for g in snap.platform.goals))
+    _duplicates(problems, "platform.assignments", (a.id for a in snap.platform.assignments))
+
+
+def _known_districts(session: Session, snap: Snapshot) -> set[str]:
+    named = {u.district for u in snap.users} | {s.district for s in snap.sections}
+    return {d.id for d in snap.districts} | existing_ids(session, District.id, named)
+
+
+def _known_accounts(session: Session, snap: Snapshot, problems: _Problems) -> set[str]:
+    """The snapshot's users and platform accounts, and the accounts it names that are already
+    in the database. A platform account may not take a user's id."""
+    users = {u.id for u in snap.users}
+    platform = {a.id for a in snap.platform.accounts}
+    clashes = users & platform
+    for i, a in enumerate(snap.platform.accounts if clashes else ()):
+        if a.id in clashes:
+            problems.add(f"platform.accounts[{i}] (id {a.id}): id already used by a user")
+    accounts = users | platform
+    named: set[str] = set()
+    for s in snap.sections:
+        named.update(s.all_teachers, s.students)
+    for c in snap.platform.classes:
+        named.update([c.teacher, *c.students])
+    for item in (*snap.platform.goals, *snap.platform.assignments):
+        if item.created_by:
+            named.add(item.created_by)
+    named.update(p.user for p in snap.platform.progress)
+    return accounts | existing_ids(session, Account.id, named - accounts)
+
+
+def _known_classes(session: Session, snap: Snapshot, problems: _Problems) -> set[str]:
+    """The snapshot's sections and platform classes, and the classes its goals and assignments
+    name that are already in the database. A platform class may not take a section's id."""
+    sections = {s.id for s in snap.sections}
+    platform = {c.id for c in snap.platform.classes}
+    clashes = sections & platform
+    for i, c in enumerate(snap.platform.classes if clashes else ()):
+        if c.id in clashes:
+            problems.add(f"platform.classes[{i}] (id {c.id}): id already used by a section")
+    classes = sections | platform
+    items = (*snap.platform.goals, *snap.platform.assignments)
+    return classes | existing_ids(session, Class.id, {g.class_id for g in items} - classes)
+
+
+def _check_users(problems: _Problems, snap: Snapshot, known: _Known) -> None:
+    for i, u in enumerate(snap.users):
+        if u.district not in known.districts:
+            problems.add(f"users[{i}] (id {u.id}): unknown district {u.district}")
+
+
+def _check_sections(problems: _Problems, sections: Sequence[CleverSection], known: _Known) -> None:
+    users, accounts = known.users, known.accounts
+    # Bound once: looking up an enum member costs more than the dict test it is used in.
+    teacher, student = CleverRole.TEACHER, CleverRole.STUDENT
+    teachers = {u for u, user in users.items() if teacher in user.roles}
+    not_students = {u for u, user in users.items() if student not in user.roles}
+    for i, s in enumerate(sections):
+        where = f"sections[{i}] (id {s.id})"
+        if s.district not in known.districts:
+            problems.add(f"{where}: unknown district {s.district}")
+        if not s.all_teachers:
+            problems.add(f"{where}: a section needs a teacher")
+        for t in s.all_teachers:
+            if t not in accounts:
+                problems.add(f"{where}: unknown teacher {t}")
+            elif t in users:
+                if t not in teachers:
+                    problems.add(f"{where}: user {t} is not a teacher")
+                elif users[t].district != s.district:
+                    problems.add(f"{where}: teacher {t} is in another district")
+        if accounts.issuperset(s.students) and not_students.isdisjoint(s.students):
+            continue
+        for st in s.students:
+            if st not in accounts:
+                problems.add(f"{where}: unknown student {st}")
+            elif st in not_students:
+                problems.add(f"{where}: user {st} is not a student")
+
+
+def _check_platform_classes(problems: _Problems, snap: Snapshot, known: _Known) -> None:
+    for i, c in enumerate(snap.platform.classes):
+        where = f"platform.classes[{i}] (id {c.id})"
+        if c.teacher not in known.accounts:
+            problems.add(f"{where}: unknown teacher {c.teacher}")
+        if known.accounts.issuperset(c.students):
+            continue
+        for st in c.students:
+            if st not in known.accounts:
+                problems.add(f"{where}: unknown student {st}")
+
+
+def _check_class_items(problems: _Problems, snap: Snapshot, known: _Known) -> None:
+    for kind, items in (("goals", snap.platform.goals), ("assignments", snap.platform.assignments)):
+        for i, item in enumerate(items):
+            where = f"platform.{kind}[{i}] (id {item.id})"
+            if item.class_id not in known.classes:
+                problems.add(f"{where}: unknown class {item.class_id}")
+            if item.created_by is not None and item.created_by not in known.accounts:
+                problems.add(f"{where}: unknown account {item.created_by}")
+
+
+def _check_progress(problems: _Problems, snap: Snapshot, known: _Known) -> None:
+    progress = snap.platform.progress
+    if known.accounts.issuperset(p.user for p in progress) and len(
+        {(p.user, p.skill) for p in progress}
+    ) == len(progress):
+        return
+    seen: set[tuple[str, str]] = set()
+    for i, p in enumerate(progress):
+        where = f"platform.progress[{i}] (user {p.user}, skill {p.skill})"
+        if p.user not in known.accounts:
+            problems.add(f"{where}: unknown user {p.user}")
+        if (p.user, p.skill) in seen:
+            problems.add(f"{where}: duplicate progress row")
+        seen.add((p.user, p.skill))

@@ -1,0 +1,108 @@
+"""What the database says about the pipeline, for ``grassroots status`` and ``GET /ops/status``
+(the broker's side is ``worker.status``), and the inbox's views for ``events list``/``show``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from models import (
+    DeadLetter,
+    DistrictExit,
+    EventStatus,
+    ExitStatus,
+    ExitUnit,
+    RosterEvent,
+    UnitStatus,
+)
+from tasks.sql import count
+
+
+@dataclass(frozen=True)
+class Backlog:
+    events: dict[str, int]  # by status
+    units_pending: int
+    exits_running: int
+    # Exits whose units are all done: still in flight until their finish step has run.
+    exits_finishing: int
+    dead_letters_open: int
+
+    @property
+    def events_in_flight(self) -> int:
+        return sum(self.events.get(status, 0) for status in EventStatus.in_flight())
+
+
+def backlog(session: Session) -> Backlog:
+    running = DistrictExit.status == ExitStatus.RUNNING
+    return Backlog(
+        events=dict(
+            session.execute(select(RosterEvent.status, func.count()).group_by(RosterEvent.status))
+            .tuples()
+            .all()
+        ),
+        units_pending=count(session, ExitUnit, ExitUnit.status == UnitStatus.PENDING),
+        exits_running=count(session, DistrictExit, running),
+        exits_finishing=count(
+            session, DistrictExit, running, DistrictExit.units_done >= DistrictExit.units_total
+        ),
+        dead_letters_open=count(session, DeadLetter, DeadLetter.resolved_at.is_(None)),
+    )
+
+
+def event_row(ev: RosterEvent) -> dict[str, Any]:
+    return {
+        "id": ev.id,
+        "type": ev.type,
+        "status": ev.status,
+        "attempts": ev.attempts,
+        "error": ev.error,
+        "received_at": ev.received_at.isoformat(),
+    }
+
+
+def event_detail(session: Session, event_id: str) -> dict[str, Any] | None:
+    ev = session.scalar(select(RosterEvent).where(RosterEvent.id == event_id))
+    if ev is None:
+        return None
+    letters = session.scalars(
+        select(DeadLetter).where(DeadLetter.event_id == ev.id).order_by(DeadLetter.id)
+    ).all()
+    return {
+        **event_row(ev),
+        "source": ev.source,
+        "district": ev.district_id,
+        "object": {"type": ev.object_type, "id": ev.object_id},
+        "created": ev.occurred_at.isoformat() if ev.occurred_at else None,
+        "updated_at": ev.updated_at.isoformat(),
+        "dead_letters": [
+            {
+                "id": d.id,
+                "task": d.task,
+                "reason": d.reason,
+                "error": d.error,
+                "attempts": d.attempts,
+                "first_failed_at": d.first_failed_at.isoformat(),
+                "last_failed_at": d.last_failed_at.isoformat(),
+                "resolved_at": d.resolved_at.isoformat() if d.resolved_at else None,
+                "traceback": d.traceback,
+            }
+            for d in letters
+        ],
+    }
+
+
+def list_events(
+    session: Session, *, status: str | None = None, type_: str | None = None, limit: int = 100
+) -> list[dict[str, Any]]:
+    """Events, newest first, as ``event_row``s."""
+    query = (
+        select(RosterEvent).order_by(RosterEvent.received_at.desc(), RosterEvent.id).limit(limit)
+    )
+    if status:
+        query = query.where(RosterEvent.status == status)
+    if type_:
+        query = query.where(RosterEvent.type == type_)
+    return [event_row(ev) for ev in session.scalars(query)]

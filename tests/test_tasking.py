@@ -1,0 +1,146 @@
+"""The task base class (``worker.tasking.GrassrootsTask``): what every task gets without writing
+it — session scope, the SQL attempt counter, retries, dead letters, log context — checked on
+the real tasks, called in-process against a real database."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import structlog
+from sqlalchemy import select
+
+from models import DeadLetter, RosterEvent
+from tasks import events
+from tasks.attempts import EventLedger, UnitLedger
+from tasks.inbox import ingest
+from tests.app_env import CLOSED_BROKER, Configure
+from worker import jobs
+from worker.celery_app import app
+from worker.db import session_scope
+from worker.names import TaskName
+from worker.tasking import GrassrootsTask, after_commit
+
+EVENT = {"id": "evt-1", "type": "schools.updated", "data": {"object": {"id": "sch-1"}}}
+
+
+@pytest.fixture
+def inbox(configure: Configure, database_url: str) -> str:
+    configure(DATABASE_URL=database_url, BROKER_URL=CLOSED_BROKER, TASK_MAX_RETRIES="2")
+    with session_scope() as session:
+        ingest(session, EVENT, source="webhook")
+    return str(EVENT["id"])
+
+
+def event_row(event_id: str) -> tuple[str, int]:
+    with session_scope() as session:
+        status, attempts = session.execute(
+            select(RosterEvent.status, RosterEvent.attempts).where(RosterEvent.id == event_id)
+        ).one()
+    return status, attempts
+
+
+def test_every_task_is_a_grassroots_task_with_its_own_ledger() -> None:
+    app.loader.import_default_modules()
+    tasks = {name: app.tasks[name] for name in TaskName}
+    assert all(isinstance(task, GrassrootsTask) for task in tasks.values())
+    assert getattr(tasks[TaskName.PROCESS_EVENT], "ledger", None) is EventLedger
+    assert getattr(tasks[TaskName.EXIT_UNIT], "ledger", None) is UnitLedger
+
+
+def test_a_task_binds_its_ids_to_the_log_context_and_clears_them_after(
+    inbox: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[dict[str, Any]] = []
+    real = events.process_event
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        structlog.contextvars.bind_contextvars(account_id="left-over")
+        seen.append(structlog.contextvars.get_contextvars())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(events, "process_event", spy)
+    structlog.contextvars.bind_contextvars(stale="from an earlier task")
+    assert jobs.process_event(inbox) == "ignored"
+    assert seen == [
+        {
+            "task": TaskName.PROCESS_EVENT,
+            "task_id": None,
+            "event_id": inbox,
+            "account_id": "left-over",
+        }
+    ]
+    assert structlog.contextvars.get_contextvars() == {}
+
+
+def test_the_attempt_is_counted_in_sql_before_the_work_and_a_finished_event_is_left_alone(
+    inbox: str,
+) -> None:
+    assert jobs.process_event(inbox) == "ignored"
+    assert event_row(inbox) == ("ignored", 1)
+    # A redelivered copy finds the event final: nothing counted, nothing done.
+    assert jobs.process_event(inbox) is None
+    assert event_row(inbox) == ("ignored", 1)
+
+
+def test_a_task_started_too_often_is_dead_lettered_without_running(
+    inbox: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ran: list[str] = []
+    monkeypatch.setattr(events, "process_event", lambda *a, **k: ran.append("ran"))
+    with session_scope() as session:
+        session.get(RosterEvent, inbox).attempts = 3  # type: ignore[union-attr]
+    # TASK_MAX_RETRIES=2 allows three attempts; this is the fourth.
+    assert jobs.process_event(inbox) is None
+    assert ran == []
+    assert event_row(inbox) == ("dead", 4)
+    with session_scope() as session:
+        letter = session.scalars(select(DeadLetter)).one()
+    assert (letter.reason, letter.task, letter.args) == (
+        "too_many_attempts",
+        TaskName.PROCESS_EVENT,
+        {"event_id": inbox},
+    )
+
+
+def test_a_permanent_failure_is_dead_lettered_at_once_and_rolls_its_work_back(
+    inbox: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent: list[str] = []
+
+    def fails(session: Any, event_id: str, limits: Any) -> None:
+        session.get(RosterEvent, event_id).error = "half-done"
+        after_commit(sent.append, "never")
+        raise KeyError("a bug, not a blip")
+
+    monkeypatch.setattr(events, "process_event", fails)
+    assert jobs.process_event(inbox) is None
+    assert event_row(inbox) == ("dead", 1)  # one try: a permanent error is not retried
+    assert sent == []
+    with session_scope() as session:
+        letter = session.scalars(select(DeadLetter)).one()
+        error = session.scalar(select(RosterEvent.error).where(RosterEvent.id == inbox))
+    assert letter.reason == "error" and "KeyError" in (letter.traceback or "")
+    assert error is not None and "half-done" not in error
+
+
+def test_what_a_task_sends_after_commit_is_sent_once_its_work_committed(
+    inbox: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    order: list[str] = []
+
+    def work(session: Any, event_id: str, limits: Any) -> events.Routed:
+        after_commit(lambda: order.append(event_row(event_id)[0]))
+        session.get(RosterEvent, event_id).status = "done"
+        order.append("work")
+        return events.Routed(events.DONE)
+
+    monkeypatch.setattr(events, "process_event", work)
+    assert jobs.process_event(inbox) == "done"
+    # The callback saw the committed row.
+    assert order == ["work", "done"]
+
+
+def test_after_commit_outside_a_task_is_an_error() -> None:
+    with pytest.raises(RuntimeError, match="outside a task"):
+        after_commit(print)

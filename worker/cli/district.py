@@ -1,0 +1,127 @@
+"""District exits: ``district preview`` and ``district exit`` (with ``--wait``, ``--in-process``).
+
+The units of work (``tasks.*``) and the operator actions (``worker.services``, which loads the
+Celery app) are imported inside the commands: `grassroots --help` and the other commands do
+without them, and an exit's end-to-end time includes this command's start-up.
+"""
+
+from __future__ import annotations
+
+import time
+
+import click
+from sqlalchemy.orm import Session
+
+from models import District, DistrictStatus, ExitStatus
+from worker.cli.common import emit, fail, refusals, unit_of_work
+
+TRIGGER = "cli:district-exit"
+# What ``district preview`` prints, in this order, after the accounts by role.
+PREVIEW_COUNTS = (
+    "classes_removed",
+    "enrollments_removed",
+    "teacher_links_removed",
+    "goals_removed",
+    "assignments_removed",
+    "report_grants_revoked",
+)
+
+
+@click.group()
+def district() -> None:
+    """District exits."""
+
+
+@district.command("preview")
+@click.argument("district_id")
+@click.option("--json", "as_json", is_flag=True)
+def district_preview(district_id: str, as_json: bool) -> None:
+    """What an exit of the district would change. Changes nothing."""
+    from tasks.view import preview_exit
+
+    with unit_of_work(as_json=as_json) as session:
+        preview = preview_exit(session, district_id)
+    if as_json:
+        emit(preview)
+        return
+    click.echo(
+        f"district {preview['district']} ({preview['status']}), policy "
+        f"admin_removal={preview['policy']['admin_removal']}"
+    )
+    click.echo(f"  accounts converted: {preview['accounts']}")
+    for role, c in preview["roles"].items():
+        click.echo(
+            f"    {role}: {c['accounts']} ({c['converted']} converted, {c['removed']} removed)"
+        )
+    for key in PREVIEW_COUNTS:
+        click.echo(f"  {key.replace('_', ' ')}: {preview[key]}")
+
+
+@district.command("exit")
+@click.argument("district_id")
+@click.option("--wait", is_flag=True, help="Wait for the exit to finish, with a progress bar.")
+@click.option(
+    "--in-process",
+    is_flag=True,
+    help="Run the whole exit here in one transaction, without workers.",
+)
+def district_exit(district_id: str, wait: bool, in_process: bool) -> None:
+    """Exit a district from the program (contract end): convert every account."""
+    if in_process:
+        _exit_in_process(district_id)
+        return
+    from worker import services
+
+    with unit_of_work() as session:
+        earlier = _undone_exit(session, district_id)
+    with refusals():
+        try:
+            services.start_exit(district_id, by=TRIGGER)
+        except services.BrokerUnavailable as exc:
+            fail(str(exc))
+    click.echo(f"district {district_id}: exit started")
+    if wait:
+        _wait_for_exit(district_id, after=earlier)
+
+
+def _exit_in_process(district_id: str) -> None:
+    from tasks.exits import run_in_process
+
+    with unit_of_work() as session:
+        out = run_in_process(session, district_id, trigger=TRIGGER)
+    click.echo(
+        f"district {district_id} exited: "
+        + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in out.as_dict().items())
+    )
+
+
+def _undone_exit(session: Session, district_id: str) -> int | None:
+    """The exit not to wait for: an active district's latest exit, which a restore has undone.
+    An exited district's own exit (under way, or done already) is the one to wait for."""
+    from tasks.exits import progress
+
+    district = session.get(District, district_id)
+    if district is None or district.status == DistrictStatus.EXITED:
+        return None  # no such district: starting its exit says so
+    latest = progress(session, district_id)
+    return latest.exit_id if latest is not None else None
+
+
+def _wait_for_exit(district_id: str, *, after: int | None) -> None:
+    """Until the district's latest exit, if newer than exit ``after``, is done."""
+    from tasks.exits import RESTORED, progress
+
+    started = time.monotonic()
+    with click.progressbar(length=1, label="exiting", show_pos=True) as bar:
+        while True:
+            with unit_of_work() as session:
+                p = progress(session, district_id)
+            if p is not None and (after is None or p.exit_id > after):
+                bar.length = max(p.total, 1)
+                bar.update(p.done - bar.pos)
+                if p.status == ExitStatus.DONE:
+                    break
+                if p.status == RESTORED:  # undone meanwhile: it will never be done
+                    fail(f"district {district_id}: exit {p.exit_id} was undone by a restore")
+            time.sleep(0.5)
+    click.echo(f"district {district_id} exited in {time.monotonic() - started:.1f}s")

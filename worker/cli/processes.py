@@ -1,0 +1,208 @@
+"""The long-running processes and the tools around them: ``serve``, ``worker``, ``beat``,
+``flower``, ``run`` (all of them at once), ``demo`` and ``send-webhook``.
+
+The Celery app, uvicorn, httpx, structlog (``worker.logs``), the relay and the demo are imported
+inside the commands that run them: `grassroots --help` and the other commands do without them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from worker.cli.common import LOG_LEVEL_OPTION, fail, webhook_secret
+from worker.db import require_stack
+from worker.run import run_stack
+from worker.settings import get_settings
+from worker.signing import signed_headers
+
+WEBHOOK_URL = "http://127.0.0.1:8000/webhooks/clever"
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="uvicorn worker processes.",
+)
+def serve(host: str, port: int, workers: int) -> None:
+    """Run the webhook receiver and ops API."""
+    import uvicorn
+
+    from worker.logs import configure
+
+    configure("serve")
+    # Keep idle connections longer than a client or load balancer does (60 s is common), so the
+    # server never closes one just as a request is sent on it (a reset the sender sees as lost).
+    uvicorn.run(
+        "worker.api:app",
+        host=host,
+        port=port,
+        workers=workers,
+        access_log=False,
+        log_config=None,
+        timeout_keep_alive=75,
+    )
+
+
+@click.command()
+@click.option(
+    "--concurrency",
+    "-c",
+    default=None,
+    type=click.IntRange(1, 256),
+    help="Worker processes (default: one per core).",
+)
+@click.option(
+    "--queues",
+    "-Q",
+    default=None,
+    help="The queues to consume, comma-separated [default: every queue].",
+)
+@click.option(
+    "--hostname",
+    "-n",
+    default=None,
+    help="Node name, as Celery's (%h expands to the host) [default: grassroots-<pid>@<host>].",
+)
+@LOG_LEVEL_OPTION
+def worker(
+    concurrency: int | None, queues: str | None, hostname: str | None, loglevel: str
+) -> None:
+    """Run a Celery worker. Start more on more machines to scale out."""
+    from celery.utils.log import mlevel
+    from celery.utils.nodenames import default_nodename, host_format
+
+    from worker.celery_app import QUEUES, UnsafeConfiguration, app, check_safe
+
+    # With no stack here, refused now rather than in every task (the receiver starts anyway:
+    # its /healthz needs no database).
+    require_stack()
+    try:
+        check_safe(app.conf, get_settings())
+    except UnsafeConfiguration as exc:
+        fail(str(exc))
+    names = list(QUEUES) if queues is None else [q.strip() for q in queues.split(",") if q.strip()]
+    unknown = sorted(set(names) - set(QUEUES))
+    if not names or unknown:
+        fail(f"--queues takes some of {', '.join(QUEUES)}; got {queues!r}")
+    # Started as ``celery worker`` would start it, without going through Celery's command line:
+    # that imports every Celery subcommand and plugin (Flower's among them, with Tornado and
+    # prometheus_client), about 12 MB that the worker and each of its pool children would hold.
+    instance = app.Worker(
+        # Celery's default, celery@<host>, is the same for every worker on a machine: their
+        # control replies and heartbeats would be taken for one worker's.
+        hostname=host_format(default_nodename(hostname or f"grassroots-{os.getpid()}@%h")),
+        loglevel=mlevel(loglevel.upper()),
+        queues=names,
+        concurrency=concurrency,
+        optimization="default",
+    )
+    instance.start()
+    sys.exit(instance.exitcode)
+
+
+@click.command()
+@LOG_LEVEL_OPTION
+def beat(loglevel: str) -> None:
+    """Run the scheduler (relay of undelivered events, purge, poll)."""
+    from celery import signals
+
+    from worker import relay
+    from worker.celery_app import app
+
+    def start_relay(**_: Any) -> None:
+        # Every RELAY_INTERVAL seconds, in the one beat a deployment runs; a thread rather than
+        # a scheduled task, so an idle relay writes no log lines and no task rows in Flower.
+        relay.start(get_settings().relay_interval)
+
+    signals.beat_init.connect(start_relay, weak=False)
+    home = get_settings().home
+    home.mkdir(parents=True, exist_ok=True)
+    app.start(["beat", "-l", loglevel, "-s", str(home / "celerybeat-schedule")])
+
+
+@click.command()
+@click.option("--address", default="127.0.0.1", show_default=True)
+@click.option("--port", default=5555, show_default=True, type=click.IntRange(1, 65535))
+def flower(address: str, port: int) -> None:
+    """Run Flower (queue depth per queue, workers, tasks). FLOWER_BASIC_AUTH (user:password) is
+    required unless it listens on loopback only."""
+    auth = get_settings().flower_basic_auth
+    loopback = address in ("127.0.0.1", "localhost", "::1")
+    if not auth and not loopback:
+        fail(
+            f"refusing to serve Flower on {address or 'every interface'} without"
+            " FLOWER_BASIC_AUTH (user:password)"
+        )
+    if auth and not all(
+        user and password for user, _, password in (c.partition(":") for c in auth.split(","))
+    ):
+        fail("FLOWER_BASIC_AUTH must be user:password, neither empty (several: comma-separated)")
+    from worker.celery_app import app
+
+    # With the Redis broker Flower reads each named queue's depth from Redis itself, choosing its
+    # reader by the scheme of the broker URL kombu gives back: it needs kombu's own transport
+    # for that (``worker.broker`` only serves the worker's message handling).
+    app.conf.broker_transport = None
+    argv = ["flower", f"--address={address}", f"--port={port}", "--purge_offline_workers=60"]
+    if auth:
+        argv.append(f"--basic-auth={auth}")
+    else:
+        # Loopback only, no auth configured: the UI is open to this machine, so is its API.
+        os.environ["FLOWER_UNAUTHENTICATED_API"] = "true"
+    app.start(argv)
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--flower-port", default=5555, show_default=True, type=click.IntRange(1, 65535))
+def run(host: str, port: int, flower_port: int) -> None:
+    """Run the whole local stack: migrations, receiver, worker, beat and Flower. Its state (the
+    SQLite database, generated secrets, schedule, a private redis) is kept under the home."""
+    if port == flower_port:
+        raise click.UsageError("--port and --flower-port must differ")
+    sys.exit(run_stack(host=host, port=port, flower_port=flower_port))
+
+
+@click.command()
+@click.option("--url", default=WEBHOOK_URL, show_default=True)
+def demo(url: str) -> None:
+    """A first look, beside `grassroots run`: seed an example district, send two signed roster
+    events, show the accounts before and after."""
+    from worker.demo import run_demo
+
+    # The stack first: with none here, that is what to say, not that there is no secret.
+    require_stack()
+    run_demo(url, webhook_secret())
+
+
+@click.command("send-webhook")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--url", default=WEBHOOK_URL, show_default=True)
+def send_webhook(file: Path, url: str) -> None:
+    """Sign an event file with the first WEBHOOK_SECRETS secret (or the stack's) and POST it."""
+    import httpx
+
+    secret = webhook_secret()
+    try:
+        body = file.read_bytes()
+    except OSError as exc:
+        fail(f"{file}: cannot read: {exc.strerror}")
+    headers = {"content-type": "application/json", **signed_headers(secret, body)}
+    try:
+        response = httpx.post(url, content=body, headers=headers, timeout=10)
+    except httpx.HTTPError as exc:
+        fail(f"{url}: {type(exc).__name__}: {exc}")
+    click.echo(f"{response.status_code} {response.text}")
+    if response.status_code >= 300:
+        sys.exit(1)

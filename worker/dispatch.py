@@ -1,0 +1,92 @@
+"""Sending work to the workers, by task name: the receiver, the CLI, the ops API, the relay and
+the tasks themselves send through here, after the rows the work names are committed.
+
+A broker outage while sending is logged, not raised, where the database already says what is
+unfinished: the relay sends it once the broker is back.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from kombu.exceptions import BatchPublishError  # type: ignore[attr-defined]  # kombu 5.7; stubs lag
+from kombu.exceptions import OperationalError as BrokerError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from sqlalchemy import update
+
+from models import ExitUnit, UnitKind, utcnow
+from tasks.exits import pending_units
+from tasks.sql import chunks, in_ids
+from worker.celery_app import app
+from worker.db import session_scope
+from worker.names import Queue, TaskName
+
+log = logging.getLogger("grassroots.dispatch")
+
+# What a failed send raises: the broker is unreachable, or part of a pipeline failed.
+SEND_ERRORS = (BrokerError, BatchPublishError, RedisConnectionError, OSError)
+
+
+def enqueue_events(event_ids: Iterable[str]) -> int:
+    """Send events to the workers, after their inbox rows are committed. Returns how many were
+    sent; a broker outage is logged, not raised: the relay sends them once it is back.
+
+    All of them go over one connection in pipelined round trips (kombu's ``Producer.batch``:
+    Celery still builds and routes each message; only the final Redis writes are buffered).
+    A pipeline that fails may have delivered part of its messages; they count as unsent, and a
+    second copy sent by the relay is harmless (the event task re-reads its row).
+    """
+    ids = list(event_ids)
+    if not ids:
+        return 0
+    try:
+        with app.producer_or_acquire() as producer, producer.batch():
+            for event_id in ids:
+                app.send_task(TaskName.PROCESS_EVENT, (event_id,), producer=producer)
+    except SEND_ERRORS as exc:
+        log.warning(
+            "broker unavailable, %d event(s) left for the relay: %s", len(ids), type(exc).__name__
+        )
+        return 0
+    return len(ids)
+
+
+def start_exit(district_id: str, trigger: str) -> None:
+    """Send a district exit's start. Raises what the broker raises: nothing is recorded yet, so
+    the caller must say the exit did not start."""
+    app.send_task(TaskName.DISTRICT_EXIT, (district_id, trigger))
+
+
+def finish_exit(exit_id: int) -> None:
+    app.send_task(TaskName.FINISH_EXIT, (exit_id,))
+
+
+# Units sent per pipelined batch: the first units start while the rest are being sent.
+DISPATCH_CHUNK = 250
+
+
+def dispatch_exit(exit_id: int) -> None:
+    """Send the exit's pending units of its current phase (teachers, then account batches): all
+    of them the first time, what is missing after a crash, the finish once none is left. Units
+    are idempotent, so sending one twice does no harm."""
+    with session_scope() as session:
+        pending = pending_units(session, exit_id)
+        session.execute(
+            update(ExitUnit)
+            .where(ExitUnit.exit_id == exit_id, in_ids(ExitUnit.key, [k for k, _ in pending]))
+            .values(dispatched_at=utcnow())
+        )
+    if not pending:
+        finish_exit(exit_id)
+        return
+    with app.producer_or_acquire() as producer:
+        for chunk in chunks(pending, DISPATCH_CHUNK):
+            with producer.batch():
+                for key, kind in chunk:
+                    app.send_task(
+                        TaskName.EXIT_UNIT,
+                        (exit_id, key),
+                        producer=producer,
+                        queue=Queue.FANOUT if kind == UnitKind.TEACHER else Queue.CONVERSIONS,
+                    )

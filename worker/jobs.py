@@ -1,0 +1,108 @@
+"""The Celery tasks: thin adapters over the units of work in ``tasks/``.
+
+Each passes ids, never objects, and declares only its own work; session scope, attempt counting,
+retries, dead letters and log context are the base class's (``worker.tasking.GrassrootsTask``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tasks import events, exits
+from tasks.attempts import EventLedger, UnitLedger
+from tasks.conversion import purge as purge_expired
+from worker import dispatch
+from worker.celery_app import app
+from worker.clever import parse_tokens
+from worker.db import autocommit, get_engine, session_scope
+from worker.names import TaskName
+from worker.poller import PollOptions, poll_all
+from worker.settings import get_settings
+from worker.tasking import FirstTry, GrassrootsTask, after_commit
+
+
+def limits() -> events.Limits:
+    settings = get_settings()
+    return events.Limits(
+        retention_days=settings.retention_days, brake_percent=settings.removal_brake_percent
+    )
+
+
+@app.task(bind=True, base=GrassrootsTask, name=TaskName.PROCESS_EVENT, ledger=EventLedger)
+def process_event(self: GrassrootsTask, event_id: str) -> str | None:
+    routed = events.process_event(self.session, event_id, limits())
+    if routed is None:
+        return None
+    if routed.exit_id is not None:
+        after_commit(dispatch.dispatch_exit, routed.exit_id)
+    return routed.status
+
+
+@app.task(bind=True, base=GrassrootsTask, name=TaskName.DISTRICT_EXIT)
+def district_exit(self: GrassrootsTask, district_id: str, trigger: str = "ops") -> int:
+    plan = exits.start_exit(
+        self.session, district_id, trigger=trigger, batch_size=get_settings().exit_batch_size
+    )
+    after_commit(dispatch.dispatch_exit, plan.exit_id)
+    return plan.exit_id
+
+
+def _carry_on(exit_id: int, result: exits.UnitResult) -> None:
+    """What a unit's completion starts: the finish after the last unit, the account batches
+    after the last teacher unit."""
+    if result.exit_complete:
+        after_commit(dispatch.finish_exit, exit_id)
+    elif result.teachers_complete:
+        after_commit(dispatch.dispatch_exit, exit_id)
+
+
+class ExitUnitTask(GrassrootsTask):
+    def first_try(self, most: int, *args: Any, **kwargs: Any) -> FirstTry | None:
+        unit = UnitLedger(*args, **kwargs)
+        exit_id, key = unit.exit_id, unit.key
+        if not exits.runs_in_one_round_trip(get_engine().dialect, key):
+            return None
+        # Thousands of these per district: the count and the unit share one round trip.
+        with autocommit() as conn:
+            try:
+                attempts, result = exits.count_and_run_teacher_unit(
+                    conn, exit_id, key, max_attempts=most
+                )
+            except exits.TeacherUnitFailed as failed:
+                return FirstTry(failed.attempts, error=failed.error)
+        if result is None:
+            return FirstTry(attempts)
+        _carry_on(exit_id, result)
+        return FirstTry(attempts, result.ran)
+
+
+@app.task(bind=True, base=ExitUnitTask, name=TaskName.EXIT_UNIT, ledger=UnitLedger)
+def exit_unit(self: GrassrootsTask, exit_id: int, key: str) -> bool:
+    # An exit unit commits without waiting for the WAL flush (``tasks.sql.AsyncCommit``).
+    result = exits.run_unit(self.session, exit_id, key)
+    _carry_on(exit_id, result)
+    return result.ran
+
+
+@app.task(bind=True, base=GrassrootsTask, name=TaskName.FINISH_EXIT)
+def finish_exit(self: GrassrootsTask, exit_id: int) -> bool:
+    return exits.finish(self.session, exit_id) is not None
+
+
+@app.task(bind=True, base=GrassrootsTask, name=TaskName.PURGE)
+def purge(self: GrassrootsTask) -> int:
+    return purge_expired(self.session, retention_days=get_settings().retention_days)
+
+
+@app.task(bind=True, base=GrassrootsTask, name=TaskName.POLL, session_scoped=False)
+def poll(self: GrassrootsTask) -> dict[str, str]:
+    """One pass over every district; returns each district's outcome. A district that failed is
+    read again, from its committed cursor, by the next pass. The tokens are read from the
+    worker's environment: they never travel through the broker."""
+    settings = get_settings()
+    results = poll_all(
+        session_scope,
+        parse_tokens(settings.clever_district_tokens),
+        options=PollOptions.from_settings(settings),
+    )
+    return {result.district_id: result.outcome for result in results}

@@ -1,0 +1,81 @@
+"""The operator actions (SPEC §5.5, §5.6), once each, for the command line and the ops API alike:
+the change is committed first, then what it frees is sent to the workers.
+
+Each raises ``tasks.errors.NotFound`` (no such event or district) or another
+``GrassrootsError`` (refused, with a message for the operator) and returns what it did.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from models import District
+from tasks import brake, deadletters
+from tasks.errors import NotFound
+from worker import dispatch
+from worker.db import session_scope
+
+
+class BrokerUnavailable(Exception):
+    """The broker could not take the work: nothing was started."""
+
+
+@dataclass
+class Replayed:
+    """What became of each event asked for (``deadletters.REPLAYED`` or why not), and how many
+    of the replayed ones reached the broker (the relay sends the rest)."""
+
+    outcomes: dict[str, str] = field(default_factory=dict)
+    sent: int = 0
+
+    @property
+    def replayed(self) -> list[str]:
+        return [e for e, outcome in self.outcomes.items() if outcome == deadletters.REPLAYED]
+
+
+def replay(event_ids: Sequence[str], *, by: str) -> Replayed:
+    """Send dead events round again by their ids."""
+    with session_scope() as session:
+        outcomes = {e: deadletters.mark_replay(session, e, by=by) for e in event_ids}
+    result = Replayed(outcomes)
+    result.sent = dispatch.enqueue_events(result.replayed)
+    return result
+
+
+def replay_dead(*, type_: str | None = None, by: str) -> Replayed:
+    """Send every dead event (of one type) round again, oldest first."""
+    with session_scope() as session:
+        ids = deadletters.dead_events(session, type_=type_)
+    return replay(ids, by=by)
+
+
+def release_held(
+    *, event_id: str | None = None, district_id: str | None = None, by: str
+) -> list[str]:
+    """Let held removals (one, or a district's) through the brake, and send them."""
+    with session_scope() as session:
+        ids = brake.release_held(session, event_id=event_id, district_id=district_id, by=by)
+    dispatch.enqueue_events(ids)
+    return ids
+
+
+def discard_held(
+    *, event_id: str | None = None, district_id: str | None = None, by: str
+) -> list[str]:
+    """Drop held removals (one, or a district's) for good."""
+    with session_scope() as session:
+        return brake.discard_held(session, event_id=event_id, district_id=district_id, by=by)
+
+
+def start_exit(district_id: str, *, by: str) -> None:
+    """Start a district's exit (contract end) on the workers."""
+    with session_scope() as session:
+        if session.get(District, district_id) is None:
+            raise NotFound(f"no district {district_id}")
+    try:
+        dispatch.start_exit(district_id, by)
+    except dispatch.SEND_ERRORS as exc:
+        raise BrokerUnavailable(
+            f"the broker is unreachable ({type(exc).__name__}): the exit was not started"
+        ) from exc

@@ -1,0 +1,49 @@
+"""The pipeline's status (``grassroots status``, ``GET /ops/status``): the database's backlog and
+the broker's queues, in one object (SPEC §5.6)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+from sqlalchemy.orm import Session
+
+from models import EventStatus
+from tasks.status import backlog
+from worker.broker import broker_client, queue_depths, unacked_in
+from worker.celery_app import QUEUES
+from worker.names import Queue
+
+
+def pipeline_status(session: Session, *, with_broker: bool = True) -> dict[str, Any]:
+    """``pending`` is 0 only when nothing is in flight: no event waiting or being processed, no
+    exit unit left, no task queued or running."""
+    found = backlog(session)
+    queues: dict[str, int] = dict.fromkeys(QUEUES, 0)
+    unacked = housekeeping = 0
+    broker = "unchecked"
+    if with_broker:
+        try:
+            client = broker_client()
+            queues, unacked = queue_depths(client, QUEUES)
+            # The periodic purge and poll never end for good: they are not work in flight, or
+            # ``pending`` would flicker above 0 at each of their runs on an idle pipeline.
+            housekeeping = queues[Queue.MAINTENANCE] + (
+                unacked_in(client, Queue.MAINTENANCE) if unacked else 0
+            )
+            broker = "ok"
+        except redis.RedisError as exc:
+            broker = f"unavailable: {type(exc).__name__}"
+    tasks = sum(queues.values()) + unacked - housekeeping
+    return {
+        "pending": found.events_in_flight + found.units_pending + found.exits_finishing + tasks,
+        "dead": found.events.get(EventStatus.DEAD, 0),
+        "held": found.events.get(EventStatus.HELD, 0),
+        "queues": queues,
+        "unacked": unacked,
+        "events": {status: found.events[status] for status in sorted(found.events)},
+        "exit_units_pending": found.units_pending,
+        "exits_running": found.exits_running,
+        "dead_letters_open": found.dead_letters_open,
+        "broker": broker,
+    }

@@ -1,0 +1,253 @@
+"""What every Celery task needs, once: the base class that runs a task's work in a session scope,
+counts its attempts in SQL, retries transient failures in two layers and dead-letters the rest,
+with the task's ids bound to every log line.
+
+A task declares only its own work (``worker.jobs``): its name, the ``Ledger`` its attempts are
+counted in (``tasks.attempts``) and its body, which reads ``self.session`` and returns what it
+did. What it must send once its work has committed it hands to ``after_commit``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import socket
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+import structlog
+from celery import Task
+from celery.utils.time import get_exponential_backoff_interval
+from kombu.exceptions import OperationalError as BrokerError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+from tasks import deadletters
+from tasks.attempts import Ledger, Uncounted
+from tasks.errors import InvariantViolation, WaitForRoster
+from worker.db import autocommit, session_scope
+from worker.settings import get_settings
+
+log = logging.getLogger("grassroots.tasks")
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------------------------
+# Failure classification and the short retries
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth trying again: the database or broker was unreachable, a lock wait timed out, a
+    deadlock was broken. Anything else (a missing row, bad data, an invariant) is permanent."""
+    if isinstance(
+        exc, OperationalError | BrokerError | RedisConnectionError | ConnectionError | WaitForRoster
+    ):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+SHORT_TRIES = 3
+
+
+def short_retries(fn: Callable[[], T], tries: int = SHORT_TRIES) -> T:
+    """Tenacity around one unit of work: rides out a brief blip without a Celery round trip."""
+    for attempt in Retrying(
+        retry=retry_if_exception(is_transient),
+        stop=stop_after_attempt(tries),
+        wait=wait_random_exponential(multiplier=0.05, max=1),
+        reraise=True,
+    ):
+        with attempt:
+            return fn()
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# --------------------------------------------------------------------------------------------
+# The base class
+
+
+@dataclass(frozen=True)
+class FirstTry:
+    """An attempt counted and the work's first try made in one go (``GrassrootsTask.first_try``)."""
+
+    attempts: int | None  # None: nothing to do (done, held, dead or gone)
+    result: Any = None  # what the work returned (None if it did not start: past its attempts)
+    error: Exception | None = None  # the first try's failure, after the count committed
+
+
+_session: ContextVar[Session | None] = ContextVar("grassroots_task_session", default=None)
+_after_commit: ContextVar[list[Callable[[], object]] | None] = ContextVar(
+    "grassroots_after_commit", default=None
+)
+
+
+def after_commit(fn: Callable[..., object], *args: Any) -> None:
+    """Call ``fn(*args)`` once the running task's work has committed (not if it fails): what it
+    sends to the broker must find the rows it names. A failure there is logged, not raised: the
+    work is done, and the relay sends what is missing."""
+    pending = _after_commit.get()
+    if pending is None:
+        raise RuntimeError("after_commit outside a task")
+    pending.append(lambda: fn(*args))
+
+
+class GrassrootsTask(Task):  # type: ignore[type-arg]
+    """Every grassroots task: set once as the app's ``task_cls``.
+
+    Per call: the log context is cleared and the task's ids bound; the attempt is counted in SQL
+    and committed before the work starts, and the task refuses to work past
+    ``TASK_MAX_RETRIES + 1`` attempts (a task that kills its worker is capped too); the work runs
+    in one session scope (``self.session``), retried briefly in-process on a transient failure,
+    then by Celery with exponential backoff and jitter; a permanent failure, or one that outlasts
+    the retries, is a dead letter.
+    """
+
+    ledger: ClassVar[type[Ledger] | Callable[..., Ledger]] = Uncounted
+    # False: the work opens its own transactions (a poll commits page by page).
+    session_scoped: ClassVar[bool] = True
+
+    @property
+    def session(self) -> Session:
+        session = _session.get()
+        if session is None:
+            raise RuntimeError(f"{self.name} has no session: it is not session-scoped")
+        return session
+
+    def first_try(self, most: int, *args: Any, **kwargs: Any) -> FirstTry | None:
+        """Count the attempt and make the work's first try in one go, given the most attempts
+        allowed (the work must not start beyond them); None to count the usual way."""
+        return None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        ledger = self.ledger(*args, **kwargs)
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(
+            task=self.name, task_id=self.request.id, **ledger.log_ids()
+        )
+        token = _after_commit.set([])
+        try:
+            return self._attempt(ledger, args, kwargs)
+        finally:
+            _after_commit.reset(token)
+            structlog.contextvars.clear_contextvars()
+
+    def _attempt(self, ledger: Ledger, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        settings = get_settings()
+        most = settings.task_max_retries + 1
+        tried = None
+        try:
+            tried = self.first_try(most, *args, **kwargs)
+        except Exception as exc:
+            log.warning("%s: counting it again after %s", self.name, type(exc).__name__)
+        attempts = tried.attempts if tried is not None else short_retries(_bump(ledger))
+        if attempts is None:
+            return None  # already done, held, dead or gone: a redelivery has nothing to do
+        if attempts > most:
+            error = RuntimeError(f"started {attempts - 1} times without finishing")
+            self._dead_letter(ledger, args, kwargs, error, "too_many_attempts", attempts)
+            return None
+        try:
+            if tried is None:
+                return short_retries(lambda: self._work(args, kwargs))
+            if tried.error is None:
+                self._send_after_commit()
+                return tried.result
+            if not is_transient(tried.error):
+                raise tried.error
+            return short_retries(lambda: self._work(args, kwargs), SHORT_TRIES - 1)
+        except Exception as exc:
+            if is_transient(exc) and self.request.retries < settings.task_max_retries:
+                countdown = get_exponential_backoff_interval(
+                    factor=1,
+                    retries=self.request.retries,
+                    maximum=settings.retry_backoff_max,
+                    full_jitter=True,
+                )
+                log.warning("retrying %s in %ss: %s", self.name, countdown, type(exc).__name__)
+                raise self.retry(exc=exc, countdown=countdown) from exc
+            reason = (
+                InvariantViolation.reason
+                if isinstance(exc, InvariantViolation)
+                else "retries_exhausted"
+                if is_transient(exc)
+                else "error"
+            )
+            self._dead_letter(ledger, args, kwargs, exc, reason, attempts)
+            return None
+
+    def _work(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """One try of the work, and what it hands to ``after_commit`` once it has committed."""
+        pending = _after_commit.get()
+        assert pending is not None
+        pending.clear()  # what a failed try asked for is void
+        if not self.session_scoped:
+            result = self.run(*args, **kwargs)
+        else:
+            with self._session_scope():
+                result = self.run(*args, **kwargs)
+        self._send_after_commit()
+        return result
+
+    @contextmanager
+    def _session_scope(self) -> Iterator[None]:
+        with session_scope() as session:
+            token = _session.set(session)
+            try:
+                yield
+            finally:
+                _session.reset(token)
+
+    def _send_after_commit(self) -> None:
+        pending = _after_commit.get() or []
+        for send in pending:
+            try:
+                send()
+            except Exception as exc:
+                log.warning(
+                    "%s: sending after its commit failed (%s); the relay sends it later",
+                    self.name,
+                    type(exc).__name__,
+                )
+        pending.clear()
+
+    def _dead_letter(
+        self,
+        ledger: Ledger,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        exc: BaseException,
+        reason: str,
+        attempts: int,
+    ) -> None:
+        """Written with the short retries: a row lock held a moment by another copy of the task
+        must not lose the record of the failure."""
+        arguments = dict(inspect.signature(self.run).bind(*args, **kwargs).arguments)
+
+        def write() -> None:
+            with session_scope() as session:
+                deadletters.record(
+                    session,
+                    task=self.name,
+                    args=arguments,
+                    ledger=ledger,
+                    exc=exc,
+                    reason=reason,
+                    attempts=attempts,
+                )
+
+        short_retries(write)
+        log.error("dead-lettered %s: %s", self.name, reason, extra={"host": socket.gethostname()})
+
+
+def _bump(ledger: Ledger) -> Callable[[], int | None]:
+    def bump() -> int | None:
+        # The counters commit on their own, without the WAL wait (see ``tasks.attempts``).
+        with autocommit() as conn:
+            return ledger.bump(conn)
+
+    return bump

@@ -3,53 +3,17 @@ both built by the Alembic migrations; every test isolated by a rolled-back outer
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from tests.app_env import configure  # noqa: F401  (a fixture for the HTTP tests)
+from tests.support.app_env import configure  # noqa: F401  (a fixture for the HTTP tests)
+from tests.support.databases import PgDatabases, fresh_sqlite
 from worker.db import make_engine
 from worker.migrate import upgrade
-
-PG_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-
-
-def _pg_url(database: str) -> str:
-    base, _, _ = PG_ADMIN_URL.rpartition("/")
-    return f"{base}/{database}"
-
-
-def _pg_admin(sql: str) -> None:
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(sql.encode())
-
-
-class PgDatabases:
-    """Creates throwaway Postgres databases from one migrated template."""
-
-    def __init__(self) -> None:
-        self.prefix = f"grtest_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-        self.template = f"{self.prefix}_tmpl"
-        self.created: list[str] = []
-        _pg_admin(f'CREATE DATABASE "{self.template}"')
-        self.created.append(self.template)
-        upgrade(_pg_url(self.template))
-
-    def new(self) -> str:
-        name = f"{self.prefix}_{len(self.created)}"
-        _pg_admin(f'CREATE DATABASE "{name}" TEMPLATE "{self.template}"')
-        self.created.append(name)
-        return _pg_url(name)
-
-    def drop_all(self) -> None:
-        for name in reversed(self.created):
-            _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")
@@ -64,12 +28,6 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("sqlite") / "template.db"
     upgrade(f"sqlite:///{path}")
     return path
-
-
-def _fresh_sqlite(template: Path, directory: Path) -> str:
-    target = directory / f"{uuid.uuid4().hex}.db"
-    target.write_bytes(template.read_bytes())
-    return f"sqlite:///{target}"
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
@@ -88,7 +46,7 @@ def pg_engine(pg_databases: PgDatabases) -> Iterator[Engine]:
 def sqlite_engine(
     sqlite_template: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Engine]:
-    engine = make_engine(_fresh_sqlite(sqlite_template, tmp_path_factory.mktemp("sqlite-run")))
+    engine = make_engine(fresh_sqlite(sqlite_template, tmp_path_factory.mktemp("sqlite-run")))
     yield engine
     engine.dispose()
 
@@ -120,4 +78,4 @@ def database_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -
     if backend == "postgresql":
         dbs: PgDatabases = request.getfixturevalue("pg_databases")
         return dbs.new()
-    return _fresh_sqlite(request.getfixturevalue("sqlite_template"), tmp_path)
+    return fresh_sqlite(request.getfixturevalue("sqlite_template"), tmp_path)

@@ -13,7 +13,7 @@ from typing import Any
 from kombu import Connection
 from kombu import Queue as KombuQueue
 
-from tests.stack import RedisServer, spare_port
+from tests.support.stack import RedisServer, spare_port
 from worker.broker import TRANSPORT
 from worker.celery_app import QUEUES, UnsafeConfiguration, app, check_safe
 from worker.names import ROUTES, TaskName

@@ -14,8 +14,8 @@ from sqlalchemy import select
 from models import Account, ExitUnit
 from tasks import conversion, exits
 from tasks.roster import load_snapshot
-from tests.app_env import CLOSED_BROKER, Configure
-from tests.scenario import DISTRICT, STEVE, example
+from tests.support.app_env import CLOSED_BROKER, Configure
+from tests.support.scenario import DISTRICT, STEVE, example
 from worker.celery_app import app as celery_app
 from worker.cli import main
 from worker.db import session_scope

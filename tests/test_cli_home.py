@@ -9,7 +9,6 @@ import json
 import os
 import socket
 import sqlite3
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +18,8 @@ from click.testing import CliRunner, Result
 
 from models import RosterEvent
 from tasks.roster import load_snapshot
-from tests.app_env import CLOSED_BROKER, Configure
-from tests.stack import BIN
+from tests.support.app_env import CLOSED_BROKER, Configure
+from tests.support.cli import grassroots, no_stack, tree
 from worker import demo, signing
 from worker.celery_app import app as celery_app
 from worker.cli import main
@@ -29,17 +28,6 @@ from worker.settings import ENVIRONMENT_VARIABLES, get_settings, load_settings
 
 # The variables that name a stack, or stand in for what it keeps.
 STACK_VARIABLES = ("GRASSROOTS_HOME", "DATABASE_URL", "WEBHOOK_SECRETS", "OPS_TOKEN")
-
-
-def no_stack(home: Path) -> str:
-    return (
-        f"no grassroots stack in {home} (no database there): start one with `grassroots run`,"
-        " pass --home, or set DATABASE_URL"
-    )
-
-
-def tree(directory: Path) -> list[str]:
-    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*"))
 
 
 @pytest.fixture
@@ -54,24 +42,6 @@ def invoke(*args: str, **env: str) -> Result:
     # The command line sets GRASSROOTS_HOME (--home) and the home's secrets in its process's
     # environment: CliRunner puts back every variable it is given.
     return CliRunner().invoke(main, list(args), env={**dict.fromkeys(STACK_VARIABLES), **env})
-
-
-def grassroots(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    """The installed command in a shell that exports none of the application's variables."""
-    clean = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ENVIRONMENT_VARIABLES and not k.startswith("PYTEST")
-    }
-    return subprocess.run(
-        [str(BIN), *args],
-        cwd=cwd,
-        env={**clean, "BROKER_URL": CLOSED_BROKER, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 # --- settings ----------------------------------------------------------------------------------

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.stack import spare_port
-from tests.test_cli_home import grassroots, tree
+from tests.support.cli import grassroots, tree
+from tests.support.stack import spare_port
 from worker import run
 
 

@@ -42,7 +42,7 @@ from pydantic import (
     model_validator,
 )
 
-from tests.stack import BIN, spare_port, wait_until
+from tests.support.stack import BIN, spare_port, wait_until
 from worker.celery_app import build_config, check_safe
 from worker.cli import main as cli
 from worker.settings import ENVIRONMENT_VARIABLES, load_settings
@@ -819,6 +819,19 @@ def test_image_is_python_311_slim_running_grassroots_as_a_non_root_user() -> Non
     assert json.loads(entrypoints[-1]) == ["grassroots"]
 
 
+def test_image_installs_its_dependencies_from_the_runtime_lock_before_the_project() -> None:
+    build = next(s for s in stages() if any("pip install ." in i.arguments for i in s))
+    runs = [i.arguments for i in build if i.keyword == "RUN"]
+    copies = [i.arguments.split() for i in build if i.keyword == "COPY"]
+    locked = next(n for n, run in enumerate(runs) if "-r requirements/runtime.txt" in run)
+    assert "--require-hashes" in runs[locked]
+    # The project goes in on top, without resolving anything again.
+    project = next(n for n, run in enumerate(runs) if "pip install ." in run)
+    assert locked < project and "--no-deps" in runs[project]
+    assert ["requirements/runtime.txt", "requirements/runtime.txt"] in copies
+    assert in_build_context("requirements/runtime.txt")
+
+
 def _ignore_rules() -> list[tuple[bool, re.Pattern[str]]]:
     """``.dockerignore`` as (re-include, pattern) pairs, in order: the last match wins."""
     rules = []
@@ -865,10 +878,17 @@ def test_build_context_leaves_out_local_state_secrets_and_caches() -> None:
         ".env",
         ".git/config",
         "tests/conftest.py",
-        "worker/__pycache__/cli.cpython-311.pyc",
+        "worker/__pycache__/api.cpython-311.pyc",
+        "requirements/dev.txt",
     ):
         assert not in_build_context(path), path
-    for path in ("pyproject.toml", "README.md", "worker/cli.py", "models/migrations/env.py"):
+    for path in (
+        "pyproject.toml",
+        "README.md",
+        "requirements/runtime.txt",
+        "worker/cli/__init__.py",
+        "models/migrations/env.py",
+    ):
         assert in_build_context(path), path
 
 

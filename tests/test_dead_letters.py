@@ -12,7 +12,7 @@ from sqlalchemy.exc import OperationalError
 from models import DeadLetter, RosterEvent
 from tasks.attempts import EventLedger
 from tasks.inbox import ingest
-from tests.app_env import CLOSED_BROKER, Configure
+from tests.support.app_env import CLOSED_BROKER, Configure
 from worker import db, tasking
 from worker.db import session_scope
 from worker.jobs import process_event

@@ -23,7 +23,7 @@ from tasks.conversion import journal as conversion_journal
 from tasks.errors import InvariantViolation, RestoreRefused
 from tasks.roster import MAX_PROBLEMS, SnapshotError, load_snapshot
 from tasks.view import account_view
-from tests.scenario import DISTRICT, KIM, MARIA, S1, STEVE, example, ids
+from tests.support.scenario import DISTRICT, KIM, MARIA, S1, STEVE, example, ids
 
 GRASSROOTS = Path(sys.executable).parent / "grassroots"
 
@@ -319,7 +319,7 @@ def test_bulk_copy_path_loads_exactly_what_the_row_path_loads(
     session: Session, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from tasks.roster import mirror
-    from tests.scenario import PEOPLE
+    from tests.support.scenario import PEOPLE
 
     savepoint = session.begin_nested()
     load_snapshot(session, example())

@@ -12,7 +12,7 @@ from tasks.errors import WaitForRoster
 from tasks.inbox import ingest
 from tasks.roster import load_snapshot
 from tasks.view import account_view
-from tests.scenario import DISTRICT, LEO, MARIA, RIVERA, S3, STEVE, example, ids
+from tests.support.scenario import DISTRICT, LEO, MARIA, RIVERA, S3, STEVE, example, ids
 
 NEWCOMER = "58c81dcea36279271500beef"
 

@@ -15,8 +15,8 @@ from models import Class as Klass
 from models import ClassTeacher, DistrictExit, ExitUnit
 from tasks import exits
 from tasks.roster import load_snapshot
-from tests.conftest import PgDatabases
-from tests.scenario import DISTRICT, KIM, example
+from tests.support.databases import PgDatabases
+from tests.support.scenario import DISTRICT, KIM, example
 from worker.db import make_engine
 from worker.tasking import is_transient
 

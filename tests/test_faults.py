@@ -16,10 +16,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests import scenario
-from tests.conftest import PgDatabases
-from tests.scenario import Copy
-from tests.stack import Stack, clever_event, running_stack, wait_until
+from tests.support import scenario
+from tests.support.databases import PgDatabases
+from tests.support.scenario import Copy
+from tests.support.stack import Stack, clever_event, running_stack, wait_until
 
 pytestmark = pytest.mark.slow
 T0 = "2026-10-01T00:00:00Z"

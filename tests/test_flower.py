@@ -14,7 +14,7 @@ import httpx
 import pytest
 import redis
 
-from tests.stack import BIN, RedisServer, spare_port, wait_until
+from tests.support.stack import BIN, RedisServer, spare_port, wait_until
 from worker.celery_app import QUEUES, app
 
 pytestmark = pytest.mark.slow

@@ -29,9 +29,9 @@ from sqlalchemy.orm import Session
 
 from models import RosterEvent
 from tasks.inbox import Ingested, inbox_row, store
-from tests.app_env import CLOSED_BROKER, Configure
-from tests.conftest import PgDatabases
-from tests.scenario import DISTRICT, STEVE
+from tests.support.app_env import CLOSED_BROKER, Configure
+from tests.support.databases import PgDatabases
+from tests.support.scenario import DISTRICT, STEVE
 from worker import db, intake
 from worker.api import app
 from worker.intake import InboxWriter

@@ -10,8 +10,8 @@ from sqlalchemy import update
 from models import RosterEvent
 from tasks.conversion.rules import rule_outcome
 from tasks.inbox import inbox_row, store
-from tests.app_env import CLOSED_BROKER, Configure
-from tests.scenario import DISTRICT, STEVE
+from tests.support.app_env import CLOSED_BROKER, Configure
+from tests.support.scenario import DISTRICT, STEVE
 from worker.db import session_scope
 from worker.metrics import PipelineCollector
 

@@ -36,8 +36,8 @@ from tasks import conversion, events, exits
 from tasks.inbox import ingest
 from tasks.roster import load_snapshot
 from tasks.view import DISTRICT_ACCESS_ENDED
-from tests.app_env import CLOSED_BROKER, CLOSED_DATABASE, Configure, assert_error
-from tests.scenario import (
+from tests.support.app_env import CLOSED_BROKER, CLOSED_DATABASE, Configure, assert_error
+from tests.support.scenario import (
     DISTRICT,
     KIM,
     LEO,
@@ -51,7 +51,7 @@ from tests.scenario import (
     STEVE,
     example,
 )
-from tests.stack import RedisServer
+from tests.support.stack import RedisServer
 from worker import db, ops_api
 from worker.api import app
 from worker.celery_app import QUEUES

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from tests.app_env import Configure
-from tests.stack import RedisServer
+from tests.support.app_env import Configure
+from tests.support.stack import RedisServer
 from worker.broker import restore_orphans
 from worker.celery_app import app
 

@@ -13,10 +13,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests import scenario
-from tests.conftest import PgDatabases
-from tests.scenario import Copy, ids
-from tests.stack import Stack, clever_event, running_stack, wait_until
+from tests.support import scenario
+from tests.support.databases import PgDatabases
+from tests.support.scenario import Copy, ids
+from tests.support.stack import Stack, clever_event, running_stack, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -37,10 +37,10 @@ from tasks import exits
 from tasks.inbox import ingest, previous_attributes
 from tasks.roster import load_snapshot
 from tasks.view import account_view
-from tests import scenario
-from tests.conftest import PgDatabases, _fresh_sqlite
-from tests.fake_clever import FakeClever, Scripted
-from tests.stack import RedisServer, Stack, clever_event, running_stack, wait_until
+from tests.support import scenario
+from tests.support.databases import PgDatabases, fresh_sqlite
+from tests.support.fake_clever import FakeClever, Scripted
+from tests.support.stack import RedisServer, Stack, clever_event, running_stack, wait_until
 from worker import db as worker_db
 from worker.celery_app import app as celery_app
 from worker.clever import DistrictToken, RateLimiter, parse_tokens
@@ -123,7 +123,7 @@ def postgresql_db(pg_databases: PgDatabases) -> Iterator[Db]:
 
 @pytest.fixture(scope="module")
 def sqlite_db(sqlite_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Db]:
-    url = _fresh_sqlite(sqlite_template, tmp_path_factory.mktemp("poller"))
+    url = fresh_sqlite(sqlite_template, tmp_path_factory.mktemp("poller"))
     engine = make_engine(url)
     yield Db(engine, url)
     engine.dispose()

@@ -33,7 +33,16 @@ from tasks import conversion, exits
 from tasks.errors import RestoreRefused
 from tasks.roster import load_snapshot
 from tasks.view import account_view
-from tests.strategies import PLATFORM_ROLES, Op, Roster, rosters, scenarios, section, snapshot, user
+from tests.support.strategies import (
+    PLATFORM_ROLES,
+    Op,
+    Roster,
+    rosters,
+    scenarios,
+    section,
+    snapshot,
+    user,
+)
 
 T = "property-test"
 RETENTION_DAYS = 30

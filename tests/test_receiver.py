@@ -20,8 +20,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from models import RosterEvent
-from tests.app_env import CLOSED_BROKER, CLOSED_DATABASE, Configure, assert_error
-from tests.scenario import DISTRICT, STEVE
+from tests.support.app_env import CLOSED_BROKER, CLOSED_DATABASE, Configure, assert_error
+from tests.support.scenario import DISTRICT, STEVE
 from worker import db
 from worker.api import app
 from worker.receiver import MAX_BODY

@@ -22,10 +22,10 @@ from models import DistrictExit, utcnow
 from tasks import exits
 from tasks.inbox import inbox_row, store
 from tasks.roster import load_snapshot
-from tests.app_env import Configure
-from tests.conftest import PgDatabases
-from tests.scenario import DISTRICT, STEVE, example
-from tests.stack import RedisServer, Stack, clever_event, running_stack, wait_until
+from tests.support.app_env import Configure
+from tests.support.databases import PgDatabases
+from tests.support.scenario import DISTRICT, STEVE, example
+from tests.support.stack import RedisServer, Stack, clever_event, running_stack, wait_until
 from worker.db import session_scope
 from worker.relay import RelayLoop, relay_pass
 
@@ -216,8 +216,8 @@ def test_beat_is_silent_when_idle_and_relays_an_event_accepted_while_redis_was_d
     tmp_path: Path, pg_databases: PgDatabases
 ) -> None:
     url = pg_databases.new()
-    # RELAY_INTERVAL=1 and RELAY_AFTER_SECONDS=2 (tests.stack): an accepted event is sent again
-    # about 3 s after it was accepted, once the broker answers.
+    # RELAY_INTERVAL=1 and RELAY_AFTER_SECONDS=2 (tests.support.stack): an accepted event is sent
+    # again about 3 s after it was accepted, once the broker answers.
     with running_stack(tmp_path, url) as stack:
         normal = stack.env
         stack.env = {**normal, "LOG_LEVEL": "DEBUG"}  # for beat alone: a pass's DEBUG line

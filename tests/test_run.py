@@ -18,8 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.stack import RedisServer, spare_port, wait_until
-from tests.test_cli_home import no_stack, tree
+from tests.support.cli import no_stack, tree
+from tests.support.stack import RedisServer, spare_port, wait_until
 from worker.settings import ENVIRONMENT_VARIABLES
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ from models import JournalEntry
 from tasks import conversion, exits
 from tasks.roster import load_snapshot
 from tasks.view import account_view, find_account, reports_allowed
-from tests.scenario import (
+from tests.support.scenario import (
     DISTRICT,
     KIM,
     LEO,

@@ -14,7 +14,7 @@ from models import DeadLetter, RosterEvent
 from tasks import events
 from tasks.attempts import EventLedger, UnitLedger
 from tasks.inbox import ingest
-from tests.app_env import CLOSED_BROKER, Configure
+from tests.support.app_env import CLOSED_BROKER, Configure
 from worker import jobs
 from worker.celery_app import app
 from worker.db import session_scope

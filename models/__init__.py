@@ -21,6 +21,7 @@ from models.enums import (
     Mastery,
     PollStatus,
     Role,
+    SyncStatus,
     UnitKind,
     UnitStatus,
 )
@@ -31,6 +32,8 @@ from models.object_version import ObjectVersion
 from models.poll_cursor import PollCursor
 from models.report_access import ReportAccess
 from models.roster_event import RosterEvent
+from models.roster_sync import RosterSync
+from models.roster_user import RosterUser
 from models.skill_progress import SkillProgress
 
 # TODO(one home per rule): callers move to the enums
@@ -69,7 +72,10 @@ __all__ = [
     "ReportAccess",
     "Role",
     "RosterEvent",
+    "RosterSync",
+    "RosterUser",
     "SkillProgress",
+    "SyncStatus",
     "UnitKind",
     "UnitStatus",
     "role_flags",

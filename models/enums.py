@@ -122,6 +122,14 @@ class PollStatus(StrEnum):
     RESYNC_NEEDED = "resync_needed"
 
 
+class SyncStatus(StrEnum):
+    """A roster sync from the Clever Data API (SPEC §5.8)."""
+
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
 class Mastery(StrEnum):
     ATTEMPTED = "attempted"
     FAMILIAR = "familiar"

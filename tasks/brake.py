@@ -8,7 +8,7 @@ import math
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from models import (
@@ -27,12 +27,9 @@ WINDOW = timedelta(hours=24)
 REMOVAL = "users.deleted"  # the roster-absence removal the brake counts and holds
 
 
-def allowance(session: Session, district_id: str, *, percent: float, now: datetime) -> int:
-    """How many more roster-absence removals the district may have today: ``percent`` of its
-    accounts at the start of the rolling window (active now plus those removed in it), the
-    whole ones within it, but at least one a day, so a small district can still lose one person
-    a day without an operator, less those already removed in the window."""
-    removed = count(
+def _removed(session: Session, district_id: str, now: datetime) -> int:
+    """Roster-absence removals the district had in the rolling window."""
+    return count(
         session,
         RosterEvent,
         RosterEvent.district_id == district_id,
@@ -40,21 +37,75 @@ def allowance(session: Session, district_id: str, *, percent: float, now: dateti
         RosterEvent.status == EventStatus.DONE,
         RosterEvent.updated_at >= now - WINDOW,
     )
-    active = count(
-        session,
-        Account,
-        Account.district_id == district_id,
-        Account.kind == AccountKind.DISTRICT,
-        Account.status == AccountStatus.ACTIVE,
-    )
+
+
+_ACTIVE = (
+    Account.kind == AccountKind.DISTRICT,
+    Account.status == AccountStatus.ACTIVE,
+)
+
+
+def _share(accounts: int, percent: float) -> int:
     # In decimal: 7 % of 700 accounts is 49, where binary floating point makes it 49.00000000000001.
-    share = Decimal(active + removed) * Decimal(str(percent)) / 100
-    return max(1, math.floor(share)) - removed
+    return math.floor(Decimal(accounts) * Decimal(str(percent)) / 100)
+
+
+def allowance(session: Session, district_id: str, *, percent: float, now: datetime) -> int:
+    """How many more roster-absence removals the district may have today: ``percent`` of its
+    accounts at the start of the rolling window (active now plus those removed in it), the
+    whole ones within it, but at least one a day, so a small district can still lose one person
+    a day without an operator, less those already removed in the window."""
+    removed = _removed(session, district_id, now)
+    active = count(session, Account, Account.district_id == district_id, *_ACTIVE)
+    return max(1, _share(active + removed, percent)) - removed
 
 
 def engaged(session: Session, district_id: str, *, percent: float, now: datetime) -> bool:
-    """Would one more roster-absence removal in this district exceed the allowance?"""
-    return allowance(session, district_id, percent=percent, now=now) < 1
+    """Would one more roster-absence removal in this district exceed the allowance? The same
+    answer as ``allowance(…) < 1``. The caller holds the district's lock."""
+    return not _within(session, district_id, percent, _removed(session, district_id, now), 1)
+
+
+def headroom(session: Session, district_id: str, *, percent: float, now: datetime) -> bool:
+    """Whether the allowance covers every removal of the district done in the window and every
+    one being processed now (this one among them), whatever becomes of them: then this removal
+    needs no district lock to stay within it. Each removal is marked ``processing`` (committed)
+    before it asks, so of two asking at once the later one counts the earlier."""
+    in_flight = count(
+        session,
+        RosterEvent,
+        RosterEvent.district_id == district_id,
+        RosterEvent.type == REMOVAL,
+        RosterEvent.status == EventStatus.PROCESSING,
+    )
+    removed = _removed(session, district_id, now)
+    return _within(session, district_id, percent, removed, max(in_flight, 1))
+
+
+def _within(session: Session, district_id: str, percent: float, removed: int, taking: int) -> bool:
+    """Whether ``removed`` removals and ``taking`` more fit the allowance, without counting a
+    big district's accounts: it only asks whether the district has the fewest accounts whose
+    share covers them, and counting stops there."""
+    wanted = removed + taking
+    if wanted <= 1:
+        return True  # at least one a day
+    if percent <= 0:
+        return False
+    needed = math.ceil(Decimal(100) * wanted / Decimal(str(percent)))
+    while _share(needed, percent) < wanted:  # rounding at the edge
+        needed += 1
+    enough = needed - removed  # of the accounts at the window's start, those active now
+    if enough <= 0:
+        return True
+    found = session.scalar(
+        select(func.count()).select_from(
+            select(Account.id)
+            .where(Account.district_id == district_id, *_ACTIVE)
+            .limit(enough)
+            .subquery()
+        )
+    )
+    return (found or 0) >= enough
 
 
 def hold_reason(percent: float) -> str:

@@ -7,7 +7,7 @@ delivered or replayed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -34,7 +34,7 @@ from models import (
 )
 from tasks import brake, conversion, exits, fence, roster
 from tasks.errors import NotFound, RestoreRefused, WaitForRoster
-from tasks.inbox import event_object, previous_attributes
+from tasks.inbox import event_object, not_acted_on, previous_attributes
 from tasks.sql import count
 
 log = logging.getLogger("grassroots.events")
@@ -82,20 +82,54 @@ def _active_district(session: Session, district_id: Any) -> bool:
     return status == DistrictStatus.ACTIVE
 
 
+def _no_account(clever_roles: Iterable[str]) -> str:
+    """Why an event of a user holding no platform role (a staff member, a contact) is ignored."""
+    return f"no platform role ({', '.join(sorted(clever_roles)) or 'none'}): no account"
+
+
+def _listed(session: Session, obj: dict[str, Any]) -> roster.CleverUser | None:
+    """The user as the event lists it, for the mirror, if its district is in the program (None
+    otherwise). Read before anything changes: a malformed user is rejected with nothing done."""
+    if not _active_district(session, obj.get("district")):
+        return None
+    return roster.CleverUser.model_validate(obj)
+
+
 def on_user_deleted(session: Session, ev: RosterEvent, limits: Limits) -> Routed:
-    account = _account(session, ev.object_id or "")
+    user_id = ev.object_id or ""
+    account = _account(session, user_id)
     if account is None:
-        return Routed(IGNORED, "unknown user")
+        gone = roster.delete_roster_users(session, [user_id])
+        return Routed(IGNORED, _no_account(gone[user_id]) if user_id in gone else "unknown user")
     if account.kind != AccountKind.DISTRICT or account.district_id is None:
+        roster.delete_roster_users(session, [user_id])
         return Routed(IGNORED, "not a district account (already converted)")
-    # Serialise removals per district so concurrent deletions cannot all slip under the brake.
-    session.execute(select(District.id).where(District.id == account.district_id).with_for_update())
-    if not ev.brake_released and brake.engaged(
-        session, account.district_id, percent=limits.brake_percent, now=utcnow()
-    ):
+    if not ev.brake_released and not _brake_allows(session, account.district_id, limits):
+        # The mirror keeps the user until the removal is applied: it is not, yet.
         return Routed(EventStatus.HELD, brake.hold_reason(limits.brake_percent))
     out = conversion.convert_account(session, account.id, trigger=_trigger(ev))
+    roster.delete_roster_users(session, [user_id])
     return Routed(DONE, outcome=out.as_dict())
+
+
+def _brake_allows(session: Session, district_id: str, limits: Limits) -> bool:
+    """Whether the brake lets this removal through.
+
+    Far from the allowance, removals of one district run side by side: each holds the
+    district's row in share mode to its commit and finds headroom for every removal being
+    processed (``brake.headroom``). Near it, a removal waits for the district's row in update
+    mode, which it gets once every removal running beside it has ended, and counts exactly
+    (``brake.engaged``); none can start meanwhile."""
+    now = utcnow()
+    district = select(District.id).where(District.id == district_id)
+    shared = session.begin_nested()
+    session.execute(district.with_for_update(read=True))
+    if brake.headroom(session, district_id, percent=limits.brake_percent, now=now):
+        shared.commit()  # the share lock stays, to this transaction's end
+        return True
+    shared.rollback()  # gives the share lock back: taking update mode over it could deadlock
+    session.execute(district.with_for_update())
+    return not brake.engaged(session, district_id, percent=limits.brake_percent, now=now)
 
 
 def on_user_updated(session: Session, ev: RosterEvent, limits: Limits) -> Routed:
@@ -107,7 +141,11 @@ def on_user_updated(session: Session, ev: RosterEvent, limits: Limits) -> Routed
             if _active_district(session, obj.get("district"))
             else Routed(IGNORED, "unknown user")
         )
+    # Without roles the object cannot say who the user now is: the mirror row stays as it was.
+    user = _listed(session, obj) if obj.get("roles") else None
     if account.kind != AccountKind.DISTRICT:
+        if user is not None:
+            roster.upsert_roster_users(session, [user])
         return Routed(IGNORED, "not a district account (already converted)")
     prev = previous_attributes(ev.payload)
     result: dict[str, Any] = {}
@@ -118,43 +156,57 @@ def on_user_updated(session: Session, ev: RosterEvent, limits: Limits) -> Routed
         # Sent without what changed: the roles the roster now lists, against the ones we hold.
         lost = set(account.roles) - _roles(obj["roles"])
     if lost:
+        # An account left with no platform role (a teacher who is now only staff) is converted
+        # whole; the mirror keeps the user with the Clever roles that remain.
         result = conversion.lose_roles(session, account.id, lost, trigger=_trigger(ev)).as_dict()
     session.refresh(account)
-    if account.kind == AccountKind.DISTRICT and obj.get("roles"):
-        _mirror_user(session, obj)
+    if user is not None:
+        if account.kind == AccountKind.DISTRICT:
+            roster.upsert_users(session, [user])
+        else:
+            roster.upsert_roster_users(session, [user])
     return Routed(DONE, outcome=result)
-
-
-def _mirror_user(session: Session, obj: dict[str, Any]) -> None:
-    user = roster.CleverUser.model_validate(obj)
-    roster.upsert_users(session, [user])
 
 
 def on_user_created(session: Session, ev: RosterEvent, limits: Limits) -> Routed:
     obj = event_object(ev.payload) or {}
     account = _account(session, ev.object_id or "")
     if account is not None and account.kind != AccountKind.DISTRICT:
-        converted = count(
-            session,
-            JournalEntry,
-            JournalEntry.kind == JournalKind.ACCOUNT,
-            JournalEntry.account_id == account.id,
-            JournalEntry.restored_at.is_(None),
-            JournalEntry.created_at >= utcnow() - timedelta(days=limits.retention_days),
-        )
-        if not converted:
-            return Routed(IGNORED, "converted outside the retention window")
-        try:
-            restored = conversion.restore(
-                session, account.id, trigger=_trigger(ev), retention_days=limits.retention_days
-            )
-        except RestoreRefused as exc:
-            return Routed(IGNORED, str(exc))
-        return Routed(DONE, outcome=restored.as_dict())
-    if not _active_district(session, obj.get("district")):
+        return _reappeared(session, ev, account, obj, limits)
+    user = _listed(session, obj)
+    if user is None:
         return Routed(IGNORED, "district unknown or not in the program")
-    _mirror_user(session, obj)
+    roster.upsert_users(session, [user])
+    if account is None and not user.holds_platform_role:
+        return Routed(IGNORED, _no_account(user.clever_roles))
     return Routed(DONE)
+
+
+def _reappeared(
+    session: Session, ev: RosterEvent, account: Account, obj: dict[str, Any], limits: Limits
+) -> Routed:
+    """``users.created`` with the Clever id of a converted account: restore it, if it was
+    converted within the retention window. The mirror lists the user again either way."""
+    user = _listed(session, obj)
+    if user is not None:
+        roster.upsert_roster_users(session, [user])
+    converted = count(
+        session,
+        JournalEntry,
+        JournalEntry.kind == JournalKind.ACCOUNT,
+        JournalEntry.account_id == account.id,
+        JournalEntry.restored_at.is_(None),
+        JournalEntry.created_at >= utcnow() - timedelta(days=limits.retention_days),
+    )
+    if not converted:
+        return Routed(IGNORED, "converted outside the retention window")
+    try:
+        restored = conversion.restore(
+            session, account.id, trigger=_trigger(ev), retention_days=limits.retention_days
+        )
+    except RestoreRefused as exc:
+        return Routed(IGNORED, str(exc))
+    return Routed(DONE, outcome=restored.as_dict())
 
 
 def on_section_deleted(session: Session, ev: RosterEvent, limits: Limits) -> Routed:
@@ -259,7 +311,8 @@ def process_event(session: Session, event_id: str, limits: Limits) -> Routed | N
         return None
     handler = HANDLERS.get(ev.type)
     if handler is None:
-        routed = Routed(IGNORED, f"event type {ev.type} does not concern conversions")
+        # Stored ignored already (tasks.inbox.ACTED_ON); one from before that rule lands here.
+        routed = Routed(IGNORED, not_acted_on(ev.type))
     else:
         newest = fence.lock(session, ev)
         if newest is not None and fence.is_stale(newest, ev):

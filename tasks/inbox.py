@@ -18,7 +18,35 @@ from sqlalchemy.orm import Session
 from models import EventStatus, RosterEvent, utcnow
 from tasks.sql import dialect_insert, in_ids
 
-OBJECT_TYPES = {"users": "user", "sections": "section", "districts": "district"}
+# Clever's resources (v3.0 and v3.1 events), by the prefix of their event types.
+OBJECT_TYPES = {
+    "users": "user",
+    "sections": "section",
+    "districts": "district",
+    "schools": "school",
+    "terms": "term",
+    "courses": "course",
+    "resources": "resource",
+}
+# The event types the rules act on (``tasks.events.HANDLERS``): only they need an object we can
+# read. Every other event is stored ``ignored`` at once, whatever its object looks like (SPEC
+# §4): a v3.0 ``Resource`` has no ``id`` at all, and the workers have nothing to do for it.
+ACTED_ON = frozenset(
+    {
+        "users.created",
+        "users.updated",
+        "users.deleted",
+        "sections.created",
+        "sections.updated",
+        "sections.deleted",
+        "districts.deleted",
+    }
+)
+
+
+def not_acted_on(event_type: str) -> str:
+    """The reason an event of a type we do not act on is ``ignored``."""
+    return f"event type {event_type} does not concern conversions"
 
 
 class BadEvent(ValueError):
@@ -63,7 +91,9 @@ def parse_json(body: bytes | str) -> Any:
 class Ingested:
     event_id: str
     new: bool
-    status: str  # the stored status: "accepted", or "rejected" for an event we cannot interpret
+    # The stored status: "accepted"; "ignored" for a type we do not act on; "rejected" for an
+    # event we act on but cannot interpret. Only "accepted" goes to the workers.
+    status: str
 
 
 def envelope(raw: Any) -> tuple[str, str]:
@@ -117,39 +147,54 @@ def previous_attributes(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def interpret(raw: dict[str, Any], event_type: str) -> tuple[dict[str, Any], str | None]:
-    """The indexed columns of an event, and why it cannot be interpreted (None if it can)."""
+    """The indexed columns of an event, and why it cannot be interpreted (None if it can). Only
+    an event we act on (``ACTED_ON``) can fail to be: the others are kept whatever they hold."""
     prefix = event_type.split(".", 1)[0]
     obj = event_object(raw)
     created = parse_time(raw.get("created"))
     columns: dict[str, Any] = {"object_type": OBJECT_TYPES.get(prefix), "occurred_at": created}
+    object_id = obj.get("id") if obj is not None else None
+    if _usable(object_id, 64):
+        columns["object_id"] = object_id
+    district = object_id if prefix == "districts" else (obj or {}).get("district")
+    columns["district_id"] = district if _usable(district, 64) else None
+    if event_type not in ACTED_ON:
+        return columns, None
     if obj is None:
         return columns, "the event has no data.object"
-    object_id = obj.get("id")
-    if not _usable(object_id, 64):
+    if "object_id" not in columns:
         return columns, "the event's object has no usable id"
-    columns["object_id"] = object_id
-    district = object_id if prefix == "districts" else obj.get("district")
-    columns["district_id"] = district if _usable(district, 64) else None
     if raw.get("created") is not None and created is None:
         return columns, "the event's 'created' is not an ISO 8601 time"
     return columns, None
 
 
+def _status(event_type: str, problem: str | None) -> tuple[EventStatus, str | None]:
+    """The status an event is stored with, and its reason."""
+    if problem:
+        return EventStatus.REJECTED, problem
+    if event_type not in ACTED_ON:
+        return EventStatus.IGNORED, not_acted_on(event_type)
+    return EventStatus.ACCEPTED, None
+
+
 def inbox_row(raw: Any, *, source: str, now: datetime | None = None) -> dict[str, Any]:
     """The inbox row of an event, ready to insert. ``BadEvent`` if it has no id or type.
 
-    A signed event we cannot interpret becomes a ``rejected`` row, so nothing sent is lost.
+    A signed event we cannot interpret becomes a ``rejected`` row, so nothing sent is lost; one
+    of a type we do not act on an ``ignored`` row, with the reason.
     """
     event_id, event_type = envelope(raw)
     columns, problem = interpret(raw, event_type)
+    status, reason = _status(event_type, problem)
     now = now or utcnow()
     return {
         "id": event_id,
         "type": event_type,
         "source": source,
         "payload": raw,
-        "status": EventStatus.REJECTED if problem else EventStatus.ACCEPTED,
-        "error": problem,
+        "status": status,
+        "error": reason,
         "attempts": 0,
         "brake_released": False,
         "received_at": now,

@@ -1,5 +1,6 @@
 """Engine guarantees beyond the fixture scenarios: the learner-data invariant, purge after the
-retention window, and the roster loader refusing a malformed snapshot whole."""
+retention window, the roster loader refusing a malformed snapshot whole, and the mirror of every
+Clever user whatever its roles (SPEC §4)."""
 
 from __future__ import annotations
 
@@ -16,14 +17,36 @@ import pytest
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from models import Account, Class, Enrollment, JournalEntry, SkillProgress, utcnow
+from models import (
+    Account,
+    Class,
+    CleverRole,
+    Enrollment,
+    JournalEntry,
+    Role,
+    RosterUser,
+    SkillProgress,
+    utcnow,
+)
 from tasks import conversion, exits
 from tasks.conversion import apply as conversion_apply
 from tasks.conversion import journal as conversion_journal
-from tasks.errors import InvariantViolation, RestoreRefused
-from tasks.roster import MAX_PROBLEMS, SnapshotError, load_snapshot
+from tasks.errors import InvariantViolation, NotFound, RestoreRefused
+from tasks.roster import MAX_PROBLEMS, SnapshotError, load_snapshot, mirror
 from tasks.view import account_view
-from tests.support.scenario import DISTRICT, KIM, MARIA, S1, STEVE, example, ids
+from tests.support.scenario import (
+    DISTRICT,
+    KIM,
+    LEO,
+    MARIA,
+    PAT,
+    PEOPLE,
+    RIVERA,
+    S1,
+    STEVE,
+    example,
+    ids,
+)
 
 GRASSROOTS = Path(sys.executable).parent / "grassroots"
 
@@ -104,7 +127,7 @@ def test_seeding_an_exited_district_again_after_the_purge_brings_nothing_back(
     sections = {sec["id"] for sec in data["sections"]}
     platform = data["platform"]
     assert result.left_out == {
-        "users": 6,
+        "users": len(data["users"]),
         "sections": len(sections),
         "goals": sum(g["class"] in sections for g in platform["goals"]),
         "assignments": sum(a["class"] in sections for a in platform["assignments"]),
@@ -157,9 +180,10 @@ def broken(path: list[Any], value: Any) -> dict[str, Any]:
     ("data", "message"),
     [
         (
-            broken(["users", 3, "roles"], {"janitor": {}}),
+            broken(["users", 3, "roles"], {}),
             "users[3].roles (id 58c81dcea3627927150003ed)",
         ),
+        (broken(["users", 3, "roles", "staff"], "yes"), "users[3].roles.staff"),
         (broken(["sections", 0, "students", 0], "0" * 24), "unknown student"),
         (broken(["platform", "progress", 0, "points"], -5), "platform.progress[0]"),
         (broken(["districts", 0, "policy", "admin_removal"], "delete"), "districts[0]"),
@@ -201,7 +225,7 @@ def personal_data(data: dict[str, Any]) -> list[str]:
 
 def test_a_snapshot_with_several_malformed_records_names_every_one(session: Session) -> None:
     data = broken_in_places(
-        (["users", 3, "roles"], {"janitor": {}}),
+        (["users", 3, "roles"], {}),
         (["users", 4, "id"], "m.lopez@students.example-isd.org"),  # an email where the id goes
         (["sections", 2, "name"], ""),
         (["platform", "progress", 0, "points"], -5),
@@ -318,14 +342,133 @@ def test_seed_command_is_idempotent_and_refuses_a_bad_file_with_nothing_written(
 def test_bulk_copy_path_loads_exactly_what_the_row_path_loads(
     session: Session, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tasks.roster import mirror
-    from tests.support.scenario import PEOPLE
-
     savepoint = session.begin_nested()
     load_snapshot(session, example())
     by_rows = {p: account_view(session, p) for p in PEOPLE}
+    mirrored = roster_users(session)
     savepoint.rollback()
     monkeypatch.setattr(mirror, "COPY_UPSERT_MIN_ROWS", 1)  # every table through COPY on Postgres
     load_snapshot(session, example())
     load_snapshot(session, example())  # and again: existing rows take the upsert
     assert {p: account_view(session, p) for p in PEOPLE} == by_rows
+    assert roster_users(session) == mirrored
+    changed = example()
+    changed["users"][2]["roles"]["staff"] = {}  # Kim
+    load_snapshot(session, changed)
+    assert roster_users(session) == mirrored | {KIM: [CleverRole.STAFF, CleverRole.TEACHER]}
+
+
+# --------------------------------------------------------------------------------------------
+# Clever's whole data: every role, in the mirror (SPEC §4)
+
+COUNSELOR = "5f8e2c1a9b7d4e0012ab0004"  # staff only
+PARENT = "5f8e2c1a9b7d4e0012ab0005"  # contact only, Steve's parent
+SUPERINTENDENT = "5f8e2c1a9b7d4e0012ab0009"
+
+
+def roster_users(session: Session) -> dict[str, list[str]]:
+    return dict(session.execute(select(RosterUser.id, RosterUser.roles)).tuples().all())
+
+
+def test_every_user_of_the_example_district_is_mirrored_with_its_clever_roles(
+    session: Session,
+) -> None:
+    load_snapshot(session, example())
+    admin, teacher, student = CleverRole.DISTRICT_ADMIN, CleverRole.TEACHER, CleverRole.STUDENT
+    assert roster_users(session) == {
+        PAT: [admin],
+        RIVERA: [admin, teacher],
+        KIM: [teacher],
+        STEVE: [student],
+        MARIA: [student],
+        LEO: [student],
+        COUNSELOR: [CleverRole.STAFF],
+        PARENT: [CleverRole.CONTACT],
+    }
+    # Seeding again changes nothing.
+    load_snapshot(session, example())
+    assert len(roster_users(session)) == 8
+
+
+def test_staff_and_contact_only_users_seed_with_a_mirror_row_and_no_account(
+    session: Session,
+) -> None:
+    result = load_snapshot(session, example())
+    assert result.users == 8
+    for who in (COUNSELOR, PARENT):
+        with pytest.raises(NotFound):
+            account_view(session, who)
+    # The six district accounts and Sam's.
+    assert count(session, Account) == 7
+
+
+def test_superintendent_who_is_district_admin_and_staff_seeds_as_admin_with_reports(
+    session: Session,
+) -> None:
+    data = example()
+    data["users"].append(
+        {
+            "id": SUPERINTENDENT,
+            "district": DISTRICT,
+            "email": "superintendent@example-isd.org",
+            "name": {"first": "Morgan", "middle": None, "last": "Hale"},
+            "roles": {
+                "district_admin": {"title": "Superintendent"},
+                "staff": {"title": "Superintendent", "staff_id": "S-0001", "roles": []},
+            },
+        }
+    )
+    load_snapshot(session, data)
+    view = account_view(session, SUPERINTENDENT)
+    assert view["kind"] == "district" and view["status"] == "active"
+    assert view["roles"] == [Role.ADMIN] and view["district_reports"] == "allowed"
+    assert roster_users(session)[SUPERINTENDENT] == [CleverRole.DISTRICT_ADMIN, CleverRole.STAFF]
+
+
+def test_a_role_clever_adds_later_is_ignored_in_a_snapshot(session: Session) -> None:
+    data = example()
+    data["users"][3]["roles"]["mentor"] = {"since": 2024}  # Steve, a student
+    data["users"].append(
+        {"id": SUPERINTENDENT, "district": DISTRICT, "roles": {"chaperone": "trips only"}}
+    )
+    load_snapshot(session, data)
+    assert account_view(session, STEVE)["roles"] == [Role.STUDENT]
+    mirrored = roster_users(session)
+    assert mirrored[STEVE] == [CleverRole.STUDENT]
+    # No role we know: listed by the roster, without an account.
+    assert mirrored[SUPERINTENDENT] == []
+    with pytest.raises(NotFound):
+        account_view(session, SUPERINTENDENT)
+
+
+def test_staff_or_contact_named_where_an_account_is_needed_is_refused_naming_the_record(
+    session: Session,
+) -> None:
+    data = broken_in_places(
+        (["sections", 0, "teachers"], [KIM, COUNSELOR]),
+        (["sections", 2, "students", 0], PARENT),
+        (["platform", "progress", 0, "user"], PARENT),
+        (["platform", "classes", 0, "teacher"], COUNSELOR),
+    )
+    with pytest.raises(SnapshotError) as failure:
+        load_snapshot(session, data)
+    assert problems(failure) == [
+        f"sections[0] (id 60a1b2c3d4e5f60718293a01): user {COUNSELOR} is not a teacher",
+        f"sections[2] (id 60a1b2c3d4e5f60718293a03): user {PARENT} is not a student",
+        f"platform.classes[0] (id class-math-club): user {COUNSELOR} has no platform role",
+        f"platform.progress[0] (user {PARENT}, skill add-fractions):"
+        f" user {PARENT} has no platform role",
+    ]
+    assert count(session, Account) == 0 and count(session, RosterUser) == 0
+
+
+def test_a_teacher_who_also_becomes_staff_keeps_the_account_and_the_mirror_gains_staff(
+    session: Session,
+) -> None:
+    load_snapshot(session, example())
+    before = account_view(session, KIM)
+    data = example()
+    data["users"][2]["roles"]["staff"] = {"title": "Math Coach"}  # Kim
+    load_snapshot(session, data)
+    assert account_view(session, KIM) == before
+    assert roster_users(session)[KIM] == [CleverRole.STAFF, CleverRole.TEACHER]

@@ -170,8 +170,9 @@ def test_concurrent_webhooks_share_one_commit_and_duplicates_in_it_act_as_if_seq
 ) -> None:
     configure(DATABASE_URL=pg_url, BROKER_URL=live_broker, WEBHOOK_SECRETS=SECRET)
     odd = {"id": "evt-odd", "type": "users.updated"}  # no data.object: stored rejected
+    school = {"id": "evt-school", "type": "schools.updated", "data": {"object": {"id": "s-1"}}}
     fresh = [event(f"evt-{n}") for n in range(10)]
-    burst = [*fresh, event("evt-0"), event("evt-0"), event("evt-old"), odd, odd]
+    burst = [*fresh, event("evt-0"), event("evt-0"), event("evt-old"), odd, odd, school]
 
     async def scenario(http: httpx.AsyncClient, writer: InboxWriter) -> list[httpx.Response]:
         assert (await post(http, event("evt-old"))).json()["status"] == "accepted"
@@ -191,12 +192,14 @@ def test_concurrent_webhooks_share_one_commit_and_duplicates_in_it_act_as_if_seq
             ("evt-old", "duplicate"): 1,
             ("evt-odd", "accepted"): 1,
             ("evt-odd", "duplicate"): 1,
+            ("evt-school", "accepted"): 1,
         }
     )
     stored = inbox()
     assert stored.pop("evt-odd") == "rejected"
+    assert stored.pop("evt-school") == "ignored"
     assert stored == dict.fromkeys(["evt-old", "evt-plug", *(e["id"] for e in fresh)], "accepted")
-    # Each new event sent once; no duplicate, nothing rejected.
+    # Each new event sent once; no duplicate, nothing rejected or ignored.
     assert Counter(queued_event_ids()) == Counter(list(stored))
 
 
@@ -224,9 +227,19 @@ def test_inbox_store_treats_repeats_within_one_call_as_sequential_duplicates(
 ) -> None:
     store(session, [inbox_row(event("evt-old"), source="webhook")])
     odd = {"id": "evt-odd", "type": "users.updated"}
+    term = {"id": "evt-term", "type": "terms.deleted"}  # not acted on: ignored, whatever it holds
     rows = [
         inbox_row(raw, source="webhook")
-        for raw in (event("evt-a"), odd, event("evt-a"), event("evt-old"), odd, event("evt-b"))
+        for raw in (
+            event("evt-a"),
+            odd,
+            event("evt-a"),
+            event("evt-old"),
+            odd,
+            term,
+            event("evt-b"),
+            term,
+        )
     ]
 
     outcomes = store(session, rows)
@@ -237,13 +250,16 @@ def test_inbox_store_treats_repeats_within_one_call_as_sequential_duplicates(
         Ingested("evt-a", False, "accepted"),
         Ingested("evt-old", False, "accepted"),
         Ingested("evt-odd", False, "rejected"),
+        Ingested("evt-term", True, "ignored"),
         Ingested("evt-b", True, "accepted"),
+        Ingested("evt-term", False, "ignored"),
     ]
     stored = dict(session.execute(select(RosterEvent.id, RosterEvent.status)).tuples().all())
     assert stored == {
         "evt-old": "accepted",
         "evt-a": "accepted",
         "evt-odd": "rejected",
+        "evt-term": "ignored",
         "evt-b": "accepted",
     }
 

@@ -444,6 +444,62 @@ def test_signed_event_we_cannot_interpret_is_kept_as_rejected(
     assert not any(BROKER_DOWN_LOG in record.getMessage() for record in caplog.records)
 
 
+@pytest.mark.parametrize(
+    "event",
+    [
+        # Clever v3.0's Resource has no id at all.
+        clever_event(
+            "evt-other",
+            type="resources.created",
+            data={"object": {"sourcedId": "r-1", "district": DISTRICT, "roles": ["student"]}},
+        ),
+        clever_event(
+            "evt-other",
+            type="schools.updated",
+            data={"object": {"id": "sch-1", "district": DISTRICT, "name": "Example Elementary"}},
+            previous_attributes={"name": "Example Elementary School"},
+        ),
+        clever_event("evt-other", type="terms.deleted", data={"object": "not an object"}),
+        {"id": "evt-other", "type": "districts.updated", "created": "last tuesday"},
+    ],
+    ids=["resource-without-id", "school", "term-with-odd-object", "district-without-data"],
+)
+def test_signed_event_of_a_resource_we_do_not_act_on_is_kept_as_ignored_with_the_reason(
+    configure: Configure,
+    database_url: str,
+    caplog: pytest.LogCaptureFixture,
+    event: dict[str, Any],
+) -> None:
+    configure(DATABASE_URL=database_url, BROKER_URL=CLOSED_BROKER, WEBHOOK_SECRETS=SECRET)
+    with caplog.at_level(logging.WARNING, logger="grassroots.tasks"), TestClient(app) as client:
+        response = post(client, encode(event))
+        again = post(client, encode(event))
+
+    assert response.status_code == 202
+    assert response.json() == {"event": "evt-other", "status": "accepted"}
+    assert again.json() == {"event": "evt-other", "status": "duplicate"}
+    [stored] = inbox()
+    assert stored.status == "ignored"
+    assert stored.error == f"event type {event['type']} does not concern conversions"
+    assert stored.payload == event
+    # Nothing for the workers to do: no attempt was made to reach the (absent) broker.
+    assert not any(BROKER_DOWN_LOG in record.getMessage() for record in caplog.records)
+
+
+def test_signed_users_event_of_a_contact_is_accepted_for_the_workers(client: TestClient) -> None:
+    parent = {
+        "id": "5f8e2c1a9b7d4e0012ab0005",
+        "district": DISTRICT,
+        "roles": {"contact": {"student_relationships": [{"student": STEVE}]}},
+    }
+    response = post(client, encode(clever_event("evt-parent", data={"object": parent})))
+
+    assert response.json() == {"event": "evt-parent", "status": "accepted"}
+    assert [(ev.id, ev.status, ev.object_id) for ev in inbox()] == [
+        ("evt-parent", "accepted", parent["id"])
+    ]
+
+
 def test_rejected_event_sent_again_is_a_duplicate(client: TestClient) -> None:
     event = {"id": "evt-odd", "type": "users.updated"}
     post(client, encode(event))

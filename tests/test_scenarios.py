@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from models import JournalEntry
+from models import Account, CleverRole, JournalEntry, RosterUser
 from tasks import conversion, exits
 from tasks.roster import load_snapshot
 from tasks.view import account_view, find_account, reports_allowed
@@ -30,6 +30,8 @@ from tests.support.scenario import (
 )
 
 T = "test"
+COUNSELOR = "5f8e2c1a9b7d4e0012ab0004"  # Dana, staff only
+PARENT = "5f8e2c1a9b7d4e0012ab0005"  # Grace, contact only
 
 
 def views(session: Session) -> dict[str, dict[str, Any]]:
@@ -177,3 +179,16 @@ def test_restore_of_district_undoes_the_whole_exit(seeded: Session) -> None:
     # and the district can leave again afterwards
     exits.run_in_process(seeded, DISTRICT, trigger=T)
     assert_exit_outcome(views(seeded))
+
+
+@pytest.mark.parametrize("policy", ["convert", "remove"])
+def test_the_counselor_and_the_parent_are_mirrored_and_never_get_an_account(
+    session: Session, policy: str
+) -> None:
+    load_snapshot(session, example(policy))
+    exits.run_in_process(session, DISTRICT, trigger=T)
+    mirrored = dict(session.execute(select(RosterUser.id, RosterUser.roles)).tuples().all())
+    assert mirrored[COUNSELOR] == [CleverRole.STAFF]
+    assert mirrored[PARENT] == [CleverRole.CONTACT]
+    accounts = set(session.scalars(select(Account.id)))
+    assert accounts == set(PEOPLE) and not {COUNSELOR, PARENT} & accounts

@@ -1,7 +1,9 @@
-"""The district mirror: roster snapshots (``grassroots seed``, SPEC §5.1) and the additive roster
-events that keep it current. Validation refuses a bad snapshot whole before anything is written
-(``validate``); writes are bulk upserts, so loading the same roster twice changes nothing the
-second time (``mirror``). The records' shapes are in ``shapes``.
+"""The district mirror: roster snapshots (``grassroots seed``, SPEC §5.1) and the roster events
+that keep it current. Every Clever user the roster lists has a mirror row with its Clever roles
+(``roster_users``), whatever they are; those holding a platform role also a district account.
+Validation refuses a bad snapshot whole before anything is written (``validate``); writes are bulk
+upserts, so loading the same roster twice changes nothing the second time (``mirror``). The
+records' shapes are in ``shapes``.
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ from sqlalchemy.orm import Session
 from models import Account, AccountKind, District, DistrictStatus
 from tasks.roster.mirror import (
     MirrorResult,
+    delete_roster_users,
+    upsert_accounts,
     upsert_districts,
     upsert_platform,
+    upsert_roster_users,
     upsert_sections,
     upsert_users,
 )
@@ -59,19 +64,23 @@ __all__ = [
     "Snapshot",
     "SnapshotError",
     "check_references",
+    "delete_roster_users",
     "load_snapshot",
     "parse_snapshot",
+    "upsert_accounts",
     "upsert_districts",
     "upsert_platform",
+    "upsert_roster_users",
     "upsert_sections",
     "upsert_users",
 ]
 
 
 def load_snapshot(session: Session, data: Any) -> MirrorResult:
-    """Validate a roster snapshot whole, then write it. Raises ``SnapshotError`` (nothing
-    written) for a malformed one. The users and sections of a district that has exited are left
-    out (``MirrorResult.left_out``), as are converted accounts from district classes."""
+    """Validate a roster snapshot whole, then write it: every user's mirror row, and accounts
+    for those holding a platform role. Raises ``SnapshotError`` (nothing written) for a malformed
+    one. The users and sections of a district that has exited are left out
+    (``MirrorResult.left_out``), as are converted accounts from district classes."""
     with _collector_paused():
         snap, left_out = _without_exited(session, parse_snapshot(data))
         check_references(session, snap)

@@ -1,19 +1,33 @@
-"""Writing the district mirror: bulk upserts of districts, Clever users and sections, and the
-platform's own records, for a roster snapshot and for the additive roster events. Loading the
-same records twice changes nothing the second time.
+"""Writing the district mirror: bulk upserts of districts, Clever users (their mirror rows, and
+the accounts of those holding a platform role) and sections, and the platform's own records, for
+a roster snapshot, a roster sync and the roster events. Loading the same records twice changes
+nothing the second time.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import psycopg
-from sqlalchemy import column, exists, insert, literal, select, table, text
+from sqlalchemy import (
+    JSON,
+    Text,
+    cast,
+    column,
+    delete,
+    exists,
+    insert,
+    literal,
+    select,
+    table,
+    text,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -31,6 +45,7 @@ from models import (
     Goal,
     ReportAccess,
     Role,
+    RosterUser,
     SkillProgress,
     utcnow,
 )
@@ -44,7 +59,7 @@ from tasks.roster.shapes import (
     PlatformClass,
     Progress,
 )
-from tasks.sql import copy_rows, dialect_insert
+from tasks.sql import chunks, copy_rows, dialect_insert, in_ids
 
 # Below this many rows an executemany (a roster event upserts one user or section). From it on,
 # Postgres gets a COPY upsert, whose five statements (a temporary table made, filled, inserted
@@ -111,9 +126,7 @@ def _copy_upsert(
             f" AS SELECT {', '.join(map(quote, names))} FROM {quote(target.name)} WITH NO DATA"
         )
     )
-    # One COPY row per dict, in ``names`` order (itemgetter of one key gives no tuple).
-    pick = operator.itemgetter(*names) if len(names) > 1 else lambda row: (row[names[0]],)
-    copy_rows(session, temp, names, map(pick, rows))
+    copy_rows(session, temp, names, map(_copy_row(session, target, names), rows))
     source = table(temp, *(column(name) for name in names))
     constants = [literal(value, target.c[key].type).label(key) for key, value in shared.items()]
     into = [*names, *shared]
@@ -129,6 +142,27 @@ def _copy_upsert(
         session.execute(stmt.from_select(into, source_rows))
     # Dropped now, not at commit: the same table may be upserted again in this transaction.
     session.execute(text(f"DROP TABLE {quote(temp)}"))
+
+
+def _copy_row(session: Session, target: Any, names: list[str]) -> Callable[[Any], Sequence[Any]]:
+    """One COPY row per dict, in ``names`` order. psycopg writes every value as it is, but a
+    JSON column's (a list would become a Postgres array): that one goes as its JSON text, which
+    Postgres parses, as the executemany path's bound parameter would be. SQLAlchemy's own bind
+    processors are left out: a Boolean's checks every row for nothing."""
+    dumps = getattr(session.get_bind().dialect, "_json_serializer", None) or json.dumps
+    # Per column: None if not JSON, else whether a None is SQL NULL (else JSON null), as bound.
+    as_json = [
+        type_.none_as_null if isinstance(type_ := target.c[name].type, JSON) else None
+        for name in names
+    ]
+    # itemgetter of one key gives no tuple.
+    pick = operator.itemgetter(*names) if len(names) > 1 else lambda row: (row[names[0]],)
+    if all(j is None for j in as_json):
+        return pick
+    return lambda row: [
+        value if null is None or (null and value is None) else dumps(value)
+        for value, null in zip(pick(row), as_json, strict=True)
+    ]
 
 
 @dataclass
@@ -176,9 +210,61 @@ def upsert_districts(session: Session, districts: Sequence[DistrictRecord]) -> N
 
 
 def upsert_users(session: Session, users: Sequence[CleverUser]) -> None:
-    """Create district accounts for new Clever users; for accounts still in the district, update
-    names and emails and add roles they gained. A converted account is not brought back here:
-    that is ``restore``'s job."""
+    """The roster lists these Clever users, as they are now (any of Clever's roles). Every one
+    gets its mirror row (``upsert_roster_users``); those holding a platform role also their
+    district account (``upsert_accounts``). The users' districts must exist."""
+    upsert_roster_users(session, users)
+    upsert_accounts(session, users)
+
+
+def upsert_roster_users(session: Session, users: Sequence[CleverUser]) -> None:
+    """Write the mirror rows of Clever users, whatever their roles: who the district's roster
+    lists, with which of Clever's roles. Only ids and roles: names and emails are the accounts'.
+    The users' districts must exist."""
+    now = utcnow()
+    stmt = dialect_insert(session, RosterUser)
+    ex = stmt.excluded
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[RosterUser.id],
+        set_={"district_id": ex.district_id, "roles": ex.roles, "updated_at": now},
+        # Only rows that changed: a roster loaded again rewrites nothing, and ``updated_at``
+        # says when the roster last changed the user. Compared as text: Postgres' json has no
+        # equality, and both sides are serialised alike.
+        where=(RosterUser.district_id != ex.district_id)
+        | (cast(RosterUser.roles, Text) != cast(ex.roles, Text)),
+    )
+    _bulk(
+        session,
+        stmt,
+        ({"id": u.id, "district_id": u.district, "roles": u.clever_roles} for u in users),
+        shared={"updated_at": now},
+    )
+
+
+def delete_roster_users(session: Session, user_ids: Iterable[str]) -> dict[str, list[str]]:
+    """Remove the mirror rows of users the roster no longer lists, and return the Clever roles
+    each removed row held, by user id (ids without a row are left out). Accounts are not
+    touched: converting them is the rules' job (``tasks.conversion``)."""
+    removed: dict[str, list[str]] = {}
+    for chunk in chunks(sorted(set(user_ids))):
+        gone = session.execute(
+            delete(RosterUser)
+            .where(in_ids(RosterUser.id, chunk))
+            .returning(RosterUser.id, RosterUser.roles)
+            .execution_options(synchronize_session=False)
+        )
+        removed.update(gone.tuples().all())
+    return removed
+
+
+def upsert_accounts(session: Session, users: Sequence[CleverUser]) -> None:
+    """Create district accounts for new Clever users holding a platform role (the others have
+    none); for accounts still in the district, update names and emails and add roles they gained.
+    A converted account is not brought back here: that is ``restore``'s job. Their mirror rows
+    are ``upsert_roster_users``'s."""
+    users = [u for u in users if u.holds_platform_role]
+    if not users:
+        return
     now = utcnow()
     # Bound once: looking up an enum member costs more than the dict test it is used in.
     admin, teacher, student = CleverRole.DISTRICT_ADMIN, CleverRole.TEACHER, CleverRole.STUDENT

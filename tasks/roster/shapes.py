@@ -18,6 +18,8 @@ Id = Annotated[str, Field(min_length=1, max_length=ID_MAX_LENGTH, pattern=ID_PAT
 CLEVER_ROLES: dict[str, Role] = {
     clever: platform for clever in CleverRole if (platform := clever.platform_role) is not None
 }
+# Clever's five roles. StrEnum members hash and compare as their text: role names test in it.
+_KNOWN_ROLES = frozenset(CleverRole)
 
 
 class SnapshotError(GrassrootsError):
@@ -42,23 +44,36 @@ class CleverUser(_Record):
     district: Id
     email: str | None = None
     name: CleverName | None = None
-    # Keyed by text, not CleverRole: an unknown role gets the message below, which names the
-    # roles a user may hold (staff and contacts are not among them).
+    # Each role's own fields under its key, for the roles of Clever's five (``CleverRole``) the
+    # user holds. Keyed by text, which compares equal to the enum's members: no enum to build per
+    # user of a 100k-student district.
     roles: dict[str, dict[str, Any] | None]
 
-    @field_validator("roles")
+    @field_validator("roles", mode="before")
     @classmethod
-    def _known_roles(cls, roles: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(roles) - set(CLEVER_ROLES))
-        if unknown:
-            raise ValueError(f"unknown role {unknown[0]!r} (expected {', '.join(CLEVER_ROLES)})")
+    def _known_roles(cls, roles: Any) -> Any:
+        if not isinstance(roles, dict):
+            return roles  # the type check names the problem
         if not roles:
             raise ValueError("a user needs at least one role")
-        return roles
+        if roles.keys() <= _KNOWN_ROLES:
+            return roles
+        # A role Clever adds later is ignored, whatever its fields look like (SPEC §4).
+        return {name: fields for name, fields in roles.items() if name in _KNOWN_ROLES}
+
+    @property
+    def clever_roles(self) -> list[str]:
+        """Its Clever roles, sorted: what the mirror keeps."""
+        return sorted(self.roles)
 
     @property
     def platform_roles(self) -> set[Role]:
-        return {CLEVER_ROLES[r] for r in self.roles}
+        return {CLEVER_ROLES[r] for r in self.roles if r in CLEVER_ROLES}
+
+    @property
+    def holds_platform_role(self) -> bool:
+        """It has (or gets) a district account; a staff member or a contact only a mirror row."""
+        return not self.roles.keys().isdisjoint(CLEVER_ROLES)
 
 
 class CleverSection(_Record):

@@ -105,9 +105,16 @@ class _Known:
     """The ids a snapshot may name: its own records' and those already in the database."""
 
     districts: set[str]
-    users: dict[str, CleverUser]  # the snapshot's own
+    users: dict[str, CleverUser]  # the snapshot's own, whatever their roles
     accounts: set[str]
     classes: set[str]
+
+    def missing(self, what: str, account_id: str) -> str:
+        """Why an id that must name an account does not: a staff member or a contact of the
+        snapshot has none."""
+        if account_id in self.users:
+            return f"user {account_id} has no platform role"
+        return f"unknown {what} {account_id}"
 
 
 def check_references(session: Session, snap: Snapshot) -> None:
@@ -147,15 +154,16 @@ def _known_districts(session: Session, snap: Snapshot) -> set[str]:
 
 
 def _known_accounts(session: Session, snap: Snapshot, problems: _Problems) -> set[str]:
-    """The snapshot's users and platform accounts, and the accounts it names that are already
-    in the database. A platform account may not take a user's id."""
+    """The snapshot's users holding a platform role and its platform accounts, and the accounts
+    it names that are already in the database. A platform account may not take a user's id."""
     users = {u.id for u in snap.users}
     platform = {a.id for a in snap.platform.accounts}
     clashes = users & platform
     for i, a in enumerate(snap.platform.accounts if clashes else ()):
         if a.id in clashes:
             problems.add(f"platform.accounts[{i}] (id {a.id}): id already used by a user")
-    accounts = users | platform
+    # A staff member or a contact gets no account: it is not looked for in the database either.
+    accounts = {u.id for u in snap.users if u.holds_platform_role} | platform
     named: set[str] = set()
     for s in snap.sections:
         named.update(s.all_teachers, s.students)
@@ -165,7 +173,7 @@ def _known_accounts(session: Session, snap: Snapshot, problems: _Problems) -> se
         if item.created_by:
             named.add(item.created_by)
     named.update(p.user for p in snap.platform.progress)
-    return accounts | existing_ids(session, Account.id, named - accounts)
+    return accounts | existing_ids(session, Account.id, named - users - platform)
 
 
 def _known_classes(session: Session, snap: Snapshot, problems: _Problems) -> set[str]:
@@ -200,33 +208,35 @@ def _check_sections(problems: _Problems, sections: Sequence[CleverSection], know
             problems.add(f"{where}: unknown district {s.district}")
         if not s.all_teachers:
             problems.add(f"{where}: a section needs a teacher")
+        # Clever's own roles decide: a section's teacher holds ``teacher``, its students
+        # ``student`` (a staff member or a contact is neither).
         for t in s.all_teachers:
-            if t not in accounts:
-                problems.add(f"{where}: unknown teacher {t}")
-            elif t in users:
+            if t in users:
                 if t not in teachers:
                     problems.add(f"{where}: user {t} is not a teacher")
                 elif users[t].district != s.district:
                     problems.add(f"{where}: teacher {t} is in another district")
+            elif t not in accounts:
+                problems.add(f"{where}: unknown teacher {t}")
         if accounts.issuperset(s.students) and not_students.isdisjoint(s.students):
             continue
         for st in s.students:
-            if st not in accounts:
-                problems.add(f"{where}: unknown student {st}")
-            elif st in not_students:
+            if st in not_students:
                 problems.add(f"{where}: user {st} is not a student")
+            elif st not in accounts:
+                problems.add(f"{where}: unknown student {st}")
 
 
 def _check_platform_classes(problems: _Problems, snap: Snapshot, known: _Known) -> None:
     for i, c in enumerate(snap.platform.classes):
         where = f"platform.classes[{i}] (id {c.id})"
         if c.teacher not in known.accounts:
-            problems.add(f"{where}: unknown teacher {c.teacher}")
+            problems.add(f"{where}: {known.missing('teacher', c.teacher)}")
         if known.accounts.issuperset(c.students):
             continue
         for st in c.students:
             if st not in known.accounts:
-                problems.add(f"{where}: unknown student {st}")
+                problems.add(f"{where}: {known.missing('student', st)}")
 
 
 def _check_class_items(problems: _Problems, snap: Snapshot, known: _Known) -> None:
@@ -236,7 +246,7 @@ def _check_class_items(problems: _Problems, snap: Snapshot, known: _Known) -> No
             if item.class_id not in known.classes:
                 problems.add(f"{where}: unknown class {item.class_id}")
             if item.created_by is not None and item.created_by not in known.accounts:
-                problems.add(f"{where}: unknown account {item.created_by}")
+                problems.add(f"{where}: {known.missing('account', item.created_by)}")
 
 
 def _check_progress(problems: _Problems, snap: Snapshot, known: _Known) -> None:
@@ -249,7 +259,7 @@ def _check_progress(problems: _Problems, snap: Snapshot, known: _Known) -> None:
     for i, p in enumerate(progress):
         where = f"platform.progress[{i}] (user {p.user}, skill {p.skill})"
         if p.user not in known.accounts:
-            problems.add(f"{where}: unknown user {p.user}")
+            problems.add(f"{where}: {known.missing('user', p.user)}")
         if (p.user, p.skill) in seen:
             problems.add(f"{where}: duplicate progress row")
         seen.add((p.user, p.skill))

@@ -15,10 +15,41 @@ from models import (
     EventStatus,
     ExitStatus,
     ExitUnit,
+    PollCursor,
+    PollStatus,
     RosterEvent,
+    RosterSync,
+    SyncStatus,
     UnitStatus,
 )
 from tasks.sql import count
+
+
+def districts_needing_attention(session: Session) -> dict[str, list[str]]:
+    """Districts whose events were missed (their poll cursor needs a resync), and those whose
+    last sync failed."""
+    resync = session.scalars(
+        select(PollCursor.district_id)
+        .where(PollCursor.status == PollStatus.RESYNC_NEEDED)
+        .order_by(PollCursor.district_id)
+    ).all()
+    latest = (
+        select(RosterSync.district_id, func.max(RosterSync.started_at).label("started_at"))
+        .where(RosterSync.dry_run.is_(False))
+        .group_by(RosterSync.district_id)
+        .subquery()
+    )
+    failed = session.scalars(
+        select(RosterSync.district_id)
+        .join(
+            latest,
+            (latest.c.district_id == RosterSync.district_id)
+            & (latest.c.started_at == RosterSync.started_at),
+        )
+        .where(RosterSync.status == SyncStatus.FAILED, RosterSync.dry_run.is_(False))
+        .order_by(RosterSync.district_id)
+    ).all()
+    return {"resync_needed": list(resync), "sync_failed": list(dict.fromkeys(failed))}
 
 
 @dataclass(frozen=True)

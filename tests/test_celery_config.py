@@ -34,6 +34,8 @@ def test_task_names_are_pinned_because_queued_messages_carry_them() -> None:
         "grassroots.poll",
         "grassroots.process_event",
         "grassroots.purge",
+        "grassroots.sync",
+        "grassroots.sync_all",
     ]
     assert set(ours) == set(ROUTES) == set(TaskName)
     assert all(isinstance(app.tasks[name], GrassrootsTask) for name in ours)

@@ -67,7 +67,6 @@ SECRETS = {
 EVERY_INTERFACE = "0.0.0.0"  # noqa: S104
 # SPEC §5.7 variables the application does not read yet. The tests below fail once one is read, or
 # reaches the containers, while still listed here: take it off then.
-NOT_YET = {"SYNC_INTERVAL"}  # issue: meet a real Clever district
 
 
 # --- reading the files -----------------------------------------------------------------------
@@ -216,19 +215,14 @@ def test_service_sets_only_variables_the_application_reads(name: str) -> None:
 def test_application_reads_every_spec_variable() -> None:
     variables = set(spec_variables())
     assert len(variables) == 13, sorted(variables)
-    assert variables >= NOT_YET, "NOT_YET names a variable the SPEC does not"
-    missing = variables - NOT_YET - set(ENVIRONMENT_VARIABLES)
+    missing = variables - set(ENVIRONMENT_VARIABLES)
     assert not missing, f"grassroots never reads {sorted(missing)}"
-    early = NOT_YET & set(ENVIRONMENT_VARIABLES)
-    assert not early, f"grassroots reads {sorted(early)} now: take it off NOT_YET"
 
 
 @pytest.mark.parametrize("name", PROCESSES)
 def test_every_spec_variable_reaches_every_process(name: str) -> None:
-    missing = set(spec_variables()) - NOT_YET - set(environment(name))
+    missing = set(spec_variables()) - set(environment(name))
     assert not missing, f"{name} does not get {sorted(missing)}"
-    early = NOT_YET & set(environment(name))
-    assert not early, f"{name} gets {sorted(early)} now: take it off NOT_YET"
 
 
 def test_each_variable_is_overridable_by_its_own_name_and_secrets_have_no_default() -> None:

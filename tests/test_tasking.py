@@ -21,7 +21,8 @@ from worker.db import session_scope
 from worker.names import TaskName
 from worker.tasking import GrassrootsTask, after_commit
 
-EVENT = {"id": "evt-1", "type": "schools.updated", "data": {"object": {"id": "sch-1"}}}
+# An event the worker acts on, about a user nobody knows: it ends ``ignored``.
+EVENT = {"id": "evt-1", "type": "users.deleted", "data": {"object": {"id": "nobody"}}}
 
 
 @pytest.fixture

@@ -79,6 +79,18 @@ def build_config(settings: Settings) -> dict[str, Any]:
                 if settings.clever_district_tokens
                 else {}
             ),
+            # A roster sync of every district with a token, unless SYNC_INTERVAL is 0.
+            **(
+                {
+                    "sync": {
+                        "task": TaskName.SYNC_ALL,
+                        "schedule": settings.sync_interval,
+                        "options": {"expires": settings.sync_interval},
+                    }
+                }
+                if settings.clever_district_tokens and settings.sync_interval > 0
+                else {}
+            ),
         },
         "timezone": "UTC",
         "enable_utc": True,

@@ -58,6 +58,12 @@ def start_exit(district_id: str, trigger: str) -> None:
     app.send_task(TaskName.DISTRICT_EXIT, (district_id, trigger))
 
 
+def start_sync(district_id: str, sync_id: str, *, dry_run: bool, trigger: str) -> None:
+    """Send a district's roster sync, whose record ``sync_id`` is committed. Raises what the
+    broker raises."""
+    app.send_task(TaskName.SYNC, (district_id, sync_id, dry_run, trigger))
+
+
 def finish_exit(exit_id: int) -> None:
     app.send_task(TaskName.FINISH_EXIT, (exit_id,))
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from models import SyncStatus
 from tasks import events, exits
+from tasks import sync as reconciling
 from tasks.attempts import EventLedger, UnitLedger
 from tasks.conversion import purge as purge_expired
-from worker import dispatch
+from worker import dispatch, sync
 from worker.celery_app import app
-from worker.clever import parse_tokens
+from worker.clever import DistrictToken, parse_tokens
 from worker.db import autocommit, get_engine, session_scope
 from worker.names import TaskName
 from worker.poller import PollOptions, poll_all
@@ -105,4 +107,43 @@ def poll(self: GrassrootsTask) -> dict[str, str]:
         parse_tokens(settings.clever_district_tokens),
         options=PollOptions.from_settings(settings),
     )
+    for result in results:
+        if result.needs_resync:
+            sync.resync_if_due(result.district_id)
     return {result.district_id: result.outcome for result in results}
+
+
+def _token(district_id: str) -> DistrictToken | None:
+    tokens = parse_tokens(get_settings().clever_district_tokens)
+    return next((t for t in tokens if t.district_id == district_id), None)
+
+
+@app.task(bind=True, base=GrassrootsTask, name=TaskName.SYNC, session_scoped=False)
+def sync_district(
+    self: GrassrootsTask, district_id: str, sync_id: str, dry_run: bool, trigger: str
+) -> str:
+    """One district's roster sync, whose record ``sync_id`` is made. The token is read from the
+    worker's environment: it never travels through the broker."""
+    token = _token(district_id)
+    if token is None:
+        with session_scope() as session:
+            reconciling.fail(session, sync_id, "CLEVER_DISTRICT_TOKENS has no token for it")
+        return SyncStatus.FAILED
+    report = sync.sync_district(
+        token,
+        sync.SyncOptions.from_settings(get_settings()),
+        dry_run=dry_run,
+        trigger=trigger,
+        sync_id=sync_id,
+    )
+    return report.status
+
+
+@app.task(bind=True, base=GrassrootsTask, name=TaskName.SYNC_ALL, session_scoped=False)
+def sync_all(self: GrassrootsTask) -> dict[str, str]:
+    """The scheduled syncs (every SYNC_INTERVAL): one task per district with a token, so the
+    workers run them side by side."""
+    return {
+        token.district_id: sync.start(token.district_id, trigger="schedule")
+        for token in parse_tokens(get_settings().clever_district_tokens)
+    }

@@ -24,10 +24,13 @@ from models import (
     PollCursor,
     PollStatus,
     RosterEvent,
+    RosterSync,
+    SyncStatus,
     utcnow,
 )
 from tasks.conversion.rules import rule_outcome
 from tasks.status import backlog
+from tasks.sync import CHANGE_KINDS
 from worker.broker import broker_client, queue_depths
 from worker.celery_app import QUEUES
 from worker.db import session_scope
@@ -76,6 +79,7 @@ class PipelineCollector(Collector):
                 _conversions(session),
                 _poll_districts(session),
                 *_dead_letters(session),
+                *_syncs(session),
             ]
             retries = session.scalar(
                 select(func.coalesce(func.sum(RosterEvent.attempts - 1), 0)).where(
@@ -152,6 +156,36 @@ def _poll_districts(session: Session) -> GaugeMetricFamily:
     for status in PollStatus:
         polled.add_metric([status], by_status.get(status, 0))
     return polled
+
+
+def _syncs(session: Session) -> list[GaugeMetricFamily | CounterMetricFamily]:
+    """Per district, seconds since its last successful sync; and what syncs changed, by kind."""
+    since = GaugeMetricFamily(
+        "grassroots_sync_last_success_age_seconds",
+        "Seconds since the district's last successful roster sync",
+        labels=["district"],
+    )
+    now = utcnow()
+    for district_id, finished in session.execute(
+        select(RosterSync.district_id, func.max(RosterSync.finished_at))
+        .where(RosterSync.status == SyncStatus.DONE, RosterSync.dry_run.is_(False))
+        .group_by(RosterSync.district_id)
+    ):
+        since.add_metric([district_id], (now - finished).total_seconds())
+    changes = CounterMetricFamily(
+        "grassroots_sync_changes", "Changes roster syncs found, by kind", labels=["kind"]
+    )
+    totals = dict.fromkeys(CHANGE_KINDS, 0)
+    for (found,) in session.execute(
+        select(RosterSync.changes).where(
+            RosterSync.status == SyncStatus.DONE, RosterSync.dry_run.is_(False)
+        )
+    ):
+        for kind in CHANGE_KINDS:
+            totals[kind] += int(found.get(kind, 0))
+    for kind, n in totals.items():
+        changes.add_metric([kind], n)
+    return [since, changes]
 
 
 def _dead_letters(session: Session) -> list[GaugeMetricFamily]:

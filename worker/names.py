@@ -17,6 +17,8 @@ class TaskName(StrEnum):
     FINISH_EXIT = "grassroots.finish_exit"
     PURGE = "grassroots.purge"
     POLL = "grassroots.poll"
+    SYNC = "grassroots.sync"  # one district's roster sync
+    SYNC_ALL = "grassroots.sync_all"  # the scheduled syncs of every district with a token
 
 
 class Queue(StrEnum):
@@ -33,4 +35,6 @@ ROUTES: dict[str, dict[str, str]] = {
     TaskName.FINISH_EXIT: {"queue": Queue.FANOUT},
     TaskName.PURGE: {"queue": Queue.MAINTENANCE},
     TaskName.POLL: {"queue": Queue.MAINTENANCE},
+    TaskName.SYNC: {"queue": Queue.MAINTENANCE},
+    TaskName.SYNC_ALL: {"queue": Queue.MAINTENANCE},
 }

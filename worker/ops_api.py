@@ -15,8 +15,9 @@ from sqlalchemy.orm import Session
 
 from models import AccountKind, AccountStatus
 from tasks import deadletters, exits, status, view
+from tasks import sync as reconciling
 from tasks.errors import NotFound
-from worker import services
+from worker import services, sync
 from worker.http import db, error
 from worker.settings import get_settings
 from worker.status import pipeline_status
@@ -127,3 +128,23 @@ async def ops_exit_progress(district_id: str) -> JSONResponse:
     if found is None:
         raise NotFound(f"district {district_id} has no exit")
     return JSONResponse(found.as_dict())
+
+
+@router.post("/districts/{district_id}/sync", status_code=202)
+async def ops_sync(
+    district_id: str,
+    dry_run: bool = False,
+) -> JSONResponse:
+    try:
+        sync_id = await run_in_threadpool(sync.request, district_id, dry_run=dry_run, trigger="ops")
+    except services.BrokerUnavailable as exc:
+        return error(503, "broker_unavailable", str(exc))
+    return JSONResponse({"district": district_id, "sync_id": sync_id}, status_code=202)
+
+
+@router.get("/districts/{district_id}/sync")
+async def ops_sync_report(district_id: str) -> dict[str, Any]:
+    found = await db(lambda session: reconciling.latest(session, district_id))
+    if found is None:
+        raise NotFound(f"district {district_id} has no sync")
+    return found

@@ -18,6 +18,7 @@ import logging
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 from urllib.parse import urlencode
@@ -126,6 +127,13 @@ class PollResult:
     error: str | None = None
 
     @property
+    def needs_resync(self) -> bool:
+        """Events were missed: found now, or found before and still waiting for a sync."""
+        return self.outcome == PollOutcome.RESYNC_NEEDED or (
+            self.outcome == PollOutcome.SKIPPED and self.error == PollStatus.RESYNC_NEEDED
+        )
+
+    @property
     def ok(self) -> bool:
         return self.outcome in (PollOutcome.POLLED, PollOutcome.STARTED, PollOutcome.RACED)
 
@@ -150,6 +158,7 @@ class _Start:
     cursor: str | None
     started: bool
     status: str
+    last_success_at: datetime | None
 
 
 def _begin(session_factory: SessionFactory, token: DistrictToken, *, from_start: bool) -> _Start:
@@ -181,7 +190,7 @@ def _begin(session_factory: SessionFactory, token: DistrictToken, *, from_start:
             # A replay that fails half-way resumes from its cursor, not from the newest event.
             row.started_at = now
         row.last_polled_at = row.updated_at = now
-        return _Start(row.cursor, row.started_at is not None, row.status)
+        return _Start(row.cursor, row.started_at is not None, row.status, row.last_success_at)
 
 
 def _finish(session_factory: SessionFactory, district_id: str, **values: Any) -> None:
@@ -260,6 +269,11 @@ def poll_district(
     if start.status != PollStatus.OK and not from_start:
         return PollResult(district_id, PollOutcome.SKIPPED, cursor=start.cursor, error=start.status)
     result = PollResult(district_id, PollOutcome.POLLED, cursor=start.cursor)
+    if start.started and _beyond_the_window(start.last_success_at):
+        # Clever keeps 30 days of events: what happened since may be gone from the feed.
+        return _resync_needed(
+            session_factory, result, "the cursor is older than Clever's 30-day event window"
+        )
     with CleverClient(token, options) as api:
         try:
             if not start.started:
@@ -277,7 +291,7 @@ def poll_district(
         except NotFound as exc:
             if result.cursor is None:
                 return _failed(session_factory, result, exc)
-            return _resync_needed(session_factory, result)
+            return _resync_needed(session_factory, result, "cursor unknown to Clever (404)")
         except CursorMoved:
             log.info(
                 "district %s: another poller moved the cursor; leaving the feed to it", district_id
@@ -398,15 +412,25 @@ def _unauthorized(
     return result
 
 
-def _resync_needed(session_factory: SessionFactory, result: PollResult) -> PollResult:
-    """Clever no longer knows the cursor: its event left the 30-day window, events were missed."""
+# How long Clever keeps a district's events.
+FEED_WINDOW = timedelta(days=30)
+
+
+def _beyond_the_window(last_success_at: datetime | None) -> bool:
+    return last_success_at is not None and last_success_at < utcnow() - FEED_WINDOW
+
+
+def _resync_needed(session_factory: SessionFactory, result: PollResult, why: str) -> PollResult:
+    """Events were missed (the cursor's event left Clever's window): the district needs a roster
+    sync, which runs without an operator (``worker.sync.resync_if_due``) and tells the poller
+    where to go on from."""
     log.error(
-        "district %s: Clever no longer knows cursor %s (older than its 30-day window):"
-        " the district needs a full resync",
+        "district %s: %s (cursor %s): the district needs a roster sync",
         result.district_id,
+        why,
         result.cursor,
     )
-    result.outcome, result.error = PollOutcome.RESYNC_NEEDED, "cursor unknown to Clever (404)"
+    result.outcome, result.error = PollOutcome.RESYNC_NEEDED, why
     _finish(
         session_factory,
         result.district_id,
@@ -481,3 +505,35 @@ def poll_all(
             result = PollResult(token.district_id, PollOutcome.FAILED, error=type(exc).__name__)
         results.append(result)
     return results
+
+
+def resume_from(session: Session, district_id: str, position: str | None) -> None:
+    """A roster sync committed what the district's feed held up to ``position`` (its newest
+    event when the pull started; None: the feed was empty): polling goes on from there, whatever
+    the cursor was (lost, or needing a resync)."""
+    now = utcnow()
+    session.execute(
+        dialect_insert(session, PollCursor)
+        .values(
+            district_id=district_id,
+            status=PollStatus.OK,
+            unauthorized_passes=0,
+            events_ingested=0,
+            created_at=now,
+            updated_at=now,
+        )
+        .on_conflict_do_nothing()
+    )
+    session.execute(
+        update(PollCursor)
+        .where(PollCursor.district_id == district_id)
+        .values(
+            cursor=position,
+            started_at=now,
+            status=PollStatus.OK,
+            unauthorized_passes=0,
+            last_error=None,
+            last_success_at=now,
+            updated_at=now,
+        )
+    )

@@ -80,6 +80,8 @@ class Settings(BaseSettings):
     relay_interval: Annotated[float, _env("RELAY_INTERVAL"), Field(ge=0.1)] = 5.0
     relay_after_seconds: Annotated[float, _env("RELAY_AFTER_SECONDS"), Field(ge=0)] = 30.0
     poll_interval: Annotated[float, _env("POLL_INTERVAL"), Field(ge=1)] = 60.0
+    # Seconds between scheduled roster syncs of each district with a token; 0 turns them off.
+    sync_interval: Annotated[float, _env("SYNC_INTERVAL"), Field(ge=0)] = 86400.0
     exit_batch_size: Annotated[int, _env("EXIT_BATCH_SIZE"), Field(ge=1)] = 1000
     log_level: Annotated[str, _env("LOG_LEVEL")] = "INFO"
 

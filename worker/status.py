@@ -9,7 +9,7 @@ import redis
 from sqlalchemy.orm import Session
 
 from models import EventStatus
-from tasks.status import backlog
+from tasks.status import backlog, districts_needing_attention
 from worker.broker import broker_client, queue_depths, unacked_in
 from worker.celery_app import QUEUES
 from worker.names import Queue
@@ -19,6 +19,7 @@ def pipeline_status(session: Session, *, with_broker: bool = True) -> dict[str, 
     """``pending`` is 0 only when nothing is in flight: no event waiting or being processed, no
     exit unit left, no task queued or running."""
     found = backlog(session)
+    attention = districts_needing_attention(session)
     queues: dict[str, int] = dict.fromkeys(QUEUES, 0)
     unacked = housekeeping = 0
     broker = "unchecked"
@@ -46,4 +47,6 @@ def pipeline_status(session: Session, *, with_broker: bool = True) -> dict[str, 
         "exits_running": found.exits_running,
         "dead_letters_open": found.dead_letters_open,
         "broker": broker,
+        # Districts an operator should look at (SPEC §5.3, §5.8).
+        "districts": attention,
     }

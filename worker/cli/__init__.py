@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from worker.cli import district, events, poll, processes, roster
+from worker.cli import district, events, poll, processes, roster, sync
 from worker.cli.common import fail
 from worker.settings import ConfigError, get_settings, home_secrets
 
@@ -70,5 +70,6 @@ for command in (
     processes.demo,
     processes.send_webhook,
     poll.poll,
+    sync.sync,
 ):
     main.add_command(command)

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
@@ -17,6 +17,9 @@ from sqlalchemy.orm import Session
 from tasks.errors import GrassrootsError, NotFound
 from worker.db import NoStack, session_scope
 from worker.settings import HOME_SECRETS, ConfigError, get_settings
+
+if TYPE_CHECKING:
+    from worker.clever import DistrictToken
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_LEVEL_OPTION = click.option(
@@ -69,6 +72,18 @@ def unit_of_work(*, as_json: bool = False) -> Iterator[Session]:
     """A session scope whose failures end the command as ``refusals`` says."""
     with refusals(as_json=as_json), session_scope() as session:
         yield session
+
+
+def district_tokens(
+    tokens: Sequence[DistrictToken], districts: Sequence[str], *, doing: str
+) -> list[DistrictToken]:
+    """The tokens of the districts asked for (none asked: every one configured)."""
+    if not tokens:
+        fail(f"CLEVER_DISTRICT_TOKENS names no district to {doing}")
+    unknown = sorted(set(districts) - {t.district_id for t in tokens})
+    if unknown:
+        raise click.UsageError(f"no token for district {', '.join(unknown)}")
+    return [t for t in tokens if not districts or t.district_id in districts]
 
 
 def emit(data: Any) -> None:

@@ -1,4 +1,5 @@
-"""District exits: ``district preview`` and ``district exit`` (with ``--wait``, ``--in-process``).
+"""District exits: ``district preview`` and ``district exit`` (with ``--wait``, ``--in-process``),
+and ``district policy``.
 
 The units of work (``tasks.*``) and the operator actions (``worker.services``, which loads the
 Celery app) are imported inside the commands: `grassroots --help` and the other commands do
@@ -12,7 +13,7 @@ import time
 import click
 from sqlalchemy.orm import Session
 
-from models import District, DistrictStatus, ExitStatus
+from models import AdminRemoval, District, DistrictStatus, ExitStatus
 from worker.cli.common import emit, fail, refusals, unit_of_work
 
 TRIGGER = "cli:district-exit"
@@ -29,7 +30,7 @@ PREVIEW_COUNTS = (
 
 @click.group()
 def district() -> None:
-    """District exits."""
+    """District exits and policy."""
 
 
 @district.command("preview")
@@ -125,3 +126,28 @@ def _wait_for_exit(district_id: str, *, after: int | None) -> None:
                     fail(f"district {district_id}: exit {p.exit_id} was undone by a restore")
             time.sleep(0.5)
     click.echo(f"district {district_id} exited in {time.monotonic() - started:.1f}s")
+
+
+@district.command("policy")
+@click.argument("district_id")
+@click.option(
+    "--admin-removal",
+    type=click.Choice([str(p) for p in AdminRemoval]),
+    help="What becomes of an admin who leaves: a grassroots teacher (convert), or no login.",
+)
+@click.option("--json", "as_json", is_flag=True)
+def policy(district_id: str, admin_removal: str | None, as_json: bool) -> None:
+    """Show or set a district's policy."""
+    from tasks.policy import set_policy
+
+    with unit_of_work(as_json=as_json) as session:
+        now = set_policy(
+            session,
+            district_id,
+            admin_removal=AdminRemoval(admin_removal) if admin_removal else None,
+            by="cli:policy",
+        )
+    if as_json:
+        emit({"district": district_id, "policy": now})
+        return
+    click.echo(f"district {district_id}: " + ", ".join(f"{k}={v}" for k, v in now.items()))

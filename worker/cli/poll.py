@@ -17,12 +17,11 @@ from typing import TYPE_CHECKING
 import click
 from sqlalchemy.exc import SQLAlchemyError
 
-from worker.cli.common import fail
+from worker.cli.common import district_tokens, fail
 from worker.db import require_stack, session_scope
 from worker.settings import ConfigError, Settings, get_settings
 
 if TYPE_CHECKING:
-    from worker.clever import DistrictToken
     from worker.poller import PollResult
 
 
@@ -35,16 +34,6 @@ def _configure_logging(settings: Settings, *, forever: bool) -> None:
     if not forever and "log_level" not in settings.model_fields_set:
         # One pass prints its own summary per district: its INFO lines would say it twice.
         logging.getLogger().setLevel(logging.WARNING)
-
-
-def _only(tokens: list[DistrictToken], districts: Sequence[str]) -> list[DistrictToken]:
-    """The tokens of the districts asked for (none asked: every one configured)."""
-    if not tokens:
-        fail("CLEVER_DISTRICT_TOKENS names no district to poll")
-    unknown = sorted(set(districts) - {t.district_id for t in tokens})
-    if unknown:
-        raise click.UsageError(f"no token for district {', '.join(unknown)}")
-    return [t for t in tokens if not districts or t.district_id in districts]
 
 
 def _line(result: PollResult) -> str:
@@ -114,7 +103,9 @@ def poll(
     try:
         settings = get_settings()
         _configure_logging(settings, forever=forever)
-        tokens = _only(parse_tokens(settings.clever_district_tokens), districts)
+        tokens = district_tokens(
+            parse_tokens(settings.clever_district_tokens), districts, doing="poll"
+        )
         # Here, once: each district's pass would otherwise fail on its own with NoStack.
         require_stack(settings)
     except ConfigError as exc:

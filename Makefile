@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock run test test-fast lint format typecheck bench bench-exit bench-intake bench-seed clean
+.PHONY: help install lock run test test-fast lint format typecheck bench bench-exit bench-intake bench-seed bench-sync clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -45,7 +45,7 @@ format: install ## Format the code
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: bench-exit bench-intake bench-seed ## All the benchmarks (see bench/README.md), a few minutes
+bench: bench-exit bench-intake bench-seed bench-sync ## All the benchmarks (see bench/README.md), a few minutes
 
 bench-exit: install ## The 100,000-student district's exit through Redis and grassroots workers
 	$(BIN)/python bench/exit_pipeline.py
@@ -55,6 +55,9 @@ bench-intake: install ## Signed webhook intake: burst throughput, latency at 500
 
 bench-seed: install ## Seeding the 100,000-student district, and its exit in one process
 	$(BIN)/python bench/seed_and_exit.py
+
+bench-sync: install ## Roster syncs of the 100,000-student district from a Clever-shaped API
+	$(BIN)/python bench/sync.py
 
 clean: ## Remove the virtualenv and local state
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

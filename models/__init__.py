@@ -26,15 +26,18 @@ from models.enums import (
     UnitStatus,
 )
 from models.goal import Goal
+from models.heartbeat import Heartbeat
 from models.journal import JournalEntry
 from models.klass import Class
 from models.object_version import ObjectVersion
+from models.pause import Pause
 from models.poll_cursor import PollCursor
 from models.report_access import ReportAccess
 from models.roster_event import RosterEvent
 from models.roster_sync import RosterSync
 from models.roster_user import RosterUser
 from models.skill_progress import SkillProgress
+from models.task_attempt import TaskAttempt
 
 # TODO(one home per rule): callers move to the enums
 EVENT_STATUSES = tuple(str(s) for s in EventStatus)
@@ -63,10 +66,12 @@ __all__ = [
     "ExitStatus",
     "ExitUnit",
     "Goal",
+    "Heartbeat",
     "JournalEntry",
     "JournalKind",
     "Mastery",
     "ObjectVersion",
+    "Pause",
     "PollCursor",
     "PollStatus",
     "ReportAccess",
@@ -76,6 +81,7 @@ __all__ = [
     "RosterUser",
     "SkillProgress",
     "SyncStatus",
+    "TaskAttempt",
     "UnitKind",
     "UnitStatus",
     "role_flags",

@@ -19,11 +19,18 @@ class DeadLetter(Base):
         ForeignKey("roster_events.id", ondelete="SET NULL"), index=True
     )
     task: Mapped[str] = mapped_column(String(200))
+    # What failed, for a task that is not about an event: ``exit_unit:<exit>:<key>``, or the
+    # task and its Celery id. An operator's resume or replay closes its dead letters by it.
+    subject: Mapped[str | None] = mapped_column(String(300), index=True)
     args: Mapped[dict[str, Any]] = mapped_column(default=dict)
     reason: Mapped[str] = mapped_column(String(64))
+    # The exception's class; ``error`` its message (never the values of a statement's parameters).
+    exception: Mapped[str | None] = mapped_column(String(200))
     error: Mapped[str] = mapped_column(Text)
     traceback: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(default=0)
+    # The worker that gave up on it (the last failure's).
+    host: Mapped[str | None] = mapped_column(String(200))
     first_failed_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_failed_at: Mapped[datetime] = mapped_column(default=utcnow)
     resolved_at: Mapped[datetime | None] = mapped_column(index=True)

@@ -21,6 +21,8 @@ class EventStatus(StrEnum):
     DISCARDED = "discarded"
     HELD = "held"  # by the brake: an operator releases or discards it
     DEAD = "dead"  # dead-lettered: an operator replays it
+    # A destructive change made while a pause covered its district: applied when the pause ends.
+    DEFERRED = "deferred"
 
     @classmethod
     def final(cls) -> frozenset[EventStatus]:
@@ -35,6 +37,12 @@ class EventStatus(StrEnum):
     @classmethod
     def waiting_for_operator(cls) -> frozenset[EventStatus]:
         return frozenset({cls.HELD, cls.DEAD})
+
+    @classmethod
+    def waiting(cls) -> frozenset[EventStatus]:
+        """Neither in flight nor final: for an operator, or for a pause to end. A worker that
+        gets such an event has nothing to do."""
+        return cls.waiting_for_operator() | {cls.DEFERRED}
 
 
 class AccountKind(StrEnum):

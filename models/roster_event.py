@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import CheckConstraint, Index, String, Text, false
+from sqlalchemy import CheckConstraint, ForeignKey, Index, String, Text, false
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import ID_LENGTH, Base, utcnow
@@ -31,8 +31,13 @@ class RosterEvent(Base):
     payload: Mapped[dict[str, Any]]
     status: Mapped[str] = mapped_column(String(16), default=EventStatus.ACCEPTED, index=True)
     attempts: Mapped[int] = mapped_column(default=0)
+    # The Celery task whose attempt was counted last: the relay does not send the event again
+    # while the broker holds that task for a worker.
+    task_id: Mapped[str | None] = mapped_column(String(64))
     # Set when an operator releases a held removal: the brake is not applied to it again.
     brake_released: Mapped[bool] = mapped_column(default=False, server_default=false())
+    # The pause that deferred it last (``tasks.pauses``): its end or removal releases it.
+    pause_id: Mapped[int | None] = mapped_column(ForeignKey("pauses.id", ondelete="RESTRICT"))
     error: Mapped[str | None] = mapped_column(Text)
     received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

@@ -1,6 +1,8 @@
 """The brake (SPEC §4): mass removal is the classic disaster of roster sync (an empty export read
-as "everyone left"). Roster-absence removals of one district beyond ``REMOVAL_BRAKE_PERCENT`` of
-its accounts in a rolling 24 hours are ``held``; an operator releases or discards them."""
+as "everyone left"). Roster-absence removals of one district beyond its percentage of its
+accounts in a rolling 24 hours are ``held``; an operator releases or discards them. A district's
+percentage is its own when an operator set one (``district policy --brake-percent``), else
+``REMOVAL_BRAKE_PERCENT``."""
 
 from __future__ import annotations
 
@@ -25,6 +27,12 @@ from tasks.sql import count
 
 WINDOW = timedelta(hours=24)
 REMOVAL = "users.deleted"  # the roster-absence removal the brake counts and holds
+
+
+def percent_of(own: float | None, default: float) -> float:
+    """A district's brake percentage: its own (``District.brake_percent``) when set, which wins
+    over the deployment's ``default`` (REMOVAL_BRAKE_PERCENT)."""
+    return default if own is None else own
 
 
 def _removed(session: Session, district_id: str, now: datetime) -> int:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from models import AuditRecord, DeadLetter, EventStatus, RosterEvent, utcnow
@@ -19,6 +20,18 @@ from tasks.errors import NotFound
 
 TRACEBACK_CHARS = 20000
 ERROR_CHARS = 5000
+
+
+def describe(exc: BaseException) -> tuple[str, str]:
+    """An exception's class and message, for a dead letter, a log line or an operator. A
+    database error is named by its driver error and the driver's primary message: never the
+    statement's parameters nor the detail line, which can quote a row's values (personal data)."""
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        orig = exc.orig
+        primary = getattr(getattr(orig, "diag", None), "message_primary", None)
+        message = primary if isinstance(primary, str) else str(orig).split("\n", 1)[0]
+        return type(orig).__name__, message[:ERROR_CHARS]
+    return type(exc).__name__, str(exc)[:ERROR_CHARS]
 
 
 def record(
@@ -30,40 +43,74 @@ def record(
     exc: BaseException,
     reason: str,
     attempts: int,
-) -> None:
-    """Keep the failure, and mark its subject dead (``Ledger.mark_dead``). A replay that fails
-    again lands on the same dead letter, its count raised."""
+    host: str | None = None,
+) -> bool:
+    """Keep the failure, and mark its subject dead (``Ledger.mark_dead``); False, and nothing
+    written, if the subject finished meanwhile (a late copy failed: finished work stands). A
+    replay that fails again lands on the same dead letter, its count raised."""
+    error = f"{reason}: {describe(exc)[1]}"
+    if not ledger.mark_dead(session, error[:500]):
+        return False
     now = utcnow()
-    tb = "".join(traceback.format_exception(exc))[-TRACEBACK_CHARS:]
-    error = str(exc)[:ERROR_CHARS]
-    letter = None
-    if ledger.event_id is not None:
-        letter = session.scalar(
-            select(DeadLetter)
-            .where(DeadLetter.event_id == ledger.event_id)
-            .order_by(DeadLetter.id.desc())
-            .limit(1)
-            .with_for_update()
+    exception, message = describe(exc)
+    tb = _traceback(exc)
+    letter = session.scalar(
+        select(DeadLetter)
+        .where(
+            DeadLetter.event_id == ledger.event_id
+            if ledger.event_id is not None
+            else DeadLetter.subject == ledger.subject()
         )
+        .order_by(DeadLetter.id.desc())
+        .limit(1)
+        .with_for_update()
+    )
     if letter is None:
         session.add(
             DeadLetter(
                 event_id=ledger.event_id,
+                subject=ledger.subject(),
                 task=task,
                 args=args,
                 reason=reason,
-                error=error,
+                exception=exception,
+                error=message,
                 traceback=tb,
                 attempts=attempts,
+                host=host,
                 first_failed_at=now,
                 last_failed_at=now,
             )
         )
     else:
         letter.attempts += attempts
-        letter.reason, letter.error, letter.traceback = reason, error, tb
+        letter.reason, letter.exception, letter.error = reason, exception, message
+        letter.traceback, letter.host = tb, host
         letter.last_failed_at, letter.resolved_at = now, None
-    ledger.mark_dead(session, f"{reason}: {error[:500]}")
+    return True
+
+
+def _traceback(exc: BaseException) -> str:
+    """The traceback, with each frame; the exception's own text as ``describe`` gives it."""
+    frames = "".join(traceback.format_tb(exc.__traceback__))
+    exception, message = describe(exc)
+    return f"Traceback (most recent call last):\n{frames}{exception}: {message}"[-TRACEBACK_CHARS:]
+
+
+def open_letter(session: Session, subject: str) -> DeadLetter | None:
+    return session.scalar(
+        select(DeadLetter).where(DeadLetter.subject == subject, DeadLetter.resolved_at.is_(None))
+    )
+
+
+def resolve(session: Session, subjects: Sequence[str]) -> int:
+    """Close the open dead letters of these subjects: an operator sent them round again."""
+    result = session.execute(
+        update(DeadLetter)
+        .where(DeadLetter.subject.in_(subjects), DeadLetter.resolved_at.is_(None))
+        .values(resolved_at=utcnow())
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 # What ``mark_replay`` answers when the event goes round again, or why it does not:
@@ -74,6 +121,7 @@ def record(
 REPLAYED = EventStatus.ACCEPTED
 ALREADY_FINAL = "already_final"
 HELD = EventStatus.HELD
+DEFERRED = EventStatus.DEFERRED
 IN_FLIGHT = "in_flight"
 
 
@@ -94,7 +142,9 @@ def mark_replay(session: Session, event_id: str, *, by: str) -> str:
             raise NotFound(f"no event {event_id}")
         if status in EventStatus.final():
             return ALREADY_FINAL
-        return HELD if status == EventStatus.HELD else IN_FLIGHT
+        if status in (HELD, DEFERRED):
+            return str(status)
+        return IN_FLIGHT
     session.execute(
         update(DeadLetter)
         .where(DeadLetter.event_id == event_id, DeadLetter.resolved_at.is_(None))

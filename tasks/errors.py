@@ -15,6 +15,16 @@ class RestoreRefused(GrassrootsError):
     pass
 
 
+class Refused(GrassrootsError):
+    """What is asked for does not fit the state of its subject (discarding an event that is
+    neither held nor deferred)."""
+
+
+class InvalidInput(GrassrootsError):
+    """A value an operator gave that cannot be used (an instant that is no instant, a pause that
+    ends before it starts, a percentage out of range): nothing is stored."""
+
+
 class InvariantViolation(GrassrootsError):
     """Learner-owned data changed during a conversion: the whole conversion is rolled back."""
 

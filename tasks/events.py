@@ -1,7 +1,7 @@
-"""Routing a stored roster event to the rules (SPEC §4): the ordering fence (``tasks.fence``),
-the brake (``tasks.brake``), and the handler for each event type. ``process_event`` runs in one
-transaction with the event row locked, so an event is applied at most once however often it is
-delivered or replayed.
+"""Routing a stored roster event to the rules (SPEC §4): roster pauses (``tasks.pauses``), the
+ordering fence (``tasks.fence``), the brake (``tasks.brake``), and the handler for each event
+type. ``process_event`` runs in one transaction with the event row locked, so an event is applied
+at most once however often it is delivered or replayed.
 """
 
 from __future__ import annotations
@@ -28,14 +28,16 @@ from models import (
     EventStatus,
     JournalEntry,
     JournalKind,
+    Pause,
     Role,
     RosterEvent,
     utcnow,
 )
-from tasks import brake, conversion, exits, fence, roster
+from tasks import brake, conversion, exits, fence, pauses, roster
 from tasks.errors import NotFound, RestoreRefused, WaitForRoster
 from tasks.inbox import event_object, not_acted_on, previous_attributes
 from tasks.sql import count
+from tasks.storable import explain
 
 log = logging.getLogger("grassroots.events")
 # A section naming people whose users.created has not been applied yet is tried again this many
@@ -45,7 +47,7 @@ UNKNOWN_MEMBER_ATTEMPTS = 3
 
 @dataclass
 class Routed:
-    status: EventStatus  # done | ignored | stale | held | rejected
+    status: EventStatus  # done | ignored | stale | held | deferred | rejected
     reason: str | None = None
     outcome: dict[str, Any] = field(default_factory=dict)
     exit_id: int | None = None  # a district exit this event started: its units are dispatched
@@ -104,16 +106,19 @@ def on_user_deleted(session: Session, ev: RosterEvent, limits: Limits) -> Routed
     if account.kind != AccountKind.DISTRICT or account.district_id is None:
         roster.delete_roster_users(session, [user_id])
         return Routed(IGNORED, "not a district account (already converted)")
-    if not ev.brake_released and not _brake_allows(session, account.district_id, limits):
-        # The mirror keeps the user until the removal is applied: it is not, yet.
-        return Routed(EventStatus.HELD, brake.hold_reason(limits.brake_percent))
+    if not ev.brake_released:
+        allowed, percent = _brake_allows(session, account.district_id, limits)
+        if not allowed:
+            # The mirror keeps the user until the removal is applied: it is not, yet.
+            return Routed(EventStatus.HELD, brake.hold_reason(percent))
     out = conversion.convert_account(session, account.id, trigger=_trigger(ev))
     roster.delete_roster_users(session, [user_id])
     return Routed(DONE, outcome=out.as_dict())
 
 
-def _brake_allows(session: Session, district_id: str, limits: Limits) -> bool:
-    """Whether the brake lets this removal through.
+def _brake_allows(session: Session, district_id: str, limits: Limits) -> tuple[bool, float]:
+    """Whether the brake lets this removal through, and the district's percentage (its own, or
+    ``limits.brake_percent``).
 
     Far from the allowance, removals of one district run side by side: each holds the
     district's row in share mode to its commit and finds headroom for every removal being
@@ -121,15 +126,18 @@ def _brake_allows(session: Session, district_id: str, limits: Limits) -> bool:
     mode, which it gets once every removal running beside it has ended, and counts exactly
     (``brake.engaged``); none can start meanwhile."""
     now = utcnow()
-    district = select(District.id).where(District.id == district_id)
+    # The lock's read gives the district's own percentage too.
+    district = select(District.brake_percent).where(District.id == district_id)
     shared = session.begin_nested()
-    session.execute(district.with_for_update(read=True))
-    if brake.headroom(session, district_id, percent=limits.brake_percent, now=now):
+    percent = brake.percent_of(
+        session.scalar(district.with_for_update(read=True)), limits.brake_percent
+    )
+    if brake.headroom(session, district_id, percent=percent, now=now):
         shared.commit()  # the share lock stays, to this transaction's end
-        return True
+        return True, percent
     shared.rollback()  # gives the share lock back: taking update mode over it could deadlock
     session.execute(district.with_for_update())
-    return not brake.engaged(session, district_id, percent=limits.brake_percent, now=now)
+    return not brake.engaged(session, district_id, percent=percent, now=now), percent
 
 
 def on_user_updated(session: Session, ev: RosterEvent, limits: Limits) -> Routed:
@@ -147,14 +155,8 @@ def on_user_updated(session: Session, ev: RosterEvent, limits: Limits) -> Routed
         if user is not None:
             roster.upsert_roster_users(session, [user])
         return Routed(IGNORED, "not a district account (already converted)")
-    prev = previous_attributes(ev.payload)
     result: dict[str, Any] = {}
-    lost: set[Role] = set()
-    if "roles" in prev:
-        lost = _roles(prev["roles"]) - _roles(obj.get("roles"))
-    elif "roles" in obj:
-        # Sent without what changed: the roles the roster now lists, against the ones we hold.
-        lost = set(account.roles) - _roles(obj["roles"])
+    lost = _lost_roles(ev, account)
     if lost:
         # An account left with no platform role (a teacher who is now only staff) is converted
         # whole; the mirror keeps the user with the Clever roles that remain.
@@ -166,6 +168,18 @@ def on_user_updated(session: Session, ev: RosterEvent, limits: Limits) -> Routed
         else:
             roster.upsert_roster_users(session, [user])
     return Routed(DONE, outcome=result)
+
+
+def _lost_roles(ev: RosterEvent, account: Account) -> set[Role]:
+    """The platform roles a ``users.updated`` takes away."""
+    obj = event_object(ev.payload) or {}
+    prev = previous_attributes(ev.payload)
+    if "roles" in prev:
+        return _roles(prev["roles"]) - _roles(obj.get("roles"))
+    if "roles" in obj:
+        # Sent without what changed: the roles the roster now lists, against the ones we hold.
+        return set(account.roles) - _roles(obj["roles"])
+    return set()
 
 
 def on_user_created(session: Session, ev: RosterEvent, limits: Limits) -> Routed:
@@ -223,6 +237,28 @@ def _live(session: Session, link: Any, who: Any, class_id: str) -> set[str]:
     )
 
 
+def _gone(
+    session: Session, ev: RosterEvent, section: roster.CleverSection
+) -> tuple[set[str], set[str]]:
+    """The students and the teachers a section event no longer lists, of those it listed before
+    or the class has now."""
+    obj = event_object(ev.payload) or {}
+    prev = previous_attributes(ev.payload)
+    gone_students: set[str] = set()
+    gone_teachers: set[str] = set()
+    if "students" in obj:
+        before = set(prev.get("students") or []) | _live(
+            session, Enrollment, Enrollment.student_id, section.id
+        )
+        gone_students = before - set(section.students)
+    if "teachers" in obj or "teacher" in obj:
+        before = set(prev.get("teachers") or []) | _live(
+            session, ClassTeacher, ClassTeacher.teacher_id, section.id
+        )
+        gone_teachers = before - set(section.all_teachers)
+    return gone_students, gone_teachers
+
+
 def on_section_changed(session: Session, ev: RosterEvent, limits: Limits) -> Routed:
     """``sections.created`` / ``sections.updated``: add what grew, remove what shrank."""
     obj = event_object(ev.payload) or {}
@@ -246,19 +282,7 @@ def on_section_changed(session: Session, ev: RosterEvent, limits: Limits) -> Rou
         raise WaitForRoster(f"section {section.id} names {len(unknown)} user(s) not known yet")
     result: dict[str, Any] = {"unknown_members": len(unknown)} if unknown else {}
     if klass is not None:
-        prev = previous_attributes(ev.payload)
-        gone_students: set[str] = set()
-        gone_teachers: set[str] = set()
-        if "students" in obj:
-            before = set(prev.get("students") or []) | _live(
-                session, Enrollment, Enrollment.student_id, section.id
-            )
-            gone_students = before - set(section.students)
-        if "teachers" in obj or "teacher" in obj:
-            before = set(prev.get("teachers") or []) | _live(
-                session, ClassTeacher, ClassTeacher.teacher_id, section.id
-            )
-            gone_teachers = before - set(section.all_teachers)
+        gone_students, gone_teachers = _gone(session, ev, section)
         if gone_students or gone_teachers:
             shrunk = conversion.shrink_section(
                 session,
@@ -304,30 +328,118 @@ HANDLERS: dict[str, Callable[[Session, RosterEvent, Limits], Routed]] = {
 }
 
 
-def process_event(session: Session, event_id: str, limits: Limits) -> Routed | None:
-    """Apply a stored event. None when there is nothing to do (already final, held, or gone)."""
-    ev = session.scalar(select(RosterEvent).where(RosterEvent.id == event_id).with_for_update())
-    if ev is None or ev.status in EventStatus.final() | EventStatus.waiting_for_operator():
+# What a roster pause defers (SPEC §4 "Pauses"): per event type, whether this event would remove
+# something. Additions and field updates are not here, nor are exits (``districts.deleted``) and
+# restores (``users.created``): they are never paused. A ``users.updated`` that loses a role, or a
+# section event that both grows and shrinks, is deferred whole: an event applies as one Clever
+# state, through the fence, or not at all.
+
+
+def _removes_account(session: Session, ev: RosterEvent) -> bool:
+    account = _account(session, ev.object_id or "")
+    return (
+        account is not None
+        and account.kind == AccountKind.DISTRICT
+        and account.district_id is not None
+    )
+
+
+def _loses_role(session: Session, ev: RosterEvent) -> bool:
+    account = _account(session, ev.object_id or "")
+    if account is None or account.kind != AccountKind.DISTRICT:
+        return False
+    return bool(_lost_roles(ev, account) & set(account.roles))
+
+
+def _live_class(session: Session, class_id: str) -> Class | None:
+    klass = session.get(Class, class_id)
+    live = klass is not None and klass.district_synced and klass.removed_by is None
+    return klass if live else None
+
+
+def _removes_class(session: Session, ev: RosterEvent) -> bool:
+    return _live_class(session, ev.object_id or "") is not None
+
+
+def _shrinks_section(session: Session, ev: RosterEvent) -> bool:
+    try:
+        section = roster.CleverSection.model_validate(event_object(ev.payload) or {})
+    except ValidationError:
+        return False  # its handler rejects it
+    if _live_class(session, section.id) is None:
+        return False
+    students, teachers = _gone(session, ev, section)
+    return bool(students or teachers)
+
+
+REMOVALS: dict[str, Callable[[Session, RosterEvent], bool]] = {
+    "users.deleted": _removes_account,
+    "users.updated": _loses_role,
+    "sections.deleted": _removes_class,
+    "sections.updated": _shrinks_section,
+    "sections.created": _shrinks_section,
+}
+
+
+def _district_of(session: Session, ev: RosterEvent) -> str | None:
+    """The event's district: as its object names it, or as the mirror holds the object."""
+    if ev.district_id is not None or ev.object_id is None:
+        return ev.district_id
+    if ev.object_type == "user":
+        return session.scalar(select(Account.district_id).where(Account.clever_id == ev.object_id))
+    if ev.object_type == "section":
+        return session.scalar(select(Class.district_id).where(Class.id == ev.object_id))
+    return None
+
+
+def _pausing(session: Session, ev: RosterEvent) -> Pause | None:
+    """The pause that defers this event: one covers its district now, and it would remove
+    something."""
+    removes = REMOVALS.get(ev.type)
+    if removes is None or ev.brake_released:
+        # An operator's release of a held removal is the operator's word: never paused.
         return None
+    pause = pauses.covering(session, _district_of(session, ev), utcnow())
+    if pause is None or not removes(session, ev):
+        return None
+    return pause
+
+
+def _route(session: Session, ev: RosterEvent, limits: Limits) -> Routed:
     handler = HANDLERS.get(ev.type)
     if handler is None:
         # Stored ignored already (tasks.inbox.ACTED_ON); one from before that rule lands here.
-        routed = Routed(IGNORED, not_acted_on(ev.type))
-    else:
-        newest = fence.lock(session, ev)
-        if newest is not None and fence.is_stale(newest, ev):
-            routed = Routed(
-                EventStatus.STALE, f"older than event {newest.event_id} already applied"
-            )
-        else:
-            try:
-                routed = handler(session, ev, limits)
-            except ValidationError as exc:
-                err = exc.errors()[0]
-                where = ".".join(map(str, err["loc"]))
-                routed = Routed(EventStatus.REJECTED, f"{where}: {err['msg']}")
-            if newest is not None and routed.status in (DONE, IGNORED):
-                fence.advance(newest, ev)
+        return Routed(IGNORED, not_acted_on(ev.type))
+    newest = fence.lock(session, ev)
+    # The pause comes before the fence: a removal processed during a pause is deferred even if a
+    # newer event of its object was applied meanwhile. The fence decides when it is released.
+    pause = _pausing(session, ev)
+    if pause is not None:
+        return Routed(EventStatus.DEFERRED, pauses.defer(ev, pause), {"pause": pause.id})
+    if newest is not None and fence.is_stale(newest, ev):
+        return Routed(EventStatus.STALE, f"older than event {newest.event_id} already applied")
+    try:
+        routed = handler(session, ev, limits)
+    except ValidationError as exc:
+        err = exc.errors(include_input=False, include_url=False)[0]
+        where = ".".join(map(str, err["loc"]))
+        return Routed(EventStatus.REJECTED, f"{where}: {explain(err)}")
+    if newest is not None and routed.status in (DONE, IGNORED):
+        fence.advance(newest, ev)
+    return routed
+
+
+# What the audit log calls each outcome it records.
+AUDITED = {DONE: "apply_event", EventStatus.HELD: "hold", EventStatus.DEFERRED: "defer"}
+
+
+def process_event(session: Session, event_id: str, limits: Limits) -> Routed | None:
+    """Apply a stored event. None when there is nothing to do (already final, waiting for an
+    operator or a pause's end, or gone)."""
+    ev = session.scalar(select(RosterEvent).where(RosterEvent.id == event_id).with_for_update())
+    if ev is None or ev.status in EventStatus.final() | EventStatus.waiting():
+        return None
+    routed = _route(session, ev, limits)
     ev.status = routed.status
     ev.error = routed.reason
     ev.updated_at = utcnow()
@@ -343,10 +455,10 @@ def process_event(session: Session, event_id: str, limits: Limits) -> Routed | N
             **routed.outcome,
         },
     )
-    if routed.status in (DONE, EventStatus.HELD):
+    if routed.status in AUDITED:
         session.add(
             AuditRecord(
-                action="hold" if routed.status == EventStatus.HELD else "apply_event",
+                action=AUDITED[routed.status],
                 trigger=_trigger(ev),
                 subject_type=ev.object_type or "event",
                 subject_id=(ev.object_id or ev.id)[:64],

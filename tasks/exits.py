@@ -46,10 +46,11 @@ from models import (
     UnitStatus,
     utcnow,
 )
-from tasks.attempts import BUMP_UNIT, THIS_UNIT, unit_params
+from tasks import deadletters
+from tasks.attempts import BUMP_UNIT, THIS_UNIT, unit_params, unit_subject
 from tasks.conversion import Outcome, convert_accounts, drop_classes
 from tasks.conversion.journal import audit, new_batch, open_exit_root
-from tasks.errors import GrassrootsError, NotFound, RestoreRefused
+from tasks.errors import GrassrootsError, NotFound, Refused, RestoreRefused
 from tasks.sql import CHUNK, AsyncCommit, insert_rows
 
 TEACHER_UNIT = "teacher:"  # a teacher unit's key: this, then the teacher's account id
@@ -463,13 +464,18 @@ def run_in_process(
 
 
 def stalled_exits(session: Session, *, since: datetime) -> list[int]:
-    """Running exits that have not progressed since ``since``: a unit was lost with a worker, or
-    never reached the broker. They are stamped now, so the next pass leaves them alone for as
-    long again."""
+    """Running exits that have not progressed since ``since`` and have no dead unit: a unit was
+    lost with a worker, or never reached the broker. They are stamped now, so the next pass
+    leaves them alone for as long again."""
+    dead = select(ExitUnit.exit_id).where(ExitUnit.status == UnitStatus.DEAD)
     ids = list(
         session.scalars(
             select(DistrictExit.id).where(
-                DistrictExit.status == ExitStatus.RUNNING, DistrictExit.progressed_at < since
+                DistrictExit.status == ExitStatus.RUNNING,
+                DistrictExit.progressed_at < since,
+                # One with a dead unit waits for an operator (``resume``): sending its finish
+                # again and again would never end it.
+                DistrictExit.id.not_in(dead),
             )
         )
     )
@@ -484,13 +490,17 @@ def stalled_exits(session: Session, *, since: datetime) -> list[int]:
 # Progress
 
 
+STALLED = "stalled"  # a progress status only: a unit is dead, the exit waits for an operator
+
+
 @dataclass(frozen=True)
 class ExitProgress:
     exit_id: int
     district_id: str
     status: str
-    done: int
-    total: int
+    units_done: int
+    units_total: int
+    units_dead: list[str]  # the dead units' keys
     accounts: int
     started_at: datetime
     finished_at: datetime | None
@@ -500,8 +510,10 @@ class ExitProgress:
             "exit": self.exit_id,
             "district": self.district_id,
             "status": self.status,
-            "done": self.done,
-            "total": self.total,
+            "units_total": self.units_total,
+            "units_done": self.units_done,
+            "units_dead": len(self.units_dead),
+            "dead_units": self.units_dead,
             "accounts": self.accounts,
             "started_at": self.started_at.isoformat(),
             "finished_at": self.finished_at.isoformat() if self.finished_at else None,
@@ -510,7 +522,8 @@ class ExitProgress:
 
 def progress(session: Session, district_id: str) -> ExitProgress | None:
     """The district's latest exit, if any: ``restored`` once ``grassroots restore`` has undone
-    it (its journal root, whose id is the exit's, is marked restored), else its own status."""
+    it (its journal root, whose id is the exit's, is marked restored), ``stalled`` while a unit
+    is dead, else its own status."""
     found = session.execute(
         select(DistrictExit, JournalEntry.restored_at)
         .join(JournalEntry, JournalEntry.id == DistrictExit.id)
@@ -521,13 +534,65 @@ def progress(session: Session, district_id: str) -> ExitProgress | None:
     if found is None:
         return None
     row, restored_at = found
+    dead = list(
+        session.scalars(
+            select(ExitUnit.key)
+            .where(ExitUnit.exit_id == row.id, ExitUnit.status == UnitStatus.DEAD)
+            .order_by(ExitUnit.key)
+        )
+    )
+    status = row.status
+    if restored_at is not None:
+        status = RESTORED
+    elif dead and row.status == ExitStatus.RUNNING:
+        status = STALLED
     return ExitProgress(
         row.id,
         row.district_id,
-        RESTORED if restored_at is not None else row.status,
+        status,
         row.units_done,
         row.units_total,
+        dead,
         row.accounts_total,
         row.started_at,
         row.finished_at,
     )
+
+
+@dataclass(frozen=True)
+class Resumed:
+    exit_id: int
+    units: list[str]  # the dead units sent round again, by their keys
+
+
+def resume(session: Session, district_id: str, *, by: str) -> Resumed:
+    """An operator sends the dead units of the district's running exit round again, by the same
+    keys, with a fresh budget of attempts; their dead letters are closed. The exit's pending
+    units are sent again with them (``dispatch_exit``)."""
+    found = progress(session, district_id)
+    if found is None:
+        raise NotFound(f"district {district_id} has no exit to resume")
+    if found.status in (ExitStatus.DONE, RESTORED):
+        raise Refused(f"the exit of district {district_id} is {found.status}: nothing to resume")
+    row = session.get(DistrictExit, found.exit_id, with_for_update=True)
+    assert row is not None
+    session.execute(
+        update(ExitUnit)
+        .where(ExitUnit.exit_id == row.id, ExitUnit.status == UnitStatus.DEAD)
+        .values(status=UnitStatus.PENDING, attempts=0, dispatched_at=utcnow())
+    )
+    row.progressed_at = utcnow()
+    deadletters.resolve(session, [unit_subject(row.id, key) for key in found.units_dead])
+    audit(
+        session,
+        [
+            {
+                "action": "resume_exit",
+                "trigger": by,
+                "subject_type": "district",
+                "subject_id": district_id,
+                "details": {"exit": row.id, "units": found.units_dead},
+            }
+        ],
+    )
+    return Resumed(row.id, found.units_dead)

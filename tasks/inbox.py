@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeGuard
@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from models import EventStatus, RosterEvent, utcnow
 from tasks.sql import dialect_insert, in_ids
+from tasks.storable import unstorable
 
 # Clever's resources (v3.0 and v3.1 events), by the prefix of their event types.
 OBJECT_TYPES = {
@@ -166,7 +167,8 @@ def interpret(raw: dict[str, Any], event_type: str) -> tuple[dict[str, Any], str
         return columns, "the event's object has no usable id"
     if raw.get("created") is not None and created is None:
         return columns, "the event's 'created' is not an ISO 8601 time"
-    return columns, None
+    # Checked here, once, before any rule sends a value of it to the database.
+    return columns, unstorable(raw)
 
 
 def _status(event_type: str, problem: str | None) -> tuple[EventStatus, str | None]:
@@ -247,28 +249,31 @@ def unsent_events(
     *,
     accepted_before: datetime,
     processing_before: datetime,
+    held: Collection[str] = (),
     limit: int = 5000,
 ) -> list[str]:
     """Events the broker may never have received: accepted and left alone since
-    ``accepted_before``, or processing since ``processing_before`` (a worker lost with them).
-    They are stamped now, so the next pass leaves them alone for as long again."""
-    ids = list(
-        session.scalars(
-            select(RosterEvent.id)
-            .where(
-                (
-                    (RosterEvent.status == EventStatus.ACCEPTED)
-                    & (RosterEvent.updated_at < accepted_before)
-                )
-                | (
-                    (RosterEvent.status == EventStatus.PROCESSING)
-                    & (RosterEvent.updated_at < processing_before)
-                )
+    ``accepted_before``, or processing since ``processing_before`` (a worker lost with them)
+    by a task that is not among ``held`` (the task ids the broker still holds for a worker: a
+    long task that is still running, or a killed worker's, which the relay's restore puts back).
+    Sending those again would only add attempts to an event that has its own copy. The ones
+    returned are stamped now, so the next pass leaves them alone for as long again."""
+    rows = session.execute(
+        select(RosterEvent.id, RosterEvent.task_id)
+        .where(
+            (
+                (RosterEvent.status == EventStatus.ACCEPTED)
+                & (RosterEvent.updated_at < accepted_before)
             )
-            .order_by(RosterEvent.received_at)
-            .limit(limit)
+            | (
+                (RosterEvent.status == EventStatus.PROCESSING)
+                & (RosterEvent.updated_at < processing_before)
+            )
         )
+        .order_by(RosterEvent.received_at)
+        .limit(limit)
     )
+    ids = [event_id for event_id, task_id in rows if task_id is None or task_id not in held]
     if ids:
         session.execute(
             update(RosterEvent).where(in_ids(RosterEvent.id, ids)).values(updated_at=utcnow())

@@ -56,6 +56,7 @@ def districts_needing_attention(session: Session) -> dict[str, list[str]]:
 class Backlog:
     events: dict[str, int]  # by status
     units_pending: int
+    units_dead: int  # waiting for an operator's ``district resume``
     exits_running: int
     # Exits whose units are all done: still in flight until their finish step has run.
     exits_finishing: int
@@ -75,6 +76,7 @@ def backlog(session: Session) -> Backlog:
             .all()
         ),
         units_pending=count(session, ExitUnit, ExitUnit.status == UnitStatus.PENDING),
+        units_dead=count(session, ExitUnit, ExitUnit.status == UnitStatus.DEAD),
         exits_running=count(session, DistrictExit, running),
         exits_finishing=count(
             session, DistrictExit, running, DistrictExit.units_done >= DistrictExit.units_total

@@ -276,7 +276,10 @@ def reconcile(
     plan.users()
     plan.sections()
     report.changes = plan.changes
-    report.held = _held(session, pull.district_id, plan.account_removals, brake_percent)
+    # The district's own brake wins over the deployment's (``district policy --brake-percent``).
+    own = mirror.district.brake_percent if mirror.district is not None else None
+    percent = brake.percent_of(own, brake_percent)
+    report.held = _held(session, pull.district_id, plan.account_removals, percent)
     if not dry_run:
         _apply(session, pull, mirror, plan)
         if plan.events:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from kombu import Connection
 from kombu import Queue as KombuQueue
 
@@ -31,14 +32,25 @@ def test_task_names_are_pinned_because_queued_messages_carry_them() -> None:
         "grassroots.district_exit",
         "grassroots.exit_unit",
         "grassroots.finish_exit",
+        "grassroots.heartbeat",
         "grassroots.poll",
         "grassroots.process_event",
         "grassroots.purge",
+        "grassroots.release_deferred",
         "grassroots.sync",
         "grassroots.sync_all",
     ]
     assert set(ours) == set(ROUTES) == set(TaskName)
     assert all(isinstance(app.tasks[name], GrassrootsTask) for name in ours)
+
+
+def test_beat_releases_what_roster_pauses_deferred_within_a_minute() -> None:
+    # SPEC §4: deferred events apply on their own within a minute of their pause's end.
+    entry = next(
+        e for e in app.conf.beat_schedule.values() if e["task"] == "grassroots.release_deferred"
+    )
+    assert entry["schedule"] <= 30
+    assert ROUTES["grassroots.release_deferred"] == {"queue": "maintenance"}
 
 
 def test_app_is_configured_for_at_least_once_delivery_with_json_only() -> None:
@@ -83,6 +95,30 @@ def test_worker_refuses_to_start_with_unsafe_settings(tmp_path: Path) -> None:
     )
     assert result.returncode != 0
     assert "unsafe Celery configuration" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("value", ["abc", "-5", "1e3x"])
+def test_a_malformed_visibility_timeout_is_one_clear_line_not_a_traceback(
+    tmp_path: Path, value: str
+) -> None:
+    env = {
+        **os.environ,
+        "BROKER_URL": f"redis://127.0.0.1:{spare_port()}/0",
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite'}",
+        "BROKER_VISIBILITY_TIMEOUT": value,
+    }
+    for command in (["worker", "--concurrency", "1"], ["status"]):
+        result = subprocess.run(
+            [str(GRASSROOTS), *command],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 1, result.stderr
+        (line,) = result.stderr.splitlines()
+        assert line.startswith("grassroots: BROKER_VISIBILITY_TIMEOUT: ")
 
 
 # Runs ``grassroots worker`` with Celery's worker class replaced by one that reports what it was

@@ -5,13 +5,14 @@ of the command's wait."""
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
 from sqlalchemy import select
 
-from models import Account, ExitUnit
+from models import Account, DeadLetter, ExitUnit
 from tasks import conversion, exits
 from tasks.roster import load_snapshot
 from tests.support.app_env import CLOSED_BROKER, Configure
@@ -38,6 +39,22 @@ def _run_pending_units(exit_id: int) -> None:
         exits.finish(session, exit_id)
 
 
+class Sending:
+    """Celery's ``send_task`` played: records each district exit's arguments, and answers with a
+    task id as Celery does."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[Any, ...]] = []
+
+    def __call__(self, name: str, args: tuple[Any, ...]) -> SimpleNamespace:
+        assert name == "grassroots.district_exit"
+        self.sent.append(args)
+        return SimpleNamespace(id=f"task-{len(self.sent)}")
+
+    def districts(self) -> list[str]:
+        return [args[0] for args in self.sent]
+
+
 def _kind(account_id: str) -> str:
     with session_scope() as session:
         kind: str = session.scalars(select(Account.kind).where(Account.id == account_id)).one()
@@ -62,22 +79,18 @@ def restored_district(database_url: str, configure: Configure) -> int:
 def test_exit_wait_follows_the_new_exit_not_the_one_a_restore_undid(
     restored_district: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sent: list[str] = []
+    sending = Sending()
     started: list[int] = []
-
-    def send_task(name: str, args: tuple[Any, ...]) -> None:
-        assert name == "grassroots.district_exit"
-        sent.append(args[0])
 
     def pause(seconds: float) -> None:
         # The worker's part, a step per pause: start the exit (so the command's first look finds
         # only the earlier one), then run its units.
         if not started:
-            started.append(_start(sent[0]))
+            started.append(_start(sending.districts()[0]))
         else:
             _run_pending_units(started[0])
 
-    monkeypatch.setattr(celery_app, "send_task", send_task)
+    monkeypatch.setattr(celery_app, "send_task", sending)
     monkeypatch.setattr(time, "sleep", pause)
 
     result = CliRunner().invoke(main, ["district", "exit", DISTRICT, "--wait"])
@@ -97,8 +110,8 @@ def test_exit_wait_of_an_exited_district_ends_with_its_exit(
     # Exited again and done: asking once more starts nothing new, and the wait ends at once.
     again = _start(DISTRICT)
     _run_pending_units(again)
-    sent: list[tuple[Any, ...]] = []
-    monkeypatch.setattr(celery_app, "send_task", lambda name, args: sent.append(args))
+    sending = Sending()
+    monkeypatch.setattr(celery_app, "send_task", sending)
 
     def pause(seconds: float) -> None:
         raise AssertionError("the wait should have found the exit done")
@@ -108,22 +121,22 @@ def test_exit_wait_of_an_exited_district_ends_with_its_exit(
     result = CliRunner().invoke(main, ["district", "exit", DISTRICT, "--wait"])
 
     assert result.exit_code == 0, result.output
-    assert sent == [(DISTRICT, "cli:district-exit")]
+    assert sending.sent == [(DISTRICT, "cli:district-exit")]
     assert f"district {DISTRICT} exited in" in result.output
 
 
 def test_exit_wait_ends_with_an_error_when_a_restore_undoes_the_exit_it_waits_for(
     restored_district: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sent: list[str] = []
+    sending = Sending()
     started: list[int] = []
-    monkeypatch.setattr(celery_app, "send_task", lambda name, args: sent.append(args[0]))
+    monkeypatch.setattr(celery_app, "send_task", sending)
 
     def pause(seconds: float) -> None:
         # The worker starts the exit and runs it; an operator restores the district before the
         # command looks again. A third pause would be a wait that never ends.
         if not started:
-            started.append(_start(sent[0]))
+            started.append(_start(sending.districts()[0]))
             return
         assert len(started) == 1, "the wait went on after the restore"
         started.append(started[0])
@@ -138,3 +151,77 @@ def test_exit_wait_ends_with_an_error_when_a_restore_undoes_the_exit_it_waits_fo
     assert result.exit_code == 1, result.output
     assert f"district {DISTRICT}: exit {started[0]} was undone by a restore" in result.output
     assert _kind(STEVE) == "district"
+
+
+def test_exit_wait_ends_with_status_1_when_the_exits_start_is_dead_lettered(
+    restored_district: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sending = Sending()
+    looks: list[float] = []
+    monkeypatch.setattr(celery_app, "send_task", sending)
+
+    def pause(seconds: float) -> None:
+        # The worker gives up on the start task (its dead letter names it by its task id); a
+        # second pause would be a wait that never ends.
+        assert not looks, "the wait went on after the start was dead-lettered"
+        looks.append(seconds)
+        with session_scope() as session:
+            session.add(
+                DeadLetter(
+                    task="grassroots.district_exit",
+                    subject="grassroots.district_exit:task-1",
+                    reason="too_many_attempts",
+                    error="started 3 times without finishing",
+                )
+            )
+
+    monkeypatch.setattr(time, "sleep", pause)
+
+    result = CliRunner().invoke(main, ["district", "exit", DISTRICT, "--wait"])
+
+    assert result.exit_code == 1
+    assert f"district {DISTRICT}: the exit's start failed for good" in result.stderr
+
+
+def test_exit_wait_and_resume_of_a_stalled_exit_in_process(
+    restored_district: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dead unit: the wait ends with status 1 naming it; resume makes it pending again with a
+    fresh budget and closes its dead letter, and the exit then finishes."""
+    exit_id = _start(DISTRICT)
+    with session_scope() as session:
+        unit = session.scalars(
+            select(ExitUnit).where(ExitUnit.exit_id == exit_id).order_by(ExitUnit.key).limit(1)
+        ).one()
+        key = unit.key
+        unit.status, unit.attempts = "dead", 9
+        session.add(
+            DeadLetter(
+                task="grassroots.exit_unit",
+                subject=f"exit_unit:{exit_id}:{key}",
+                reason="retries_exhausted",
+                error="lock timeout",
+            )
+        )
+    monkeypatch.setattr(celery_app, "send_task", Sending())
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)
+
+    waited = CliRunner().invoke(main, ["district", "exit", DISTRICT, "--wait"])
+    assert waited.exit_code == 1
+    assert f"exit {exit_id} is stalled: dead unit(s) {key}" in waited.stderr
+
+    sent: list[int] = []
+    monkeypatch.setattr("worker.dispatch.dispatch_exit", sent.append)
+    resumed = CliRunner().invoke(main, ["district", "resume", DISTRICT])
+    assert resumed.exit_code == 0, resumed.output
+    assert resumed.stdout == f"district {DISTRICT}: exit {exit_id} resumed ({key})\n"
+    assert sent == [exit_id]
+    with session_scope() as session:
+        again = session.get(ExitUnit, (exit_id, key))
+        assert again is not None and (again.status, again.attempts) == ("pending", 0)
+        letter = session.scalars(select(DeadLetter)).one()
+        assert letter.resolved_at is not None
+    _run_pending_units(exit_id)
+    with session_scope() as session:
+        done = exits.progress(session, DISTRICT)
+    assert done is not None and (done.status, done.units_dead) == ("done", [])

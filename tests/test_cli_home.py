@@ -20,6 +20,7 @@ from models import RosterEvent
 from tasks.roster import load_snapshot
 from tests.support.app_env import CLOSED_BROKER, Configure
 from tests.support.cli import grassroots, no_stack, tree
+from tests.support.stack import OPS_TOKEN
 from worker import demo, signing
 from worker.celery_app import app as celery_app
 from worker.cli import main
@@ -27,7 +28,13 @@ from worker.db import session_scope
 from worker.settings import ENVIRONMENT_VARIABLES, get_settings, load_settings
 
 # The variables that name a stack, or stand in for what it keeps.
-STACK_VARIABLES = ("GRASSROOTS_HOME", "DATABASE_URL", "WEBHOOK_SECRETS", "OPS_TOKEN")
+STACK_VARIABLES = (
+    "GRASSROOTS_HOME",
+    "DATABASE_URL",
+    "WEBHOOK_SECRETS",
+    "OPS_TOKEN",
+    "FLOWER_BASIC_AUTH",
+)
 
 
 @pytest.fixture
@@ -163,7 +170,7 @@ def test_send_webhook_signs_with_the_secret_the_home_keeps(
 ) -> None:
     secret = signing.generate_secret()
     keep(here / "var", "webhook-secret", secret)
-    keep(here / "var", "ops-token", "token-in-the-home")
+    keep(here / "var", "ops-token", OPS_TOKEN)
     (here / "event.json").write_text('{"id": "e1", "type": "users.updated"}')
 
     result = invoke("send-webhook", "event.json")
@@ -171,7 +178,7 @@ def test_send_webhook_signs_with_the_secret_the_home_keeps(
     assert result.exit_code == 0, result.output
     (sent,) = posted
     assert signing.verify([secret], sent["headers"], sent["body"])
-    assert sent["ops_token"] == "token-in-the-home"
+    assert sent["ops_token"] == OPS_TOKEN
     assert secret not in result.output
 
 

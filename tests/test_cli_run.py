@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from tests.support.cli import grassroots, tree
-from tests.support.stack import spare_port
+from tests.support.stack import OPS_TOKEN, spare_port
 from worker import run
+from worker.settings import load_settings
 
 
 @pytest.fixture
@@ -104,7 +105,10 @@ def no_chmod(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def test_secrets_are_generated_mode_600_and_their_values_never_printed(
-    tmp_path: Path, no_chmod: None, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    no_chmod: None,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     env: dict[str, str] = {}
 
@@ -112,14 +116,23 @@ def test_secrets_are_generated_mode_600_and_their_values_never_printed(
 
     secret = (tmp_path / "webhook-secret").read_text().strip()
     token = (tmp_path / "ops-token").read_text().strip()
-    assert env == {"WEBHOOK_SECRETS": secret, "OPS_TOKEN": token}
-    for name in ("webhook-secret", "ops-token"):
+    flower = (tmp_path / "flower-basic-auth").read_text().strip()
+    assert env == {"WEBHOOK_SECRETS": secret, "OPS_TOKEN": token, "FLOWER_BASIC_AUTH": flower}
+    for name in ("webhook-secret", "ops-token", "flower-basic-auth"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600
     out = capsys.readouterr().out
     assert out == (
         f"run | generated the webhook secret: {tmp_path / 'webhook-secret'} (mode 600)\n"
         f"run | generated the ops token: {tmp_path / 'ops-token'} (mode 600)\n"
+        f"run | generated the flower basic auth: {tmp_path / 'flower-basic-auth'} (mode 600)\n"
     )
+    # Strong enough for the settings, which refuse a weak one.
+    monkeypatch.setenv("GRASSROOTS_HOME", str(tmp_path))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings()
+    assert settings.flower_basic_auth == flower and flower.startswith("grassroots:")
+    assert (settings.ops_token, settings.webhook_secrets) == (token, (secret,))
 
 
 def test_a_later_run_uses_the_kept_secrets_unless_the_environment_sets_one(
@@ -127,12 +140,14 @@ def test_a_later_run_uses_the_kept_secrets_unless_the_environment_sets_one(
 ) -> None:
     run._stack_secrets(tmp_path, {})
     kept = (tmp_path / "webhook-secret").read_text().strip()
+    flower = (tmp_path / "flower-basic-auth").read_text().strip()
     capsys.readouterr()
 
-    again: dict[str, str] = {"OPS_TOKEN": "exported-token"}
+    again: dict[str, str] = {"OPS_TOKEN": OPS_TOKEN}
     assert run._stack_secrets(tmp_path, again) is None
 
-    assert again == {"WEBHOOK_SECRETS": kept, "OPS_TOKEN": "exported-token"}
+    assert again == {"WEBHOOK_SECRETS": kept, "OPS_TOKEN": OPS_TOKEN, "FLOWER_BASIC_AUTH": flower}
     assert capsys.readouterr().out == (
         f"run | webhook secret: {tmp_path / 'webhook-secret'}\nrun | ops token: from OPS_TOKEN\n"
+        f"run | flower basic auth: {tmp_path / 'flower-basic-auth'}\n"
     )

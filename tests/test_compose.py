@@ -42,7 +42,7 @@ from pydantic import (
     model_validator,
 )
 
-from tests.support.stack import BIN, spare_port, wait_until
+from tests.support.stack import BIN, FLOWER_BASIC_AUTH, OPS_TOKEN, SECRET, spare_port, wait_until
 from worker.celery_app import build_config, check_safe
 from worker.cli import main as cli
 from worker.settings import ENVIRONMENT_VARIABLES, load_settings
@@ -59,9 +59,9 @@ OUR_SERVICES = ("migrate", *PROCESSES)
 # What compose must refuse to start without; test values for the rest of this module.
 SECRETS = {
     "POSTGRES_PASSWORD": "pg-password",
-    "WEBHOOK_SECRETS": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
-    "OPS_TOKEN": "ops-token",
-    "FLOWER_BASIC_AUTH": "user:pass",
+    "WEBHOOK_SECRETS": SECRET,
+    "OPS_TOKEN": OPS_TOKEN,
+    "FLOWER_BASIC_AUTH": FLOWER_BASIC_AUTH,
 }
 # Inside a container, the receiver and Flower must listen on every interface to be reachable.
 EVERY_INTERFACE = "0.0.0.0"  # noqa: S104

@@ -472,3 +472,35 @@ def test_a_teacher_who_also_becomes_staff_keeps_the_account_and_the_mirror_gains
     load_snapshot(session, data)
     assert account_view(session, KIM) == before
     assert roster_users(session)[KIM] == [CleverRole.STAFF, CleverRole.TEACHER]
+
+
+def test_a_snapshot_with_values_the_database_cannot_store_is_refused_naming_each_field(
+    session: Session,
+) -> None:
+    data = broken_in_places(
+        (["users", 0, "name", "first"], "Pat\x00"),
+        (["users", 1, "email"], "\ud800@example.org"),
+        (["sections", 0, "name"], "Math\x00"),
+        (["platform", "goals", 0, "course"], "\udfff"),
+        (["users", 2, "name", "last"], "x" * 201),
+    )
+    with pytest.raises(SnapshotError) as failure:
+        load_snapshot(session, data)
+    named = problems(failure)
+    nul = "contains a NUL character, which the database cannot store"
+    surrogate = r"contains a lone surrogate (\ud800-\udfff), which UTF-8 cannot encode"
+    assert [p.split(": ", 1)[1] for p in named] == [
+        nul,
+        surrogate,
+        "String should have at most 200 characters",
+        nul,
+        surrogate,
+    ]
+    assert [p.split(" ", 1)[0] for p in named] == [
+        "users[0].name.first",
+        "users[1].email",
+        "users[2].name.last",
+        "sections[0].name",
+        "platform.goals[0].course",
+    ]
+    assert count(session, Account) == 0

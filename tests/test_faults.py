@@ -8,91 +8,26 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
 
 from tests.support import scenario
 from tests.support.databases import PgDatabases
-from tests.support.scenario import Copy
-from tests.support.stack import Stack, clever_event, running_stack, wait_until
+from tests.support.faults import (
+    T0,
+    blocked_conversion,
+    children,
+    deleted,
+    journal_entries,
+    row_lock,
+    seed_copy,
+)
+from tests.support.stack import clever_event, running_stack, wait_until
 
 pytestmark = pytest.mark.slow
-T0 = "2026-10-01T00:00:00Z"
 MAKE_DISTRICT = Path(__file__).resolve().parents[1] / "bench" / "make_district.py"
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry))
-    return found
-
-
-@contextmanager
-def row_lock(database_url: str, account_id: str) -> Iterator[None]:
-    """Another transaction holding the account's row lock, as a long admin query would."""
-    with psycopg.connect(database_url) as conn:
-        conn.execute("SELECT id FROM accounts WHERE id = %s FOR UPDATE", (account_id,))
-        yield
-        conn.rollback()
-
-
-def journal_entries(database_url: str, account_id: str) -> int:
-    with psycopg.connect(database_url) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM conversion_journal WHERE account_id = %s", (account_id,)
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
-
-
-def lock_waiters(database_url: str) -> int:
-    with psycopg.connect(database_url) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-            " AND wait_event_type = 'Lock'"
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
-
-
-def seed_copy(stack: Stack, tag: str) -> Copy:
-    copy = Copy(tag)
-    path = stack.tmp / f"roster-{tag}.json"
-    path.write_text(json.dumps(copy.data))
-    stack.cli("seed", str(path))
-    return copy
-
-
-def deleted(copy: Copy, name: str, who: str) -> dict[str, Any]:
-    obj = {"id": copy(who), "district": copy(scenario.DISTRICT), "roles": {"student": {}}}
-    return clever_event(f"{copy.tag}-{name}", "users.deleted", obj, created=T0)
-
-
-@contextmanager
-def blocked_conversion(
-    stack: Stack, url: str, tag: str, name: str
-) -> Iterator[tuple[str, dict[str, Any]]]:
-    """A student's ``users.deleted`` accepted, its conversion waiting on the student's row lock,
-    which is held until the block ends. Yields the student and the event."""
-    copy = seed_copy(stack, tag)
-    steve = copy(scenario.STEVE)
-    event = deleted(copy, name, scenario.STEVE)
-    with row_lock(url, steve):
-        assert stack.post(event).status_code == 202
-        wait_until(lambda: lock_waiters(url) > 0, what="the conversion to block on the lock")
-        yield steve, event
 
 
 def test_worker_child_killed_mid_conversion_is_redelivered_and_applied_once(
@@ -101,7 +36,10 @@ def test_worker_child_killed_mid_conversion_is_redelivered_and_applied_once(
     url = pg_databases.new()
     with running_stack(tmp_path, url, workers=0, LOCK_TIMEOUT_MS="60000") as stack:
         worker = stack.start_worker("worker", concurrency=1)
-        with blocked_conversion(stack, url, "f001", "kill-child") as (steve, event):
+        with blocked_conversion(stack, url, seed_copy(stack, "f001"), "kill-child") as (
+            steve,
+            event,
+        ):
             (child,) = children(worker.pid)
             os.kill(child, signal.SIGKILL)
             wait_until(
@@ -127,7 +65,10 @@ def test_whole_worker_killed_mid_conversion_its_task_is_put_back_and_applied_onc
         tmp_path, url, workers=0, beat=True, LOCK_TIMEOUT_MS="60000", RETRY_BACKOFF_MAX="600"
     ) as stack:
         stack.start_worker("first", concurrency=1)
-        with blocked_conversion(stack, url, "f005", "kill-worker") as (steve, event):
+        with blocked_conversion(stack, url, seed_copy(stack, "f005"), "kill-worker") as (
+            steve,
+            event,
+        ):
             stack.kill("first")
         stack.start_worker("second", concurrency=1)
         wait_until(
@@ -176,7 +117,7 @@ def test_whole_worker_killed_mid_district_exit_is_finished_by_a_new_worker(
             if found.status_code != 200:
                 return False
             progress = found.json()
-            return bool(0 < progress["done"] < progress["total"] * 0.7)
+            return bool(0 < progress["units_done"] < progress["units_total"] * 0.7)
 
         wait_until(halfway, what="the exit to be under way")
         stack.kill("first")
@@ -242,7 +183,7 @@ def test_locked_row_retries_then_dead_letters_and_replay_converts(
         copy = seed_copy(stack, "f003")
         steve = copy(scenario.STEVE)
         event = deleted(copy, "locked", scenario.STEVE)
-        with row_lock(url, steve):
+        with row_lock(url, "accounts", steve):
             assert stack.post(event).status_code == 202
             wait_until(lambda: stack.event(event["id"])["status"] == "dead", what="dead letter")
             detail = stack.event(event["id"])
@@ -321,3 +262,68 @@ def test_a_teacher_unit_held_up_by_a_class_lock_retries_and_the_exit_finishes(
             letters = conn.execute("SELECT count(*) FROM dead_letters").fetchone()
         assert live == (0,) and letters == (0,)
         assert stack.account(kim)["kind"] == "grassroots"
+
+
+def test_a_dead_teacher_unit_stalls_the_exit_visibly_and_resume_finishes_it(
+    tmp_path: Path, pg_databases: PgDatabases
+) -> None:
+    """The unit that outlasts its retries is dead, not waited on forever: `--wait` ends with
+    status 1 naming it, `status` and the exit's progress show it, and `district
+    resume` sends it again by the same key once the lock is gone."""
+    url = pg_databases.new()
+    with running_stack(
+        tmp_path, url, LOCK_TIMEOUT_MS="100", TASK_MAX_RETRIES="1", RETRY_BACKOFF_MAX="1"
+    ) as stack:
+        copy = seed_copy(stack, "f006")
+        district, kim = copy(scenario.DISTRICT), copy(scenario.KIM)
+        key = f"teacher:{kim}"
+        with psycopg.connect(url) as holder:
+            holder.execute(
+                "SELECT classes.id FROM classes JOIN class_teachers"
+                " ON class_teachers.class_id = classes.id"
+                " WHERE class_teachers.teacher_id = %s AND classes.district_id = %s"
+                # Only the classes she alone teaches: a co-taught one would stall her
+                # co-teacher's unit too, and `--wait` names the first unit that dies.
+                " AND NOT EXISTS (SELECT 1 FROM class_teachers other"
+                " WHERE other.class_id = classes.id AND other.teacher_id <> %s)"
+                " FOR UPDATE OF classes",
+                (kim, district, kim),
+            )
+            waited = stack.cli("district", "exit", district, "--wait", check=False)
+            assert waited.returncode == 1, waited.stderr
+            assert f"dead unit(s) {key}" in waited.stderr
+            assert f"grassroots district resume {district}" in waited.stderr
+
+            progress = stack.ops("GET", f"/ops/districts/{district}/exit").json()
+            assert progress["status"] == "stalled"
+            assert (progress["units_dead"], progress["dead_units"]) == (1, [key])
+            # Her co-teacher's unit is done; the account batch waits for every teacher's.
+            assert progress["units_done"] == progress["units_total"] - 2
+            status = stack.status()
+            assert status["exit_units_dead"] == 1 and status["dead"] == 1
+            with psycopg.connect(url) as conn:
+                letter = conn.execute(
+                    "SELECT task, reason, exception, attempts, host, traceback,"
+                    " first_failed_at <= last_failed_at FROM dead_letters WHERE subject = %s",
+                    (f"exit_unit:{progress['exit']}:{key}",),
+                ).fetchone()
+            assert letter is not None
+            task, reason, exception, attempts, host, traceback, ordered = letter
+            assert (task, reason, attempts) == ("grassroots.exit_unit", "retries_exhausted", 2)
+            assert exception == "LockNotAvailable" and host and ordered
+            assert "LockNotAvailable" in traceback
+            # Kim's district classes are still live: nothing of the unit was half-applied.
+            assert stack.account(kim)["kind"] == "district"
+            holder.rollback()
+
+        resumed = stack.cli("district", "resume", district, "--wait")
+        assert f"resumed ({key})" in resumed.stdout
+        assert f"district {district} exited" in resumed.stdout
+        assert unit_row(url, key) == ("done", 1)
+        assert stack.account(kim)["kind"] == "grassroots"
+        done = stack.ops("GET", f"/ops/districts/{district}/exit").json()
+        assert (done["status"], done["units_dead"], done["dead_units"]) == ("done", 0, [])
+        assert (stack.status()["dead"], stack.status()["exit_units_dead"]) == (0, 0)
+        # Resuming a finished exit is refused, with the reason.
+        again = stack.cli("district", "resume", district, check=False)
+        assert again.returncode == 1 and "nothing to resume" in again.stderr

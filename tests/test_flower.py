@@ -1,5 +1,6 @@
 """``grassroots flower`` for real: basic auth on its UI and API, the depth of each of our named
-queues, and the refusal to listen beyond loopback without credentials (SPEC §5.6, §7)."""
+queues, and the refusal to listen anywhere, loopback included, without credentials, which never
+appear on its command line (SPEC §5.6, §5.7, §7)."""
 
 from __future__ import annotations
 
@@ -14,15 +15,24 @@ import httpx
 import pytest
 import redis
 
-from tests.support.stack import BIN, RedisServer, spare_port, wait_until
+from tests.support.stack import (
+    BIN,
+    FLOWER_BASIC_AUTH,
+    FLOWER_PASSWORD,
+    FLOWER_USER,
+    RedisServer,
+    spare_port,
+    wait_until,
+)
 from worker.celery_app import QUEUES, app
 
 pytestmark = pytest.mark.slow
 
-CREDENTIALS = ("user", "pass")
+CREDENTIALS = (FLOWER_USER, FLOWER_PASSWORD)
 PROTECTED = ("/", "/api/workers", "/api/queues/length")
 # Addresses that listen on every interface (Tornado takes "" so too).
 EVERY_INTERFACE = ("0.0.0.0", "::", "")  # noqa: S104
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def clean_env(**env: str) -> dict[str, str]:
@@ -37,9 +47,13 @@ def clean_env(**env: str) -> dict[str, str]:
 class Flower:
     base: str
     broker: RedisServer
+    pid: int
 
     def get(self, path: str, auth: tuple[str, str] | None = None) -> httpx.Response:
         return httpx.get(f"{self.base}{path}", auth=auth, timeout=10)
+
+    def post(self, path: str, auth: tuple[str, str] | None = None) -> httpx.Response:
+        return httpx.post(f"{self.base}{path}", json={}, auth=auth, timeout=10)
 
     def queue_depths(self) -> dict[str, int]:
         response = self.get("/api/queues/length", auth=CREDENTIALS)
@@ -71,13 +85,13 @@ def flower(broker: RedisServer, workdir: Path) -> Iterator[Flower]:
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [str(BIN), "flower", "--address", "127.0.0.1", "--port", str(port)],
-            env=clean_env(BROKER_URL=broker.url, FLOWER_BASIC_AUTH=":".join(CREDENTIALS)),
+            env=clean_env(BROKER_URL=broker.url, FLOWER_BASIC_AUTH=FLOWER_BASIC_AUTH),
             cwd=workdir,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    running = Flower(f"http://127.0.0.1:{port}", broker)
+    running = Flower(f"http://127.0.0.1:{port}", broker, proc.pid)
 
     def up() -> bool:
         if proc.poll() is not None:
@@ -104,8 +118,36 @@ def flower(broker: RedisServer, workdir: Path) -> Iterator[Flower]:
 @pytest.mark.parametrize("path", PROTECTED)
 def test_flower_refuses_requests_without_valid_credentials(flower: Flower, path: str) -> None:
     assert flower.get(path).status_code == 401
-    assert flower.get(path, auth=("user", "wrong")).status_code == 401
-    assert flower.get(path, auth=("intruder", "pass")).status_code == 401
+    assert flower.get(path, auth=(FLOWER_USER, "wrong")).status_code == 401
+    assert flower.get(path, auth=("intruder", FLOWER_PASSWORD)).status_code == 401
+
+
+def test_flower_api_sends_no_task_without_credentials_even_on_loopback(flower: Flower) -> None:
+    # What a local process, or a web page open in a browser on this machine, could send.
+    for path in (
+        "/api/task/async-apply/grassroots.district_exit",
+        "/api/task/send-task/grassroots.district_exit",
+    ):
+        assert flower.post(path).status_code == 401
+        assert flower.post(path, auth=(FLOWER_USER, "wrong")).status_code == 401
+    with redis.Redis.from_url(flower.broker.url) as client:
+        assert client.llen("fanout") == 0
+
+
+def test_flower_api_sends_a_task_with_credentials(flower: Flower) -> None:
+    with redis.Redis.from_url(flower.broker.url) as client:
+        client.delete(*QUEUES)
+        response = flower.post("/api/task/send-task/grassroots.purge", auth=CREDENTIALS)
+        assert response.status_code == 200, response.text
+        assert client.llen("maintenance") == 1
+        client.delete(*QUEUES)
+
+
+def test_flower_credentials_are_not_on_its_command_line(flower: Flower) -> None:
+    # /proc/<pid>/cmdline is what `ps` shows every user of the machine.
+    cmdline = Path(f"/proc/{flower.pid}/cmdline").read_bytes().decode()
+    assert "flower" in cmdline
+    assert FLOWER_PASSWORD not in cmdline
 
 
 def test_flower_ui_asks_a_browser_for_credentials(flower: Flower) -> None:
@@ -146,10 +188,8 @@ def start_flower(tmp_path: Path, address: str, **env: str) -> subprocess.Complet
     )
 
 
-@pytest.mark.parametrize("address", EVERY_INTERFACE, ids=["ipv4", "ipv6", "empty"])
-def test_flower_will_not_listen_beyond_loopback_without_basic_auth(
-    tmp_path: Path, address: str
-) -> None:
+@pytest.mark.parametrize("address", EVERY_INTERFACE + LOOPBACK)
+def test_flower_will_not_listen_anywhere_without_basic_auth(tmp_path: Path, address: str) -> None:
     result = start_flower(tmp_path, address)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
@@ -158,8 +198,27 @@ def test_flower_will_not_listen_beyond_loopback_without_basic_auth(
     ]
 
 
-@pytest.mark.parametrize("auth", ["user", "user:", ":pass", ":", "user:pass,bob"])
-def test_flower_refuses_basic_auth_without_a_user_and_password(tmp_path: Path, auth: str) -> None:
-    result = start_flower(tmp_path, EVERY_INTERFACE[0], FLOWER_BASIC_AUTH=auth)
-    assert result.returncode == 1
-    assert "FLOWER_BASIC_AUTH must be user:password" in result.stderr
+STRONG = "a-password-of-22-chars"
+
+
+@pytest.mark.parametrize(
+    ("auth", "problem"),
+    [
+        ("user", "must be user:password, neither empty (several: comma-separated)"),
+        ("user:", "must be user:password, neither empty (several: comma-separated)"),
+        (f":{STRONG}", "must be user:password, neither empty (several: comma-separated)"),
+        (":", "must be user:password, neither empty (several: comma-separated)"),
+        (f"user:{STRONG},bob", "must be user:password, neither empty (several: comma-separated)"),
+        ("user:tiny-pw", "the password of credential 1 must be at least 16 characters"),
+        (f"user:{STRONG},bob:weak-pw", "the password of credential 2 must be at least 16"),
+    ],
+)
+def test_flower_refuses_basic_auth_without_a_user_and_a_strong_password(
+    tmp_path: Path, auth: str, problem: str
+) -> None:
+    for address in (EVERY_INTERFACE[0], LOOPBACK[0]):
+        result = start_flower(tmp_path, address, FLOWER_BASIC_AUTH=auth)
+        assert result.returncode == 1
+        assert result.stderr.startswith(f"grassroots: FLOWER_BASIC_AUTH: {problem}")
+        for secret in ("tiny-pw", "weak-pw", STRONG):
+            assert secret not in result.stderr

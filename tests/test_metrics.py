@@ -1,19 +1,36 @@
-"""The Prometheus metrics: conversions labelled by role and outcome from the journal's rule, and
-the inbox's events by type and current status as a gauge (a status's count goes down)."""
+"""The Prometheus metrics: conversions labelled by role and outcome from the journal's rule, the
+inbox's recent events by type and current status as a gauge (a status's count goes down), the
+backlog whenever received; every query bounded by an index, a scrape kept a few seconds, and
+``/metrics`` behind the ops token on whichever listener serves it."""
 
 from __future__ import annotations
 
-import pytest
-from prometheus_client import CollectorRegistry, generate_latest
-from sqlalchemy import update
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
-from models import RosterEvent
+import httpx
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry, generate_latest
+from sqlalchemy import Engine, event, text, update
+
+from models import RosterEvent, utcnow
 from tasks.conversion.rules import rule_outcome
 from tasks.inbox import inbox_row, store
-from tests.support.app_env import CLOSED_BROKER, Configure
+from tests.support.app_env import CLOSED_BROKER, CLOSED_DATABASE, Configure
+from tests.support.databases import PgDatabases
 from tests.support.scenario import DISTRICT, STEVE
-from worker.db import session_scope
+from tests.support.stack import BIN, OPS_TOKEN, SECRET, spare_port, wait_until
+from worker import api
+from worker.db import get_engine, session_scope
 from worker.metrics import PipelineCollector
+from worker.signing import signed_headers
 
 
 @pytest.mark.parametrize(
@@ -48,25 +65,142 @@ def _store(*events: tuple[str, str]) -> None:
         store(session, rows)
 
 
-def test_events_by_status_are_a_gauge_that_goes_down_as_events_move_on(
+def registry_of(collector: PipelineCollector) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(collector)
+    return registry
+
+
+def test_recent_events_by_status_are_a_gauge_that_goes_down_as_events_move_on(
     configure: Configure, database_url: str
 ) -> None:
     configure(DATABASE_URL=database_url, BROKER_URL=CLOSED_BROKER)
-    registry = CollectorRegistry()
-    registry.register(PipelineCollector())
+    registry = registry_of(PipelineCollector(cache_seconds=0))
     _store(("m-1", "users.deleted"), ("m-2", "users.deleted"), ("m-3", "sections.updated"))
 
     def events(status: str, type_: str = "users.deleted") -> float | None:
-        return registry.get_sample_value("grassroots_events", {"type": type_, "status": status})
+        return registry.get_sample_value(
+            "grassroots_events_last_24h", {"type": type_, "status": status}
+        )
 
     assert (events("accepted"), events("accepted", "sections.updated")) == (2, 1)
     with session_scope() as session:
         session.execute(update(RosterEvent).where(RosterEvent.id == "m-1").values(status="done"))
     assert (events("accepted"), events("done")) == (1, 1)
 
-    text = generate_latest(registry).decode()
-    assert "# TYPE grassroots_events gauge" in text.splitlines()
-    assert "grassroots_events_total" not in text
+    scraped = generate_latest(registry).decode()
+    assert "# TYPE grassroots_events_last_24h gauge" in scraped.splitlines()
+    assert "grassroots_events_last_24h_total" not in scraped
+
+
+def test_events_older_than_a_day_leave_the_window_but_not_the_backlog(
+    configure: Configure, database_url: str
+) -> None:
+    configure(DATABASE_URL=database_url, BROKER_URL=CLOSED_BROKER)
+    registry = registry_of(PipelineCollector(cache_seconds=0))
+    _store(("old-held", "users.deleted"), ("old-done", "users.deleted"), ("new", "users.deleted"))
+    with session_scope() as session:
+        for event_id, status, attempts in (("old-held", "held", 3), ("old-done", "done", 2)):
+            session.execute(
+                update(RosterEvent)
+                .where(RosterEvent.id == event_id)
+                .values(
+                    status=status, attempts=attempts, received_at=utcnow() - timedelta(hours=25)
+                )
+            )
+        session.execute(update(RosterEvent).where(RosterEvent.id == "new").values(attempts=3))
+
+    def sample(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    assert sample("grassroots_events_last_24h", type="users.deleted", status="accepted") == 1
+    assert sample("grassroots_events_last_24h", type="users.deleted", status="held") is None
+    assert sample("grassroots_events_last_24h", type="users.deleted", status="done") is None
+    assert sample("grassroots_event_retries_last_24h") == 2
+    backlog = {
+        status: sample("grassroots_events_backlog", status=status)
+        for status in ("accepted", "processing", "held", "dead", "deferred")
+    }
+    assert backlog == {"accepted": 1, "processing": 0, "held": 1, "dead": 0, "deferred": 0}
+    assert sample("grassroots_held_removals") == 1
+
+
+def test_a_scrape_is_kept_for_a_few_seconds(configure: Configure, database_url: str) -> None:
+    configure(DATABASE_URL=database_url, BROKER_URL=CLOSED_BROKER)
+    now = [100.0]
+    registry = registry_of(PipelineCollector(cache_seconds=5, clock=lambda: now[0]))
+    statements: list[str] = []
+    event.listen(get_engine(), "before_cursor_execute", lambda *a: statements.append(a[2]))
+    _store(("c-1", "users.deleted"))
+
+    def accepted() -> float | None:
+        return registry.get_sample_value(
+            "grassroots_events_last_24h", {"type": "users.deleted", "status": "accepted"}
+        )
+
+    def reads() -> int:
+        return sum(1 for sql in statements if sql.lstrip().upper().startswith("SELECT"))
+
+    assert accepted() == 1
+    queried = reads()
+    _store(("c-2", "users.deleted"))
+    now[0] += 4.9
+    assert accepted() == 1
+    assert reads() == queried  # the scrape was kept: not one query
+    now[0] += 0.1
+    assert accepted() == 2
+
+
+BOUNDED_TABLES = ("roster_events", "conversion_journal", "roster_syncs", "dead_letters")
+
+
+def unbounded_reads(node: dict[str, Any]) -> list[str]:
+    """The scans in a JSON plan that read one of the big tables whole: sequentially, or along an
+    index without a condition on it."""
+    found = []
+    kind = node["Node Type"]
+    table = node.get("Relation Name") or next(
+        (t for t in BOUNDED_TABLES if node.get("Index Name", "").startswith(f"ix_{t}_")), None
+    )
+    scans = table in BOUNDED_TABLES and "Scan" in kind and "Bitmap Heap" not in kind
+    if scans and (kind == "Seq Scan" or "Index Cond" not in node):
+        found.append(f"{kind} on {table}")
+    for child in node.get("Plans", []):
+        found += unbounded_reads(child)
+    return found
+
+
+def test_every_scrape_query_reads_the_big_tables_through_an_index(
+    configure: Configure, pg_databases: PgDatabases
+) -> None:
+    configure(DATABASE_URL=pg_databases.new(), BROKER_URL=CLOSED_BROKER)
+    engine: Engine = get_engine()
+    statements: list[tuple[str, object]] = []
+
+    def record(*args: object) -> None:
+        statements.append((str(args[2]), args[3]))
+
+    event.listen(engine, "before_cursor_execute", record)
+    registry_of(PipelineCollector(cache_seconds=0)).get_sample_value("grassroots_up")
+    event.remove(engine, "before_cursor_execute", record)
+    reads = [(sql, params) for sql, params in statements if sql.lstrip().startswith("SELECT")]
+    assert any("roster_events" in sql for sql, _ in reads)
+
+    def plan(conn: Any, sql: str, params: object) -> dict[str, Any]:
+        cursor = conn.connection.driver_connection.cursor()
+        cursor.execute("EXPLAIN (FORMAT JSON) " + sql, params)
+        found: dict[str, Any] = cursor.fetchone()[0][0]["Plan"]
+        return found
+
+    with engine.connect() as conn:
+        # The tables are empty: the planner would read them whole whatever the indexes. With
+        # sequential scans priced out, one is still chosen only where no index serves.
+        conn.execute(text("SET enable_seqscan = off"))
+        # What the scrape did before it was bounded is caught.
+        whole = "SELECT type, status, count(*) FROM roster_events GROUP BY type, status"
+        assert unbounded_reads(plan(conn, whole, {})) != []
+        for sql, params in reads:
+            assert unbounded_reads(plan(conn, sql, params)) == [], sql
 
 
 def test_registering_the_collector_scrapes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -76,3 +210,97 @@ def test_registering_the_collector_scrapes_nothing(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(PipelineCollector, "collect", scrape)
     CollectorRegistry(auto_describe=True).register(PipelineCollector())
+
+
+# --- /metrics on the listeners -----------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_scrapes(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    # The receiver's collector is the process's: another test's scrape must not be served here.
+    for collector in list(api.registry._collector_to_names):
+        if isinstance(collector, PipelineCollector):
+            monkeypatch.setattr(collector, "cache_seconds", 0)
+    yield
+
+
+AUTH = {"authorization": f"Bearer {OPS_TOKEN}"}
+
+
+@pytest.mark.parametrize("served", [api.app, api.ops_app], ids=["all", "ops"])
+def test_metrics_need_the_ops_token(
+    configure: Configure, fresh_scrapes: None, served: FastAPI
+) -> None:
+    configure(DATABASE_URL=CLOSED_DATABASE, BROKER_URL=CLOSED_BROKER, OPS_TOKEN=OPS_TOKEN)
+    with TestClient(served) as client:
+        refused = client.get("/metrics")
+        wrong = client.get("/metrics", headers={"authorization": "Bearer not-the-ops-token"})
+        scraped = client.get("/metrics", headers=AUTH)
+
+    assert (refused.status_code, wrong.status_code) == (401, 401)
+    assert refused.headers["www-authenticate"] == "Bearer"
+    assert scraped.status_code == 200
+    assert 'grassroots_up{dependency="database"} 0.0' in scraped.text
+
+
+def test_the_webhooks_listener_serves_webhooks_and_health_only(
+    configure: Configure, database_url: str
+) -> None:
+    configure(
+        DATABASE_URL=database_url,
+        BROKER_URL=CLOSED_BROKER,
+        OPS_TOKEN=OPS_TOKEN,
+        WEBHOOK_SECRETS=SECRET,
+    )
+    body = b'{"id": "routes-1", "type": "users.updated", "data": {"object": {"id": "x"}}}'
+    headers = {"content-type": "application/json", **signed_headers(SECRET, body)}
+    with TestClient(api.webhooks_app) as client:
+        assert client.post("/webhooks/clever", content=body, headers=headers).status_code == 202
+        assert client.get("/healthz").status_code == 200
+        for path in ("/metrics", "/ops/status"):
+            assert client.get(path, headers=AUTH).status_code == 404
+    with TestClient(api.ops_app) as client:
+        assert client.post("/webhooks/clever", content=body, headers=headers).status_code == 404
+        assert client.get("/ops/events/routes-1", headers=AUTH).status_code == 200
+        assert client.get("/healthz").status_code == 200
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("routes", "webhook", "metrics"), [("ops", 404, 200), ("webhooks", 401, 404), ("all", 401, 200)]
+)
+def test_serve_routes_picks_what_its_listener_serves(
+    tmp_path: Path, routes: str, webhook: int, metrics: int
+) -> None:
+    port = spare_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("PYTEST")},
+        "DATABASE_URL": CLOSED_DATABASE,
+        "BROKER_URL": CLOSED_BROKER,
+        "OPS_TOKEN": OPS_TOKEN,
+        "WEBHOOK_SECRETS": SECRET,
+    }
+    proc = subprocess.Popen(
+        [str(BIN), "serve", "--port", str(port), "--routes", routes],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(up, timeout=30, what=f"serve --routes {routes}")
+        unsigned = httpx.post(f"{base}/webhooks/clever", json={}, timeout=10)
+        scraped = httpx.get(f"{base}/metrics", headers=AUTH, timeout=10)
+        assert (unsigned.status_code, scraped.status_code) == (webhook, metrics)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)

@@ -169,7 +169,7 @@ def test_districts_deleted_exits_the_whole_district(stack: Stack, p: People) -> 
         assert not any(c["district_synced"] for c in view["classes"])
     assert stack.account(p.pat)["roles"] == ["teacher"]
     progress = stack.ops("GET", f"/ops/districts/{p.district}/exit").json()
-    assert progress["status"] == "done" and progress["done"] == progress["total"] > 0
+    assert progress["status"] == "done" and progress["units_done"] == progress["units_total"] > 0
 
 
 def test_district_exit_from_the_cli_runs_through_the_workers_and_waits(
@@ -178,7 +178,7 @@ def test_district_exit_from_the_cli_runs_through_the_workers_and_waits(
     done = stack.cli("district", "exit", p.district, "--wait")
     assert f"district {p.district}: exit started" in done.stdout
     progress = stack.ops("GET", f"/ops/districts/{p.district}/exit").json()
-    assert progress["status"] == "done" and progress["done"] == progress["total"] > 0
+    assert progress["status"] == "done" and progress["units_done"] == progress["units_total"] > 0
     for person in (p.pat, p.rivera, p.kim, p.steve, p.maria, p.leo):
         view = stack.account(person)
         assert view["kind"] == "grassroots" and view["district"] is None
@@ -348,15 +348,16 @@ def test_logs_are_json_lines_with_ids_bound_and_no_personal_data(stack: Stack, p
 def test_metrics_report_events_conversions_and_queues(stack: Stack, p: People) -> None:
     event = p.event("m-1", "users.deleted", p.user(p.leo, {"student": {}}), created=T0)
     assert send(stack, event) == "done"
-    text = httpx.get(f"{stack.base}/metrics", timeout=10).text
+    assert httpx.get(f"{stack.base}/metrics", timeout=10).status_code == 401
+    text = stack.ops("GET", "/metrics").text
     samples = {
         line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()
         if line and not line.startswith("#")
     }
-    assert samples['grassroots_events{status="done",type="users.deleted"}'] >= 1
-    assert "# TYPE grassroots_events gauge" in text.splitlines()
-    assert samples['grassroots_conversions_total{outcome="converted",role="student"}'] >= 1
+    assert samples['grassroots_events_last_24h{status="done",type="users.deleted"}'] >= 1
+    assert "# TYPE grassroots_events_last_24h gauge" in text.splitlines()
+    assert samples['grassroots_conversions_last_24h{outcome="converted",role="student"}'] >= 1
     for queue in ("events", "conversions", "fanout", "maintenance"):
         assert f'grassroots_queue_depth_messages{{queue="{queue}"}}' in samples
     assert samples['grassroots_up{dependency="database"}'] == 1

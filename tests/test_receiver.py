@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,7 +22,9 @@ from sqlalchemy import select
 
 from models import RosterEvent
 from tests.support.app_env import CLOSED_BROKER, CLOSED_DATABASE, Configure, assert_error
+from tests.support.cli import grassroots
 from tests.support.scenario import DISTRICT, STEVE
+from tests.support.stack import spare_port
 from worker import db
 from worker.api import app
 from worker.receiver import MAX_BODY
@@ -340,17 +343,18 @@ def test_receiver_without_a_configured_secret_accepts_nothing(
     assert inbox() == []
 
 
-def test_malformed_webhook_secret_answers_a_json_error_not_a_bare_500(
-    configure: Configure, database_url: str
-) -> None:
-    configure(
-        DATABASE_URL=database_url, BROKER_URL=CLOSED_BROKER, WEBHOOK_SECRETS="whsec_not*base64"
+def test_a_malformed_webhook_secret_keeps_the_receiver_from_starting(tmp_path: Path) -> None:
+    # Refused with the other settings, before anything listens: never a receiver that refuses
+    # every webhook.
+    result = grassroots(
+        tmp_path, "serve", "--port", str(spare_port()), WEBHOOK_SECRETS="whsec_not*base64"
     )
-    with TestClient(app, raise_server_exceptions=False) as client:
-        response = post(client, encode(clever_event()), secret=SECRET)
 
-    assert_error(response, 503)
-    assert inbox() == []
+    assert result.returncode == 1
+    assert result.stderr == (
+        "grassroots: WEBHOOK_SECRETS: secret 1: webhook secret is not valid base64 (expected"
+        " whsec_<base64>)\n"
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -16,9 +17,10 @@ from typing import Any
 
 import pytest
 import redis
+from kombu.transport.redis import Channel
 from sqlalchemy import update
 
-from models import DistrictExit, utcnow
+from models import DistrictExit, EventStatus, RosterEvent, utcnow
 from tasks import exits
 from tasks.inbox import inbox_row, store
 from tasks.roster import load_snapshot
@@ -180,6 +182,35 @@ def test_a_pass_sends_what_waited_too_long_once_and_leaves_what_is_recent(
     assert relay_pass() == IDLE
     assert _queued(broker, "events") == ["('evt-old',)"]
     assert _queued(broker, "fanout") == units
+
+
+def _processing(event_id: str, task_id: str, *, ago: timedelta) -> None:
+    """The event a worker took as task ``task_id``, ``ago`` since its last attempt began."""
+    _accepted(event_id, ago=ago)
+    with session_scope() as session:
+        session.execute(
+            update(RosterEvent)
+            .where(RosterEvent.id == event_id)
+            .values(status=EventStatus.PROCESSING, task_id=task_id, updated_at=utcnow() - ago)
+        )
+
+
+def test_a_pass_leaves_an_event_whose_task_a_worker_still_holds(broker: redis.Redis) -> None:
+    # Both have been processing for longer than any retry wait: one worker still holds its
+    # message (a long task; a killed worker's copy would be put back by the restore), the
+    # other's message is gone.
+    _processing("evt-held", "task-held", ago=timedelta(hours=2))
+    _processing("evt-lost", "task-lost", ago=timedelta(hours=2))
+    message = {"headers": {"id": "task-held", "task": "grassroots.process_event"}}
+    # As kombu records a delivered message (delivered just now: no restore considers it yet).
+    broker.hset(Channel.unacked_key, "tag-1", json.dumps([message, "", "events"]))
+    broker.zadd(Channel.unacked_index_key, {"tag-1": time.time()})
+
+    assert relay_pass() == {**IDLE, "events": 1}
+    assert _queued(broker, "events") == ["('evt-lost',)"]
+    with session_scope() as session:
+        held = session.get(RosterEvent, "evt-held")
+        assert held is not None and held.attempts == 0
 
 
 # --------------------------------------------------------------------------------------------

@@ -59,15 +59,26 @@ class Run:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def flower_credentials(self) -> tuple[str, str] | None:
+        try:
+            kept = (self.cwd / "var" / "flower-basic-auth").read_text()
+        except FileNotFoundError:
+            return None
+        user, _, password = kept.strip().partition(":")
+        return user, password
+
     def ready(self) -> bool:
+        credentials = self.flower_credentials()
+        if credentials is None:
+            return False
         try:
             up = httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1).status_code == 200
-            flower = httpx.get(f"http://127.0.0.1:{self.flower}/", timeout=1).status_code == 200
+            page = httpx.get(f"http://127.0.0.1:{self.flower}/", auth=credentials, timeout=1)
         except httpx.HTTPError:
             return False
         # The worker's node name is its own: grassroots-<pid>@<host>, not celery@<host>.
         worker_ready = re.search(r"grassroots-\d+@\S+ ready\.", self.output())
-        return up and flower and worker_ready is not None
+        return up and page.status_code == 200 and worker_ready is not None
 
     def cli(
         self, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
@@ -82,6 +93,17 @@ class Run:
             text=True,
             timeout=120,
         )
+
+
+def command_lines() -> list[str]:
+    """Every process's command line (``/proc/<pid>/cmdline``: what `ps` shows every user)."""
+    found = []
+    for path in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            found.append(path.read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:  # ended meanwhile
+            continue
+    return found
 
 
 @pytest.fixture
@@ -106,14 +128,26 @@ def test_run_starts_everything_and_the_demo_converts_through_it(stack: Run) -> N
     home = stack.cwd / "var"
     secret = (home / "webhook-secret").read_text().strip()
     token = (home / "ops-token").read_text().strip()
-    assert secret.startswith("whsec_") and token
-    for name in ("webhook-secret", "ops-token"):
+    user, password = stack.flower_credentials() or ("", "")
+    assert secret.startswith("whsec_") and token and user and password
+    for name in ("webhook-secret", "ops-token", "flower-basic-auth"):
         assert stat.S_IMODE((home / name).stat().st_mode) == 0o600
         # Where each is kept is said, what it is never.
         assert f"run | generated the {name.replace('-', ' ')}: {home / name} (mode 600)" in (
             stack.output()
         )
-    assert secret not in stack.output() and token not in stack.output()
+    for value in (secret, token, password):
+        assert value not in stack.output()
+        # Nor on any process's command line, which `ps` shows every user of the machine.
+        for cmdline in command_lines():
+            assert value not in cmdline
+
+    # Flower is behind its basic auth on loopback too: no task is sent without it.
+    flower = f"http://127.0.0.1:{stack.flower}"
+    sneak = httpx.post(f"{flower}/api/task/async-apply/grassroots.district_exit", json={})
+    assert sneak.status_code == 401
+    assert httpx.get(f"{flower}/api/workers", timeout=10).status_code == 401
+    assert httpx.get(f"{flower}/api/workers", auth=(user, password), timeout=10).status_code == 200
     assert f"find this stack by themselves (from elsewhere: --home {home})" in stack.output()
     assert "starting a private redis-server" in stack.output()
 

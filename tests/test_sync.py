@@ -43,7 +43,7 @@ from tests.support.fake_clever import (
     without_data,
 )
 from tests.support.scenario import DISTRICT, KIM, MARIA, RIVERA, S1, S2, S3, STEVE, example
-from tests.support.stack import running_stack, wait_until
+from tests.support.stack import OPS_TOKEN, running_stack, wait_until
 from worker.api import app
 from worker.clever import DistrictToken
 from worker.cli import main
@@ -72,7 +72,7 @@ def env(configure: Configure, database_url: str) -> Iterator[Env]:
             BROKER_URL=CLOSED_BROKER,
             CLEVER_API_BASE=clever.url,
             CLEVER_DISTRICT_TOKENS=f"{DISTRICT}:{TOKEN}",
-            OPS_TOKEN="ops",
+            OPS_TOKEN=OPS_TOKEN,
         )
         clever.roster(DISTRICT, TOKEN, example())
         options = SyncOptions(base_url=clever.url, attempts=3, backoff=0.01, backoff_max=0.02)
@@ -292,6 +292,20 @@ def test_a_pull_that_did_not_complete_applies_nothing(env: Env, fault: str) -> N
         assert session.get(PollCursor, DISTRICT) is None  # the feed position is not moved
 
 
+def test_a_page_with_a_value_the_database_cannot_store_fails_the_sync_naming_it(
+    env: Env,
+) -> None:
+    seed()
+    env.clever.update_user(DISTRICT, STEVE, name={"first": "Steve\x00", "last": "Ng"})
+    env.clever.remove_users(DISTRICT, MARIA)
+    before = footprint()
+    report = env.sync()
+    assert report.status == "failed"
+    assert f"(id {STEVE}): name.first: contains a NUL character" in report.reason
+    assert "Steve" not in report.reason
+    assert footprint() == before  # not even Maria's removal, found on the same pull
+
+
 def test_an_empty_roster_for_a_district_with_accounts_is_refused(env: Env) -> None:
     seed()
     env.clever.remove_users(DISTRICT, *env.clever.user_ids(DISTRICT))
@@ -377,7 +391,7 @@ def test_ops_api_reports_the_last_sync_and_status_names_failing_districts(env: E
     env.clever.script(DISTRICT, Scripted(status=401, path=USERS))
     report = env.sync()
     client = TestClient(app)
-    headers = {"authorization": "Bearer ops"}
+    headers = {"authorization": f"Bearer {OPS_TOKEN}"}
     last = client.get(f"/ops/districts/{DISTRICT}/sync", headers=headers)
     assert last.status_code == 200
     assert last.json()["sync_id"] == report.sync_id and last.json()["status"] == "failed"

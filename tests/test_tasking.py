@@ -4,14 +4,17 @@ the real tasks, called in-process against a real database."""
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
+import psycopg
 import pytest
 import structlog
 from sqlalchemy import select
+from sqlalchemy.exc import DataError, IntegrityError
 
-from models import DeadLetter, RosterEvent
-from tasks import events
+from models import DeadLetter, RosterEvent, TaskAttempt, utcnow
+from tasks import events, exits
 from tasks.attempts import EventLedger, UnitLedger
 from tasks.inbox import ingest
 from tests.support.app_env import CLOSED_BROKER, Configure
@@ -19,7 +22,7 @@ from worker import jobs
 from worker.celery_app import app
 from worker.db import session_scope
 from worker.names import TaskName
-from worker.tasking import GrassrootsTask, after_commit
+from worker.tasking import GrassrootsTask, after_commit, is_bad_input, is_transient
 
 # An event the worker acts on, about a user nobody knows: it ends ``ignored``.
 EVENT = {"id": "evt-1", "type": "users.deleted", "data": {"object": {"id": "nobody"}}}
@@ -123,6 +126,110 @@ def test_a_permanent_failure_is_dead_lettered_at_once_and_rolls_its_work_back(
         error = session.scalar(select(RosterEvent.error).where(RosterEvent.id == inbox))
     assert letter.reason == "error" and "KeyError" in (letter.traceback or "")
     assert error is not None and "half-done" not in error
+    # Everything an operator needs to act on it, in the letter itself.
+    assert (letter.task, letter.args, letter.subject) == (
+        TaskName.PROCESS_EVENT,
+        {"event_id": inbox},
+        f"event:{inbox}",
+    )
+    assert (letter.exception, letter.error) == ("KeyError", "'a bug, not a blip'")
+    assert letter.attempts == 1 and letter.host == socket.gethostname()
+    assert letter.first_failed_at == letter.last_failed_at and letter.resolved_at is None
+
+
+def test_a_value_the_database_refuses_rejects_the_event_at_once_without_a_dead_letter(
+    inbox: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What slipped past the inbox's checks and failed in SQL on a value: no retry can fix it,
+    and no operator replay either. The event is rejected, with the driver's message only."""
+
+    def refused(session: Any, event_id: str, limits: Any) -> None:
+        raise DataError(
+            "SELECT ... WHERE id = %(id)s",
+            {"id": "leo@example.org"},
+            psycopg.errors.CharacterNotInRepertoire("invalid byte sequence for encoding"),
+        )
+
+    monkeypatch.setattr(events, "process_event", refused)
+    assert jobs.process_event(inbox) is None
+    assert event_row(inbox) == ("rejected", 1)
+    with session_scope() as session:
+        error = session.scalar(select(RosterEvent.error).where(RosterEvent.id == inbox))
+        assert session.scalars(select(DeadLetter)).all() == []
+    assert error == (
+        "a value cannot be used: CharacterNotInRepertoire: invalid byte sequence for encoding"
+    )
+
+
+def test_a_unique_key_race_is_retried_and_a_bad_value_in_other_work_is_dead_lettered(
+    inbox: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    race = IntegrityError("INSERT ...", {}, psycopg.errors.UniqueViolation("duplicate key"))
+    bad = IntegrityError("INSERT ...", {}, psycopg.errors.CheckViolation("violates check"))
+    assert is_transient(race) and not is_bad_input(race)
+    assert is_bad_input(bad) and not is_transient(bad)
+
+    # Work that is no event's cannot be rejected: it is dead-lettered at once, not retried.
+    def finish(*args: Any, **kwargs: Any) -> None:
+        raise bad
+
+    monkeypatch.setattr(exits, "finish", finish)
+    jobs.finish_exit.apply(args=(7,), task_id="msg-bad")
+    with session_scope() as session:
+        letter = session.scalars(select(DeadLetter)).one()
+        counted = session.get(TaskAttempt, "msg-bad")
+    assert (letter.reason, letter.exception, letter.attempts) == ("error", "CheckViolation", 1)
+    assert counted is not None and counted.attempts == 1
+
+
+def test_a_late_copy_that_fails_after_another_finished_the_work_leaves_it_finished(
+    inbox: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def other_copy_finishes_then_this_one_fails(session: Any, event_id: str, limits: Any) -> None:
+        # A relayed duplicate, taken by another worker, completes the event meanwhile.
+        with session_scope() as other:
+            other.get(RosterEvent, event_id).status = "done"  # type: ignore[union-attr]
+        raise KeyError("this copy breaks")
+
+    monkeypatch.setattr(events, "process_event", other_copy_finishes_then_this_one_fails)
+    assert jobs.process_event(inbox) is None
+    assert event_row(inbox) == ("done", 1)
+    with session_scope() as session:
+        assert session.scalars(select(DeadLetter)).all() == []
+
+
+@pytest.mark.parametrize("task", [jobs.district_exit, jobs.finish_exit], ids=lambda t: t.name)
+def test_a_task_with_no_row_of_its_own_is_capped_by_its_message_id(
+    inbox: str, task: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start or finish of an exit whose worker dies every time: the message keeps its id across
+    redeliveries, and the attempts counted on it stop it after TASK_MAX_RETRIES + 1."""
+    ran: list[str] = []
+    monkeypatch.setattr(exits, "start_exit", lambda *a, **k: ran.append("start"))
+    monkeypatch.setattr(exits, "finish", lambda *a, **k: ran.append("finish"))
+    args = ("d1", "test") if task is jobs.district_exit else (7,)
+    with session_scope() as session:
+        # Three deliveries began and never ended (their worker was killed each time).
+        session.add(
+            TaskAttempt(
+                task_id="msg-1", task=task.name, attempts=3, first_at=utcnow(), last_at=utcnow()
+            )
+        )
+
+    # As the worker runs a delivered message: with its id in the request.
+    task.apply(args=args, task_id="msg-1")
+
+    assert ran == []
+    with session_scope() as session:
+        letter = session.scalars(select(DeadLetter)).one()
+        counted = session.get(TaskAttempt, "msg-1")
+        assert counted is not None and counted.attempts == 4
+    assert (letter.reason, letter.task, letter.subject, letter.attempts) == (
+        "too_many_attempts",
+        task.name,
+        f"{task.name}:msg-1",
+        4,
+    )
 
 
 def test_what_a_task_sends_after_commit_is_sent_once_its_work_committed(

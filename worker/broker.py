@@ -115,6 +115,49 @@ def unacked_in(client: redis.Redis, queue: str) -> int:
     return sum(1 for message in stored if json.loads(message)[2] == queue)
 
 
+# Queued messages ``count_task`` reads at most: a queue longer than this is busy anyway, and
+# reading it whole would cost the caller more than the count is worth.
+COUNT_SCAN_LIMIT = 1000
+
+
+def count_task(
+    client: redis.Redis, queue: str, task: str, *, unacked: bool, scan: int = COUNT_SCAN_LIMIT
+) -> int:
+    """Messages of ``task`` waiting in ``queue`` (counted only while the queue holds at most
+    ``scan`` messages), plus, with ``unacked``, those any worker has taken and not yet
+    acknowledged."""
+    keys = [queue + suffix for suffix in _PRIORITY_SUFFIXES]
+    pipe = client.pipeline()
+    for key in keys:
+        pipe.llen(key)
+    stored: list[bytes] = []
+    if 0 < sum(pipe.execute()) <= scan:
+        for key in keys:
+            pipe.lrange(key, 0, -1)
+        stored = [message for found in pipe.execute() for message in found]
+    found = sum(1 for message in stored if _task_name(json.loads(message)) == task)
+    if unacked:
+        kept = client.hvals(kombu_redis.Channel.unacked_key)
+        found += sum(1 for message in kept if _task_name(json.loads(message)[0]) == task)
+    return found
+
+
+def _task_name(message: dict[str, Any]) -> str | None:
+    name = (message.get("headers") or {}).get("task")
+    return name if isinstance(name, str) else None
+
+
+def held_task_ids(client: redis.Redis) -> set[str]:
+    """The ids of the tasks whose messages workers have taken and not yet acknowledged: running,
+    reserved, waiting out a retry countdown, or a killed worker's until they are put back."""
+    held = set()
+    for stored in client.hvals(kombu_redis.Channel.unacked_key):
+        task_id = (json.loads(stored)[0].get("headers") or {}).get("id")
+        if task_id:
+            held.add(task_id)
+    return held
+
+
 def _due(headers: dict[str, Any]) -> float:
     """When a delivered task message was to run: its ETA (a retry's countdown), or at once."""
     eta = headers.get("eta")

@@ -14,13 +14,31 @@ from worker.names import ROUTES, Queue, TaskName
 from worker.settings import Settings, get_settings
 
 QUEUES = tuple(str(queue) for queue in Queue)
+# Seconds between passes releasing what ended roster pauses deferred.
+RELEASE_INTERVAL = 30.0
 
 
 class UnsafeConfiguration(RuntimeError):
     """The worker would lose or duplicate work with these settings: it refuses to start."""
 
 
-def transport_options(settings: Settings) -> dict[str, Any]:
+# Seconds a command to Redis may wait for its answer (or a connection to be made) before it
+# fails as a connection error. Without a bound, a Redis that stops answering without closing the
+# connection (paused, failing over, behind a dead NAT entry) hangs whatever sends to it: the
+# receiver's send thread and its shutdown, an operator's `POST /ops/districts/{id}/exit`. A send
+# is tried three or four times (``task_publish_retry_policy``) before it gives up: about 4 s.
+# Waiting for work is not bounded by this: a worker's BRPOP (1 s on the server) is read only once
+# its socket is readable, and kombu drops a BRPOP connection whose answer is overdue.
+SEND_SOCKET_TIMEOUT = 1.0
+# The worker's own connection: a Redis stall this long is taken as a lost connection, which
+# reconnects and cancels the running tasks (``worker_cancel_long_running_tasks_on_connection_loss``;
+# they run again): a brief stall must not do that, a dead connection must not hang the worker.
+WORKER_SOCKET_TIMEOUT = 10.0
+
+
+def transport_options(
+    settings: Settings, *, socket_timeout: float = SEND_SOCKET_TIMEOUT
+) -> dict[str, Any]:
     timeout = settings.visibility_timeout
     # kombu sweeps for unacknowledged messages of dead workers every interval x throttle seconds
     # (100 s by default): keep that well under a short visibility timeout.
@@ -29,6 +47,8 @@ def transport_options(settings: Settings) -> dict[str, Any]:
         "visibility_timeout": timeout,
         "unacked_restore_interval": max(1, min(10, timeout // 10)),
         "unacked_restore_throttle": 1 if short else 10,
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": socket_timeout,
     }
 
 
@@ -55,6 +75,10 @@ def build_config(settings: Settings) -> dict[str, Any]:
         "task_ignore_result": True,
         "task_track_started": False,
         "worker_prefetch_multiplier": 1,
+        # No task holds a pool slot for good: the soft limit raises in the task (which retries
+        # it), the hard one ends its process (the message is redelivered, its attempt counted).
+        "task_time_limit": settings.task_time_limit,
+        "task_soft_time_limit": settings.task_time_limit - 30,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         # Task events cost the worker's main process a Redis round trip each, three per task,
         # paid one task at a time in a district exit. Flower turns them on while it watches
@@ -66,6 +90,13 @@ def build_config(settings: Settings) -> dict[str, Any]:
         # The relay is not on the schedule: it is a loop of beat's own (``worker.relay``).
         "beat_schedule": {
             "purge": {"task": TaskName.PURGE, "schedule": 3600.0},
+            # What roster pauses deferred is applied within a minute of their end (SPEC §4). A
+            # pass that waited its interval in the queue is dropped: the next one does the same.
+            "release-deferred": {
+                "task": TaskName.RELEASE_DEFERRED,
+                "schedule": RELEASE_INTERVAL,
+                "options": {"expires": RELEASE_INTERVAL},
+            },
             # Only with district tokens to poll. A pass that waited a whole interval in the
             # queue is dropped: the next one reads the same feed from the same cursor.
             **(
@@ -79,6 +110,13 @@ def build_config(settings: Settings) -> dict[str, Any]:
                 if settings.clever_district_tokens
                 else {}
             ),
+            # Proof that a worker takes work from the events queue (``/readyz``). One that waited
+            # a whole interval is dropped: the next one proves the same, later.
+            "heartbeat": {
+                "task": TaskName.HEARTBEAT,
+                "schedule": settings.heartbeat_interval,
+                "options": {"expires": settings.heartbeat_interval},
+            },
             # A roster sync of every district with a token, unless SYNC_INTERVAL is 0.
             **(
                 {
@@ -134,6 +172,14 @@ def _refuse_unsafe(sender: Any = None, **_: Any) -> None:
         check_safe(app.conf, get_settings())
     except UnsafeConfiguration as exc:
         raise SystemExit(f"grassroots: {exc}") from exc
+
+
+@signals.worker_init.connect
+def _patient_broker_connection(**_: Any) -> None:
+    # Before the worker connects; its pool children inherit it for what they send.
+    app.conf.broker_transport_options = transport_options(
+        get_settings(), socket_timeout=WORKER_SOCKET_TIMEOUT
+    )
 
 
 @signals.worker_init.connect

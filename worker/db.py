@@ -62,6 +62,8 @@ def postgres_options(own: str | None = None) -> str:
 
     - ``lock_timeout``: a statement waiting on a row lock gives up after LOCK_TIMEOUT_MS and its
       task is retried, on every transaction without a ``SET`` round trip each.
+    - ``statement_timeout``: one hung query does not hold a worker for good
+      (STATEMENT_TIMEOUT_MS); cancelled, it fails its task like a lock timeout, and is retried.
     - ``random_page_cost``: the default (4) prices an index probe for a spinning disk, so looking
       up a batch of 1,000 ids "costs" more than reading the whole table (the learner checksum of
       an exit batch then scans every account and progress row: bench/README.md).
@@ -69,7 +71,11 @@ def postgres_options(own: str | None = None) -> str:
 
     ``options`` given in DATABASE_URL come last, so they win.
     """
-    ours = f"-c lock_timeout={get_settings().lock_timeout_ms} -c random_page_cost=1.1"
+    settings = get_settings()
+    ours = (
+        f"-c lock_timeout={settings.lock_timeout_ms}"
+        f" -c statement_timeout={settings.statement_timeout_ms} -c random_page_cost=1.1"
+    )
     return f"{ours} {own}" if own else ours
 
 
@@ -80,6 +86,9 @@ def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
         url = settings.database_url
     url = normalize_database_url(url)
     parsed = make_url(url)
+    # A refused row's values stay out of error messages, and so out of logs, dead letters and
+    # the ops API: they can be personal data.
+    kwargs.setdefault("hide_parameters", True)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)

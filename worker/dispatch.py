@@ -52,10 +52,10 @@ def enqueue_events(event_ids: Iterable[str]) -> int:
     return len(ids)
 
 
-def start_exit(district_id: str, trigger: str) -> None:
-    """Send a district exit's start. Raises what the broker raises: nothing is recorded yet, so
-    the caller must say the exit did not start."""
-    app.send_task(TaskName.DISTRICT_EXIT, (district_id, trigger))
+def start_exit(district_id: str, trigger: str) -> str:
+    """Send a district exit's start; its task id. Raises what the broker raises: nothing is
+    recorded yet, so the caller must say the exit did not start."""
+    return str(app.send_task(TaskName.DISTRICT_EXIT, (district_id, trigger)).id)
 
 
 def start_sync(district_id: str, sync_id: str, *, dry_run: bool, trigger: str) -> None:

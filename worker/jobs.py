@@ -6,13 +6,17 @@ retries, dead letters and log context are the base class's (``worker.tasking.Gra
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from models import SyncStatus
-from tasks import events, exits
+from sqlalchemy.exc import SQLAlchemyError
+
+from models import SyncStatus, utcnow
+from tasks import events, exits, pauses, retention
 from tasks import sync as reconciling
 from tasks.attempts import EventLedger, UnitLedger
-from tasks.conversion import purge as purge_expired
+from tasks.heartbeat import HeartbeatLedger
+from tasks.heartbeat import record as record_heartbeat
 from worker import dispatch, sync
 from worker.celery_app import app
 from worker.clever import DistrictToken, parse_tokens
@@ -92,8 +96,19 @@ def finish_exit(self: GrassrootsTask, exit_id: int) -> bool:
 
 
 @app.task(bind=True, base=GrassrootsTask, name=TaskName.PURGE)
-def purge(self: GrassrootsTask) -> int:
-    return purge_expired(self.session, retention_days=get_settings().retention_days)
+def purge(self: GrassrootsTask) -> dict[str, int]:
+    purged = retention.purge(self.session, retention_days=get_settings().retention_days)
+    return purged.as_dict()
+
+
+@app.task(bind=True, base=GrassrootsTask, name=TaskName.RELEASE_DEFERRED)
+def release_deferred(self: GrassrootsTask) -> int:
+    """What roster pauses that ended (or were removed) deferred, sent in Clever order once the
+    release has committed; the fence and the brake decide when each is processed."""
+    released = pauses.release_due(self.session, now=utcnow())
+    if released:
+        after_commit(dispatch.enqueue_events, released)
+    return len(released)
 
 
 @app.task(bind=True, base=GrassrootsTask, name=TaskName.POLL, session_scoped=False)
@@ -147,3 +162,25 @@ def sync_all(self: GrassrootsTask) -> dict[str, str]:
         token.district_id: sync.start(token.district_id, trigger="schedule")
         for token in parse_tokens(get_settings().clever_district_tokens)
     }
+
+
+log = logging.getLogger("grassroots.tasks")
+
+
+@app.task(
+    bind=True,
+    base=GrassrootsTask,
+    name=TaskName.HEARTBEAT,
+    ledger=HeartbeatLedger,
+    session_scoped=False,
+)
+def heartbeat(self: GrassrootsTask) -> bool:
+    """Stamp the heartbeat that ``/readyz`` reads. A beat that fails is neither retried nor
+    dead-lettered: the heartbeat's age is the signal, and the next beat comes soon."""
+    try:
+        with session_scope() as session:
+            record_heartbeat(session, host=self.request.hostname)
+    except SQLAlchemyError as exc:
+        log.warning("heartbeat not recorded: %s", type(exc).__name__)
+        return False
+    return True

@@ -2,23 +2,36 @@
 
 The state lives in SQL and Redis, not in any one process, so a scrape of any receiver sees the
 whole pipeline however many workers run, and nothing is lost when a process restarts.
+
+A scrape costs the same however large the inbox and the journal grow: every query is bounded by
+an index, to a window (the inbox by type and status, and conversions, over the last 24 h) or to
+what is still open (the backlog's statuses, open dead letters, running exits). A scrape's result
+is kept for ``SCRAPE_CACHE_SECONDS``: scrapes that come faster (several Prometheus servers, a
+dashboard, a caller looping) cost the database and the broker one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from models import (
     DeadLetter,
+    DistrictExit,
     EventStatus,
+    ExitStatus,
+    ExitUnit,
     JournalEntry,
     JournalKind,
     PollCursor,
@@ -26,23 +39,59 @@ from models import (
     RosterEvent,
     RosterSync,
     SyncStatus,
+    UnitStatus,
     utcnow,
 )
+from tasks import heartbeat
 from tasks.conversion.rules import rule_outcome
-from tasks.status import backlog
+from tasks.sql import count
 from tasks.sync import CHANGE_KINDS
+from worker import rejections
 from worker.broker import broker_client, queue_depths
 from worker.celery_app import QUEUES
+from worker.clever import parse_tokens
 from worker.db import session_scope
+from worker.settings import get_settings
+
+# What the windowed metrics (``_last_24h``) count: events received, accounts converted, syncs
+# started within it.
+WINDOW = timedelta(hours=24)
+# A district's last successful sync is looked for this far back; a district with a token and
+# none found is reported +Inf seconds ago.
+SYNC_LOOKBACK = timedelta(days=30)
+SCRAPE_CACHE_SECONDS = 5.0
+# Statuses an event leaves only through a worker, an operator or the end of a pause: few rows
+# whatever the inbox's size, counted through the status index.
+BACKLOG = tuple(sorted(EventStatus.in_flight() | EventStatus.waiting()))
 
 
 class PipelineCollector(Collector):
+    def __init__(
+        self,
+        *,
+        cache_seconds: float = SCRAPE_CACHE_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cache_seconds = cache_seconds
+        self._clock = clock
+        # One scrape at a time: those that arrive meanwhile wait for it and share its result.
+        self._lock = threading.Lock()
+        self._scraped: list[Any] | None = None
+        self._scraped_at = 0.0
+
     def describe(self) -> Iterator[Any]:
         # Without this a registry scrapes once at registration: importing the receiver would
         # query the database and the broker (and fail where there is none yet).
         return iter(())
 
     def collect(self) -> Iterator[Any]:
+        with self._lock:
+            if self._scraped is None or self._clock() - self._scraped_at >= self.cache_seconds:
+                self._scraped = list(self._scrape())
+                self._scraped_at = self._clock()
+            return iter(self._scraped)
+
+    def _scrape(self) -> Iterator[Any]:
         up = GaugeMetricFamily(
             "grassroots_up", "Whether a dependency answered the scrape", labels=["dependency"]
         )
@@ -52,7 +101,8 @@ class PipelineCollector(Collector):
         except SQLAlchemyError:
             up.add_metric(["database"], 0)
         try:
-            depths, unacked = queue_depths(broker_client(), QUEUES)
+            client = broker_client()
+            depths, unacked = queue_depths(client, QUEUES)
             depth = GaugeMetricFamily(
                 "grassroots_queue_depth_messages",
                 "Messages waiting in each Celery queue",
@@ -66,34 +116,43 @@ class PipelineCollector(Collector):
                 "Messages delivered to a worker and not yet acknowledged",
                 value=unacked,
             )
+            yield _rejections(client)
             up.add_metric(["broker"], 1)
         except redis.RedisError:
             up.add_metric(["broker"], 0)
         yield up
 
     def _database(self) -> Iterator[Any]:
+        now = utcnow()
         with session_scope() as session:
-            found = backlog(session)
+            found = _backlog(session)
             families = [
-                _events(session),
-                _conversions(session),
+                *_events(session, now - WINDOW),
+                _conversions(session, now - WINDOW),
                 _poll_districts(session),
                 *_dead_letters(session),
-                *_syncs(session),
+                *_syncs(session, now),
+                *_heartbeat(session, now),
             ]
-            retries = session.scalar(
-                select(func.coalesce(func.sum(RosterEvent.attempts - 1), 0)).where(
-                    RosterEvent.attempts > 1
-                )
-            )
         yield from families
-        yield CounterMetricFamily(
-            "grassroots_task_retries", "Event task attempts beyond the first", value=retries or 0
+        backlog = GaugeMetricFamily(
+            "grassroots_events_backlog",
+            "Roster events waiting for a worker (accepted, processing), an operator (held, dead)"
+            " or the end of a roster pause (deferred), however long ago received",
+            labels=["status"],
         )
+        for status in BACKLOG:
+            backlog.add_metric([status], found.events.get(status, 0))
+        yield backlog
         yield GaugeMetricFamily(
             "grassroots_held_removals",
             "Removals held by the brake",
             value=found.events.get(EventStatus.HELD, 0),
+        )
+        yield GaugeMetricFamily(
+            "grassroots_deferred_events",
+            "Destructive roster changes deferred by a roster pause, applied when it ends",
+            value=found.events.get(EventStatus.DEFERRED, 0),
         )
         yield GaugeMetricFamily(
             "grassroots_district_exits_in_progress",
@@ -105,34 +164,83 @@ class PipelineCollector(Collector):
             "Fan-out units of running exits not yet done",
             value=found.units_pending,
         )
+        yield GaugeMetricFamily(
+            "grassroots_exit_units_dead",
+            "Fan-out units dead-lettered, waiting for `district resume`",
+            value=found.units_dead,
+        )
 
 
-def _events(session: Session) -> GaugeMetricFamily:
+@dataclass(frozen=True)
+class _Open:
+    """What is still open, each through an index: events by backlog status, exit units, exits."""
+
+    events: dict[str, int]
+    units_pending: int
+    units_dead: int
+    exits_running: int
+
+
+def _backlog(session: Session) -> _Open:
+    return _Open(
+        events=dict(
+            session.execute(
+                select(RosterEvent.status, func.count())
+                .where(RosterEvent.status.in_(BACKLOG))
+                .group_by(RosterEvent.status)
+            )
+            .tuples()
+            .all()
+        ),
+        units_pending=count(session, ExitUnit, ExitUnit.status == UnitStatus.PENDING),
+        units_dead=count(session, ExitUnit, ExitUnit.status == UnitStatus.DEAD),
+        exits_running=count(session, DistrictExit, DistrictExit.status == ExitStatus.RUNNING),
+    )
+
+
+def _events(session: Session, since: datetime) -> list[GaugeMetricFamily]:
+    """The events received since ``since`` (the received_at index), by type and current
+    status, and their attempts beyond the first."""
     # A gauge: an event moves from one status to the next, so a status's count goes down.
     events = GaugeMetricFamily(
-        "grassroots_events",
-        "Roster events in the inbox, by type and current status",
+        "grassroots_events_last_24h",
+        "Roster events received in the last 24 h, by type and current status",
         labels=["type", "status"],
     )
-    for type_, status, n in session.execute(
-        select(RosterEvent.type, RosterEvent.status, func.count()).group_by(
-            RosterEvent.type, RosterEvent.status
+    retries = 0
+    for type_, status, n, retried in session.execute(
+        select(
+            RosterEvent.type,
+            RosterEvent.status,
+            func.count(),
+            func.sum(case((RosterEvent.attempts > 1, RosterEvent.attempts - 1), else_=0)),
         )
+        .where(RosterEvent.received_at >= since)
+        .group_by(RosterEvent.type, RosterEvent.status)
     ):
         events.add_metric([type_, status], n)
-    return events
+        retries += int(retried or 0)
+    return [
+        events,
+        GaugeMetricFamily(
+            "grassroots_event_retries_last_24h",
+            "Attempts beyond the first of the roster events received in the last 24 h",
+            value=retries,
+        ),
+    ]
 
 
-def _conversions(session: Session) -> CounterMetricFamily:
-    conversions = CounterMetricFamily(
-        "grassroots_conversions",
-        "Accounts converted, by role and outcome",
+def _conversions(session: Session, since: datetime) -> GaugeMetricFamily:
+    """Accounts converted since ``since`` (the journal's created_at index)."""
+    conversions = GaugeMetricFamily(
+        "grassroots_conversions_last_24h",
+        "Accounts converted in the last 24 h, by role and outcome",
         labels=["role", "outcome"],
     )
     totals: dict[tuple[str, str], int] = {}
     for rule, n in session.execute(
         select(JournalEntry.rule, func.count())
-        .where(JournalEntry.kind == JournalKind.ACCOUNT)
+        .where(JournalEntry.kind == JournalKind.ACCOUNT, JournalEntry.created_at >= since)
         .group_by(JournalEntry.rule)
     ):
         key = rule_outcome(rule)
@@ -158,28 +266,37 @@ def _poll_districts(session: Session) -> GaugeMetricFamily:
     return polled
 
 
-def _syncs(session: Session) -> list[GaugeMetricFamily | CounterMetricFamily]:
-    """Per district, seconds since its last successful sync; and what syncs changed, by kind."""
+def _syncs(session: Session, now: datetime) -> list[GaugeMetricFamily]:
+    """Per district, seconds since its last successful sync; and what the syncs of the last 24 h
+    changed, by kind. Both read the syncs started within a window (the started_at index)."""
     since = GaugeMetricFamily(
         "grassroots_sync_last_success_age_seconds",
-        "Seconds since the district's last successful roster sync",
+        "Seconds since the district's last successful roster sync (+Inf: none in 30 days)",
         labels=["district"],
     )
-    now = utcnow()
-    for district_id, finished in session.execute(
-        select(RosterSync.district_id, func.max(RosterSync.finished_at))
-        .where(RosterSync.status == SyncStatus.DONE, RosterSync.dry_run.is_(False))
-        .group_by(RosterSync.district_id)
-    ):
-        since.add_metric([district_id], (now - finished).total_seconds())
-    changes = CounterMetricFamily(
-        "grassroots_sync_changes", "Changes roster syncs found, by kind", labels=["kind"]
+    done = (RosterSync.status == SyncStatus.DONE, RosterSync.dry_run.is_(False))
+    last = dict(
+        session.execute(
+            select(RosterSync.district_id, func.max(RosterSync.finished_at))
+            .where(*done, RosterSync.started_at >= now - SYNC_LOOKBACK)
+            .group_by(RosterSync.district_id)
+        )
+        .tuples()
+        .all()
+    )
+    synced = {token.district_id for token in parse_tokens(get_settings().clever_district_tokens)}
+    for district_id in sorted(synced | set(last)):
+        finished = last.get(district_id)
+        age = (now - finished).total_seconds() if finished is not None else float("inf")
+        since.add_metric([district_id], age)
+    changes = GaugeMetricFamily(
+        "grassroots_sync_changes_last_24h",
+        "Changes the roster syncs started in the last 24 h found, by kind",
+        labels=["kind"],
     )
     totals = dict.fromkeys(CHANGE_KINDS, 0)
     for (found,) in session.execute(
-        select(RosterSync.changes).where(
-            RosterSync.status == SyncStatus.DONE, RosterSync.dry_run.is_(False)
-        )
+        select(RosterSync.changes).where(*done, RosterSync.started_at >= now - WINDOW)
     ):
         for kind in CHANGE_KINDS:
             totals[kind] += int(found.get(kind, 0))
@@ -203,3 +320,31 @@ def _dead_letters(session: Session) -> list[GaugeMetricFamily]:
             value=age,
         ),
     ]
+
+
+def _heartbeat(session: Session, now: datetime) -> list[GaugeMetricFamily]:
+    """Seconds since a worker last ran the heartbeat (none until one has)."""
+    age = heartbeat.age(session, now=now)
+    if age is None:
+        return []
+    return [
+        GaugeMetricFamily(
+            "grassroots_worker_heartbeat_age_seconds",
+            "Seconds since a worker last ran the heartbeat task that beat sends through the"
+            " events queue every HEARTBEAT_INTERVAL",
+            value=age,
+        )
+    ]
+
+
+def _rejections(client: redis.Redis) -> CounterMetricFamily:
+    # This process's refusals first: a scrape of the receiver that refused them includes them.
+    rejections.REJECTIONS.send(client)
+    refused = CounterMetricFamily(
+        "grassroots_webhook_signature_rejections",
+        "Webhooks refused with 401 for their signature, by reason, by every receiver",
+        labels=["reason"],
+    )
+    for reason, n in rejections.totals(client).items():
+        refused.add_metric([reason], n)
+    return refused

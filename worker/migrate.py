@@ -40,7 +40,22 @@ def _run(step: Callable[[Config, str], None], url: str | None, revision: str) ->
     # On the application's own engine, so its connection settings apply.
     engine = make_engine(url or get_settings().database_url)
     try:
-        with engine.begin() as conn:
-            step(alembic_config(connection=conn), revision)
+        with engine.connect() as conn:
+            sqlite = conn.dialect.name == "sqlite"
+            if sqlite:
+                # SQLite changes a table's constraints only by copying it (Alembic's batch mode),
+                # and dropping the old copy would delete, or refuse to delete, the rows that
+                # reference it. Foreign keys are off while migrating (SQLite's own procedure for
+                # altering a table), set outside the transaction as SQLite requires, and checked
+                # before the commit.
+                conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+                conn.commit()
+            with conn.begin():
+                step(alembic_config(connection=conn), revision)
+                if sqlite and conn.exec_driver_sql("PRAGMA foreign_key_check").first():
+                    raise RuntimeError("the migration left rows that reference nothing")
+            if sqlite:
+                conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+                conn.commit()
     finally:
         engine.dispose()

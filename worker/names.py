@@ -19,6 +19,9 @@ class TaskName(StrEnum):
     POLL = "grassroots.poll"
     SYNC = "grassroots.sync"  # one district's roster sync
     SYNC_ALL = "grassroots.sync_all"  # the scheduled syncs of every district with a token
+    HEARTBEAT = "grassroots.heartbeat"  # proof that a worker takes work from the events queue
+    # The deferred events of roster pauses that ended or were removed, back to the workers.
+    RELEASE_DEFERRED = "grassroots.release_deferred"
 
 
 class Queue(StrEnum):
@@ -37,4 +40,7 @@ ROUTES: dict[str, dict[str, str]] = {
     TaskName.POLL: {"queue": Queue.MAINTENANCE},
     TaskName.SYNC: {"queue": Queue.MAINTENANCE},
     TaskName.SYNC_ALL: {"queue": Queue.MAINTENANCE},
+    TaskName.RELEASE_DEFERRED: {"queue": Queue.MAINTENANCE},
+    # Through the queue whose stall matters: its age says how long that queue has not moved.
+    TaskName.HEARTBEAT: {"queue": Queue.EVENTS},
 }

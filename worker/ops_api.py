@@ -7,16 +7,17 @@ from __future__ import annotations
 import hmac
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Query
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BeforeValidator
 from sqlalchemy.orm import Session
 
 from models import AccountKind, AccountStatus
-from tasks import deadletters, exits, status, view
+from tasks import deadletters, exits, pauses, status, view
 from tasks import sync as reconciling
-from tasks.errors import NotFound
+from tasks.errors import InvalidInput, NotFound
+from tasks.inbox import NotJson, parse_json
 from worker import services, sync
 from worker.http import db, error
 from worker.settings import get_settings
@@ -122,6 +123,20 @@ async def ops_exit(district_id: str) -> JSONResponse:
     return JSONResponse({"district": district_id, "status": "started"}, status_code=202)
 
 
+@router.post("/districts/{district_id}/exit/resume", status_code=202)
+async def ops_exit_resume(district_id: str) -> JSONResponse:
+    try:
+        resumed = await run_in_threadpool(
+            services.resume_exit, district_id, by="ops:district-resume"
+        )
+    except services.BrokerUnavailable as exc:
+        return error(503, "broker_unavailable", str(exc))
+    return JSONResponse(
+        {"district": district_id, "exit": resumed.exit_id, "units": resumed.units},
+        status_code=202,
+    )
+
+
 @router.get("/districts/{district_id}/exit")
 async def ops_exit_progress(district_id: str) -> JSONResponse:
     found = await db(lambda session: exits.progress(session, district_id))
@@ -148,3 +163,67 @@ async def ops_sync_report(district_id: str) -> dict[str, Any]:
     if found is None:
         raise NotFound(f"district {district_id} has no sync")
     return found
+
+
+@router.post("/events/{event_id}/discard")
+async def ops_discard(event_id: str) -> dict[str, Any]:
+    """A held or deferred event dropped for good (``grassroots events discard``)."""
+    was = await run_in_threadpool(services.discard_event, event_id, by="ops:discard")
+    return {"event": event_id, "status": "discarded", "was": was}
+
+
+# --------------------------------------------------------------------------------------------
+# Roster pauses (SPEC §4 "Pauses", §5.5)
+
+
+@router.get("/pauses")
+async def ops_pauses() -> list[dict[str, Any]]:
+    return await run_in_threadpool(services.list_pauses)
+
+
+def _pause_request(body: Any) -> dict[str, Any]:
+    """The fields of ``POST /ops/pauses`` as ``services.add_pause`` takes them, or
+    ``InvalidInput``. ``district`` must be given (null: every district); ``from`` null or
+    absent is now; ``until`` is required."""
+    if "district" not in body or not (
+        body["district"] is None or isinstance(body["district"], str)
+    ):
+        raise InvalidInput("'district' is required: a district id, or null for every district")
+    given: dict[str, Any] = {}
+    for key in ("from", "until", "reason"):
+        value = body.get(key)
+        if value is not None and not isinstance(value, str):
+            raise InvalidInput(f"'{key}' is a string, not {type(value).__name__}")
+        given[key] = value
+    if given["until"] is None:
+        raise InvalidInput("'until' is required: when the pause ends, an ISO 8601 date or time")
+    return {
+        "district_id": body["district"],
+        "starts_at": pauses.parse_instant(given["from"], what="'from'") if given["from"] else None,
+        "ends_at": pauses.parse_instant(given["until"], what="'until'"),
+        "reason": given["reason"],
+    }
+
+
+@router.post("/pauses", status_code=201)
+async def ops_add_pause(request: Request) -> JSONResponse:
+    try:
+        body = parse_json(await request.body())
+    except NotJson as exc:
+        return error(400, "invalid_json", f"the body is not JSON: {exc}")
+    if not isinstance(body, dict):
+        return error(400, "invalid_json", 'send {"district", "from", "until", "reason"}')
+    try:
+        fields = _pause_request(body)
+        pause = await run_in_threadpool(lambda: services.add_pause(**fields, by="ops:pause-add"))
+    except InvalidInput as exc:
+        return error(422, "invalid_pause", str(exc))
+    return JSONResponse(pause, status_code=201)
+
+
+@router.delete("/pauses/{pause_id}")
+async def ops_remove_pause(pause_id: str) -> dict[str, Any]:
+    """The pause ends now; what it deferred is released and sent at once."""
+    if not pause_id.isdigit():
+        raise NotFound(f"no pause {pause_id}")
+    return await run_in_threadpool(services.remove_pause, int(pause_id), by="ops:pause-remove")

@@ -20,7 +20,7 @@ from datetime import timedelta
 from models import utcnow
 from tasks.exits import stalled_exits
 from tasks.inbox import unsent_events
-from worker.broker import broker_client, queue_depths, restore_orphans
+from worker.broker import broker_client, held_task_ids, queue_depths, restore_orphans
 from worker.celery_app import QUEUES, app
 from worker.db import session_scope
 from worker.dispatch import dispatch_exit, enqueue_events
@@ -33,13 +33,14 @@ log = logging.getLogger("grassroots.relay")
 def relay_pass() -> dict[str, int]:
     """Put back the messages of killed workers (``worker.broker.restore_orphans``), then send
     again what the database says is unfinished but the broker no longer holds: events accepted
-    while the broker was down or stuck in processing past the retry window, and the units of
-    exits that stopped progressing. Only when the queues are drained, so work merely waiting its
-    turn is not sent twice (a second copy would be harmless, only wasteful). Returns how many of
-    each it sent or put back."""
+    while the broker was down or stuck in processing past the retry window with no worker
+    holding their task, and the units of exits that stopped progressing. Only when the queues
+    are drained, so work merely waiting its turn is not sent twice (a second copy would be
+    harmless, only wasteful). Returns how many of each it sent or put back."""
     settings = get_settings()
     orphans = restore_orphans(app, older_than=settings.relay_after_seconds)
-    depths, _ = queue_depths(broker_client(), QUEUES)
+    client = broker_client()
+    depths, _ = queue_depths(client, QUEUES)
     now = utcnow()
     quiet = now - timedelta(seconds=settings.relay_after_seconds)
     # A task waiting out a retry countdown stays "processing"; leave it alone for that long.
@@ -48,7 +49,12 @@ def relay_pass() -> dict[str, int]:
     exit_ids: list[int] = []
     with session_scope() as session:
         if depths[Queue.EVENTS] == 0:
-            waiting = unsent_events(session, accepted_before=quiet, processing_before=stuck)
+            waiting = unsent_events(
+                session,
+                accepted_before=quiet,
+                processing_before=stuck,
+                held=held_task_ids(client),
+            )
         if depths[Queue.FANOUT] == 0 and depths[Queue.CONVERSIONS] == 0:
             exit_ids = stalled_exits(session, since=quiet)
     sent = enqueue_events(waiting)

@@ -1,7 +1,9 @@
 """``grassroots run``: the whole local stack in one command, on embedded defaults.
 
 Its state is kept under the home (GRASSROOTS_HOME or ``--home``, default ./var): the SQLite
-database, the generated webhook secret and ops token, beat's schedule, a private redis's files.
+database, the generated webhook secret, ops token and Flower's basic auth, beat's schedule, a
+private redis's files. Secrets reach the children through their environment, never their
+command lines (which ``ps`` shows to every user of the machine).
 Ports are checked first: a port taken (by another stack, most likely) refuses the run before
 anything starts. Then migrations, and the receiver, a worker, beat and Flower as child processes,
 their output prefixed by name. If no Redis answers at BROKER_URL and ``redis-server`` is
@@ -37,9 +39,15 @@ def _ops_token() -> str:
     return secrets.token_urlsafe(32)
 
 
+def _flower_basic_auth() -> str:
+    return f"{FLOWER_USER}:{secrets.token_urlsafe(24)}"
+
+
+FLOWER_USER = "grassroots"
 MAKE_SECRET: dict[str, Callable[[], str]] = {
     "WEBHOOK_SECRETS": generate_secret,
     "OPS_TOKEN": _ops_token,
+    "FLOWER_BASIC_AUTH": _flower_basic_auth,
 }
 
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
 
-from models import District
-from tasks import brake, deadletters
+from models import District, utcnow
+from tasks import brake, deadletters, exits, pauses
 from tasks.errors import NotFound
 from worker import dispatch
 from worker.db import session_scope
@@ -68,14 +70,74 @@ def discard_held(
         return brake.discard_held(session, event_id=event_id, district_id=district_id, by=by)
 
 
-def start_exit(district_id: str, *, by: str) -> None:
-    """Start a district's exit (contract end) on the workers."""
+def discard_event(event_id: str, *, by: str) -> str:
+    """Drop a held or deferred event for good: what it would have removed stays. The status it
+    had."""
+    with session_scope() as session:
+        return pauses.discard(session, event_id, by=by)
+
+
+def add_pause(
+    *,
+    district_id: str | None,
+    starts_at: datetime | None,
+    ends_at: datetime,
+    reason: str | None,
+    by: str,
+) -> dict[str, Any]:
+    """A roster pause of one district, or every one (None), from ``starts_at`` (None: now)."""
+    with session_scope() as session:
+        return pauses.add(
+            session,
+            district_id=district_id,
+            starts_at=starts_at,
+            ends_at=ends_at,
+            reason=reason,
+            by=by,
+            now=utcnow(),
+        )
+
+
+def list_pauses() -> list[dict[str, Any]]:
+    with session_scope() as session:
+        return pauses.listed(session, now=utcnow())
+
+
+def remove_pause(pause_id: int, *, by: str) -> dict[str, Any]:
+    """End a pause early: what it deferred is released at once and sent, in Clever order (what
+    the broker cannot take now, the relay sends). The pause, with how many it released."""
+    with session_scope() as session:
+        now = utcnow()
+        removed = pauses.remove(session, pause_id, by=by, now=now)
+        released = pauses.release_due(session, now=now)
+    dispatch.enqueue_events(released)
+    return {**removed, "released": len(released)}
+
+
+def start_exit(district_id: str, *, by: str) -> str:
+    """Start a district's exit (contract end) on the workers; the start task's id (its dead
+    letter, if it fails for good, names it: ``tasks.attempts.task_subject``)."""
     with session_scope() as session:
         if session.get(District, district_id) is None:
             raise NotFound(f"no district {district_id}")
     try:
-        dispatch.start_exit(district_id, by)
+        return dispatch.start_exit(district_id, by)
     except dispatch.SEND_ERRORS as exc:
         raise BrokerUnavailable(
             f"the broker is unreachable ({type(exc).__name__}): the exit was not started"
         ) from exc
+
+
+def resume_exit(district_id: str, *, by: str) -> exits.Resumed:
+    """Send the dead and stalled units of a district's exit round again, by the same keys."""
+    with session_scope() as session:
+        resumed = exits.resume(session, district_id, by=by)
+    try:
+        dispatch.dispatch_exit(resumed.exit_id)
+    except dispatch.SEND_ERRORS as exc:
+        # Its units are pending again: the relay sends them once the broker is back.
+        raise BrokerUnavailable(
+            f"the broker is unreachable ({type(exc).__name__}): the units are pending again and"
+            " the relay sends them once it is back"
+        ) from exc
+    return resumed

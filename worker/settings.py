@@ -16,6 +16,8 @@ from typing import Annotated, Any
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from worker.signing import decode_secret
+
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_CLEVER_API_BASE = "https://api.clever.com"
 # Where `grassroots run` keeps a stack's state, relative to the current directory by default.
@@ -23,7 +25,16 @@ DEFAULT_HOME = "var"
 DATABASE_FILE = "grassroots.db"
 # The secrets `grassroots run` generates and keeps under the home, by the variable each stands
 # in for when the environment leaves it unset.
-HOME_SECRETS = {"WEBHOOK_SECRETS": "webhook-secret", "OPS_TOKEN": "ops-token"}
+HOME_SECRETS = {
+    "WEBHOOK_SECRETS": "webhook-secret",
+    "OPS_TOKEN": "ops-token",
+    "FLOWER_BASIC_AUTH": "flower-basic-auth",
+}
+# The least a configured secret may hold: anything shorter can be guessed, or brute-forced offline
+# from one signed request. 24 bytes of webhook key is the Standard Webhooks recommendation.
+MIN_WEBHOOK_KEY_BYTES = 24
+MIN_OPS_TOKEN_CHARS = 24
+MIN_FLOWER_PASSWORD_CHARS = 16
 # Their values never appear in an error message.
 SECRET_VARIABLES = frozenset(
     {"WEBHOOK_SECRETS", "OPS_TOKEN", "FLOWER_BASIC_AUTH", "CLEVER_DISTRICT_TOKENS", "DATABASE_URL"}
@@ -84,6 +95,15 @@ class Settings(BaseSettings):
     sync_interval: Annotated[float, _env("SYNC_INTERVAL"), Field(ge=0)] = 86400.0
     exit_batch_size: Annotated[int, _env("EXIT_BATCH_SIZE"), Field(ge=1)] = 1000
     log_level: Annotated[str, _env("LOG_LEVEL")] = "INFO"
+    # A task running this long is stopped (soft: an exception it can clean up after, 30 s
+    # before the hard limit, which ends its process): one hung task never holds a pool slot.
+    task_time_limit: Annotated[float, _env("TASK_TIME_LIMIT"), Field(ge=60)] = 1800.0
+    # A statement running this long is cancelled by Postgres (0: never); the task retries.
+    statement_timeout_ms: Annotated[int, _env("STATEMENT_TIMEOUT_MS"), Field(ge=0)] = 300_000
+    # Beat sends the heartbeat task this often; /readyz fails once the last one a worker ran is
+    # older than HEARTBEAT_MAX_AGE (0: never).
+    heartbeat_interval: Annotated[float, _env("HEARTBEAT_INTERVAL"), Field(ge=1)] = 30.0
+    heartbeat_max_age: Annotated[float, _env("HEARTBEAT_MAX_AGE"), Field(ge=0)] = 300.0
 
     @field_validator("webhook_secrets", "clever_district_tokens", mode="before")
     @classmethod
@@ -91,6 +111,47 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
+
+    @field_validator("webhook_secrets")
+    @classmethod
+    def _strong_webhook_keys(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        # Each secret is named by its position in the list, never by its value.
+        for n, secret in enumerate(value, 1):
+            try:
+                key = decode_secret(secret)
+            except ValueError as exc:
+                raise ValueError(f"secret {n}: {exc}") from None
+            if len(key) < MIN_WEBHOOK_KEY_BYTES:
+                raise ValueError(
+                    f"secret {n} holds a {len(key)}-byte key: each must hold at least"
+                    f" {MIN_WEBHOOK_KEY_BYTES} bytes once decoded (`grassroots run` makes 32)"
+                )
+        return value
+
+    @field_validator("ops_token")
+    @classmethod
+    def _strong_ops_token(cls, value: str | None) -> str | None:
+        if value is not None and len(value) < MIN_OPS_TOKEN_CHARS:
+            raise ValueError(f"must be at least {MIN_OPS_TOKEN_CHARS} characters")
+        return value
+
+    @field_validator("flower_basic_auth")
+    @classmethod
+    def _strong_flower_credentials(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        # Flower compares "user:password" as given: spaces around a comma would be part of it.
+        credentials = [credential.strip() for credential in value.split(",")]
+        for n, credential in enumerate(credentials, 1):
+            user, _, password = credential.partition(":")
+            if not user or not password:
+                raise ValueError("must be user:password, neither empty (several: comma-separated)")
+            if len(password) < MIN_FLOWER_PASSWORD_CHARS:
+                raise ValueError(
+                    f"the password of credential {n} must be at least"
+                    f" {MIN_FLOWER_PASSWORD_CHARS} characters"
+                )
+        return ",".join(credentials)
 
     @field_validator("clever_api_base")
     @classmethod

@@ -10,9 +10,9 @@ from sqlalchemy.orm import Session
 
 from models import EventStatus
 from tasks.status import backlog, districts_needing_attention
-from worker.broker import broker_client, queue_depths, unacked_in
+from worker.broker import broker_client, count_task, queue_depths, unacked_in
 from worker.celery_app import QUEUES
-from worker.names import Queue
+from worker.names import Queue, TaskName
 
 
 def pipeline_status(session: Session, *, with_broker: bool = True) -> dict[str, Any]:
@@ -32,14 +32,25 @@ def pipeline_status(session: Session, *, with_broker: bool = True) -> dict[str, 
             housekeeping = queues[Queue.MAINTENANCE] + (
                 unacked_in(client, Queue.MAINTENANCE) if unacked else 0
             )
+            # Nor is the heartbeat, which goes through the events queue; while no worker takes
+            # it, one a HEARTBEAT_INTERVAL piles up there (``count_task`` reads a short queue).
+            if queues[Queue.EVENTS] or unacked:
+                housekeeping += count_task(
+                    client, Queue.EVENTS, TaskName.HEARTBEAT, unacked=bool(unacked)
+                )
             broker = "ok"
         except redis.RedisError as exc:
             broker = f"unavailable: {type(exc).__name__}"
     tasks = sum(queues.values()) + unacked - housekeeping
     return {
         "pending": found.events_in_flight + found.units_pending + found.exits_finishing + tasks,
-        "dead": found.events.get(EventStatus.DEAD, 0),
+        # Every open dead letter (SPEC §5.6): events, exit units and any other task.
+        "dead": found.dead_letters_open,
+        "events_dead": found.events.get(EventStatus.DEAD, 0),
+        "exit_units_dead": found.units_dead,
         "held": found.events.get(EventStatus.HELD, 0),
+        # Waiting for a roster pause to end: not in ``pending`` (SPEC §5.6).
+        "deferred": found.events.get(EventStatus.DEFERRED, 0),
         "queues": queues,
         "unacked": unacked,
         "events": {status: found.events[status] for status in sorted(found.events)},

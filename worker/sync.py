@@ -24,6 +24,7 @@ from models import RosterSync, SyncStatus, utcnow
 from tasks import sync as reconciling
 from tasks.errors import GrassrootsError
 from tasks.roster import CleverSection, CleverUser
+from tasks.storable import explain
 from worker import dispatch
 from worker.clever import (
     CleverClient,
@@ -215,4 +216,4 @@ def _valid(shape: type[Shape], obj: Any, where: str) -> Shape:
         found = obj.get("id") if isinstance(obj, dict) else None
         named = f" (id {found})" if isinstance(found, str) and len(found) <= 64 else ""
         path = ".".join(map(str, err["loc"]))
-        raise PullError(f"{where}{named}: {path}: {err['msg']}") from None
+        raise PullError(f"{where}{named}: {path}: {explain(err)}") from None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import logging
 import socket
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -20,15 +21,17 @@ from typing import Any, ClassVar, TypeVar
 
 import structlog
 from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.utils.time import get_exponential_backoff_interval
 from kombu.exceptions import OperationalError as BrokerError
+from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError, StatementError
 from sqlalchemy.orm import Session
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from tasks import deadletters
-from tasks.attempts import Ledger, Uncounted
+from tasks.attempts import Ledger, MessageLedger
 from tasks.errors import InvariantViolation, WaitForRoster
 from worker.db import autocommit, session_scope
 from worker.settings import get_settings
@@ -45,10 +48,43 @@ def is_transient(exc: BaseException) -> bool:
     """Worth trying again: the database or broker was unreachable, a lock wait timed out, a
     deadlock was broken. Anything else (a missing row, bad data, an invariant) is permanent."""
     if isinstance(
-        exc, OperationalError | BrokerError | RedisConnectionError | ConnectionError | WaitForRoster
+        exc,
+        OperationalError
+        | BrokerError
+        | RedisConnectionError
+        | ConnectionError
+        | WaitForRoster
+        # The task outlived TASK_TIME_LIMIT's soft limit (a hung query or service).
+        | SoftTimeLimitExceeded,
     ):
         return True
+    if isinstance(exc, IntegrityError) and _sqlstate(exc) in RACES:
+        return True
     return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+# Integrity errors that another transaction's concurrent write can cause: a unique key inserted
+# by both, a parent row deleted meanwhile. Tried again, the work sees the other's row.
+RACES = frozenset({"23505", "23503"})  # unique_violation, foreign_key_violation
+# Integrity errors only a value can cause: tried again, it fails the same way.
+BAD_VALUES = frozenset({"23502", "23514"})  # not_null_violation, check_violation
+
+
+def _sqlstate(exc: DBAPIError) -> str | None:
+    code = getattr(exc.orig, "sqlstate", None)
+    return code if isinstance(code, str) else None
+
+
+def is_bad_input(exc: BaseException) -> bool:
+    """The work's input holds a value that cannot be used (the database refuses it, or it does
+    not have the shape it must): no retry can fix it. An event is then rejected, not
+    dead-lettered (SPEC §5.2: nothing an operator can fix by replaying it)."""
+    if isinstance(exc, ValidationError | DataError | UnicodeEncodeError):
+        return True
+    if isinstance(exc, IntegrityError):
+        return _sqlstate(exc) in BAD_VALUES
+    # A value the driver could not even send (a lone surrogate UTF-8 cannot encode).
+    return isinstance(exc, StatementError) and isinstance(exc.orig, UnicodeEncodeError)
 
 
 SHORT_TRIES = 3
@@ -107,7 +143,8 @@ class GrassrootsTask(Task):  # type: ignore[type-arg]
     the retries, is a dead letter.
     """
 
-    ledger: ClassVar[type[Ledger] | Callable[..., Ledger]] = Uncounted
+    # Where its attempts are counted; None: on its own message (``tasks.attempts.MessageLedger``).
+    ledger: ClassVar[Callable[..., Ledger] | None] = None
     # False: the work opens its own transactions (a poll commits page by page).
     session_scoped: ClassVar[bool] = True
 
@@ -124,7 +161,7 @@ class GrassrootsTask(Task):  # type: ignore[type-arg]
         return None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        ledger = self.ledger(*args, **kwargs)
+        ledger = self._ledger(args, kwargs)
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(
             task=self.name, task_id=self.request.id, **ledger.log_ids()
@@ -144,7 +181,18 @@ class GrassrootsTask(Task):  # type: ignore[type-arg]
             tried = self.first_try(most, *args, **kwargs)
         except Exception as exc:
             log.warning("%s: counting it again after %s", self.name, type(exc).__name__)
-        attempts = tried.attempts if tried is not None else short_retries(_bump(ledger))
+        try:
+            attempts = (
+                tried.attempts
+                if tried is not None
+                else short_retries(_bump(ledger, self.request.id))
+            )
+        except Exception as exc:
+            # The count cannot be written (the database is away longer than the short retries):
+            # retried by Celery like the work, or the message would be acknowledged as failed
+            # and its work left to the relay.
+            self._retry_if_transient(exc)
+            raise
         if attempts is None:
             return None  # already done, held, dead or gone: a redelivery has nothing to do
         if attempts > most:
@@ -161,15 +209,9 @@ class GrassrootsTask(Task):  # type: ignore[type-arg]
                 raise tried.error
             return short_retries(lambda: self._work(args, kwargs), SHORT_TRIES - 1)
         except Exception as exc:
-            if is_transient(exc) and self.request.retries < settings.task_max_retries:
-                countdown = get_exponential_backoff_interval(
-                    factor=1,
-                    retries=self.request.retries,
-                    maximum=settings.retry_backoff_max,
-                    full_jitter=True,
-                )
-                log.warning("retrying %s in %ss: %s", self.name, countdown, type(exc).__name__)
-                raise self.retry(exc=exc, countdown=countdown) from exc
+            self._retry_if_transient(exc)
+            if is_bad_input(exc) and self._reject(ledger, exc):
+                return None
             reason = (
                 InvariantViolation.reason
                 if isinstance(exc, InvariantViolation)
@@ -179,6 +221,20 @@ class GrassrootsTask(Task):  # type: ignore[type-arg]
             )
             self._dead_letter(ledger, args, kwargs, exc, reason, attempts)
             return None
+
+    def _retry_if_transient(self, exc: Exception) -> None:
+        """Raise Celery's retry of a transient failure, with exponential backoff and jitter,
+        while retries remain."""
+        settings = get_settings()
+        if is_transient(exc) and self.request.retries < settings.task_max_retries:
+            countdown = get_exponential_backoff_interval(
+                factor=1,
+                retries=self.request.retries,
+                maximum=settings.retry_backoff_max,
+                full_jitter=True,
+            )
+            log.warning("retrying %s in %ss: %s", self.name, countdown, type(exc).__name__)
+            raise self.retry(exc=exc, countdown=countdown) from exc
 
     def _work(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """One try of the work, and what it hands to ``after_commit`` once it has committed."""
@@ -226,11 +282,12 @@ class GrassrootsTask(Task):  # type: ignore[type-arg]
     ) -> None:
         """Written with the short retries: a row lock held a moment by another copy of the task
         must not lose the record of the failure."""
-        arguments = dict(inspect.signature(self.run).bind(*args, **kwargs).arguments)
+        arguments = self._arguments(args, kwargs)
+        host = socket.gethostname()
 
-        def write() -> None:
+        def write() -> bool:
             with session_scope() as session:
-                deadletters.record(
+                return deadletters.record(
                     session,
                     task=self.name,
                     args=arguments,
@@ -238,16 +295,51 @@ class GrassrootsTask(Task):  # type: ignore[type-arg]
                     exc=exc,
                     reason=reason,
                     attempts=attempts,
+                    host=host,
                 )
 
-        short_retries(write)
-        log.error("dead-lettered %s: %s", self.name, reason, extra={"host": socket.gethostname()})
+        exception, _ = deadletters.describe(exc)
+        if short_retries(write):
+            log.error("dead-lettered %s: %s (%s)", self.name, reason, exception)
+        else:
+            # A late copy failed after another finished the work: that work stands.
+            log.warning("%s failed (%s) after its work was done; left as done", self.name, reason)
+
+    def _reject(self, ledger: Ledger, exc: BaseException) -> bool:
+        """Reject the work's event for a value it holds; False if it has no event to reject (or
+        the event finished meanwhile): the failure is then a dead letter."""
+        exception, message = deadletters.describe(exc)
+        reason = f"a value cannot be used: {exception}: {message}"[:500]
+
+        def write() -> bool:
+            with session_scope() as session:
+                return ledger.reject(session, reason)
+
+        if not short_retries(write):
+            return False
+        log.error("rejected the event of %s: %s", self.name, exception)
+        return True
+
+    def _arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        return dict(inspect.signature(self.run).bind(*args, **kwargs).arguments)
+
+    def _ledger(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Ledger:
+        if self.ledger is not None:
+            return self.ledger(*args, **kwargs)
+        # Called in-process (no message): its attempts are this call's own.
+        task_id = self.request.id or uuid.uuid4().hex
+        ids = {
+            name: value
+            for name, value in self._arguments(args, kwargs).items()
+            if isinstance(value, str | int) and not isinstance(value, bool)
+        }
+        return MessageLedger(self.name, task_id, ids)
 
 
-def _bump(ledger: Ledger) -> Callable[[], int | None]:
+def _bump(ledger: Ledger, task_id: str | None) -> Callable[[], int | None]:
     def bump() -> int | None:
         # The counters commit on their own, without the WAL wait (see ``tasks.attempts``).
         with autocommit() as conn:
-            return ledger.bump(conn)
+            return ledger.bump(conn, task_id)
 
     return bump

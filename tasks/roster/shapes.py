@@ -10,10 +10,17 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from models import AdminRemoval, CleverRole, Mastery, Role
 from tasks.errors import GrassrootsError
+from tasks.storable import STORABLE_TEXT
 
 ID_PATTERN = r"^[A-Za-z0-9_.:\-]+$"
 ID_MAX_LENGTH = 64
 Id = Annotated[str, Field(min_length=1, max_length=ID_MAX_LENGTH, pattern=ID_PATTERN)]
+# Free text, as long as the columns that keep it allow, and storable (``tasks.storable``): a
+# NUL or a lone surrogate is refused here, with its field named, not by the database.
+NamePart = Annotated[str, Field(max_length=200, pattern=STORABLE_TEXT)]
+Email = Annotated[str, Field(max_length=320, pattern=STORABLE_TEXT)]
+Title = Annotated[str, Field(min_length=1, max_length=500, pattern=STORABLE_TEXT)]
+Label = Annotated[str, Field(min_length=1, max_length=200, pattern=STORABLE_TEXT)]
 # The Clever roles that make a platform role.
 CLEVER_ROLES: dict[str, Role] = {
     clever: platform for clever in CleverRole if (platform := clever.platform_role) is not None
@@ -31,9 +38,9 @@ class _Record(BaseModel):
 
 
 class CleverName(_Record):
-    first: str | None = None
-    middle: str | None = None
-    last: str | None = None
+    first: NamePart | None = None
+    middle: NamePart | None = None
+    last: NamePart | None = None
 
     def full(self) -> str | None:
         return " ".join(p for p in (self.first, self.last) if p) or None
@@ -42,7 +49,7 @@ class CleverName(_Record):
 class CleverUser(_Record):
     id: Id
     district: Id
-    email: str | None = None
+    email: Email | None = None
     name: CleverName | None = None
     # Each role's own fields under its key, for the roles of Clever's five (``CleverRole``) the
     # user holds. Keyed by text, which compares equal to the enum's members: no enum to build per
@@ -79,7 +86,7 @@ class CleverUser(_Record):
 class CleverSection(_Record):
     id: Id
     district: Id
-    name: str = Field(min_length=1, max_length=500)
+    name: Title
     teacher: Id | None = None
     teachers: list[Id] = []
     students: list[Id] = []
@@ -95,14 +102,14 @@ class Policy(_Record):
 
 class DistrictRecord(_Record):
     id: Id
-    name: str = Field(min_length=1, max_length=500)
+    name: Title
     policy: Policy = Policy()
 
 
 class PlatformAccount(_Record):
     id: Id
-    email: str | None = None
-    name: str | None = None
+    email: Email | None = None
+    name: Annotated[str, Field(max_length=500, pattern=STORABLE_TEXT)] | None = None
     # Role's values, spelled out: a Literal of the enum's members would name them in its
     # message as "<Role.TEACHER: 'teacher'>".
     roles: list[Literal["teacher", "student"]] = Field(min_length=1)
@@ -110,7 +117,7 @@ class PlatformAccount(_Record):
 
 class PlatformClass(_Record):
     id: Id
-    name: str = Field(min_length=1, max_length=500)
+    name: Title
     teacher: Id
     students: list[Id] = []
 
@@ -125,16 +132,16 @@ class ClassItem(_Record):
 
 
 class PlatformGoal(ClassItem):
-    course: str = Field(min_length=1, max_length=200)
+    course: Label
 
 
 class PlatformAssignment(ClassItem):
-    title: str = Field(min_length=1, max_length=500)
+    title: Title
 
 
 class Progress(_Record):
     user: Id
-    skill: str = Field(min_length=1, max_length=200)
+    skill: Label
     points: int = Field(ge=0)
     mastery: Mastery
 

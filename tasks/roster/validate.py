@@ -23,6 +23,7 @@ from tasks.roster.shapes import (
     SnapshotError,
 )
 from tasks.sql import existing_ids
+from tasks.storable import explain
 
 MAX_PROBLEMS = 20  # named one by one; beyond, only counted
 
@@ -88,7 +89,7 @@ def parse_snapshot(data: Any) -> Snapshot:
         problems = _Problems()
         # pydantic's messages name what was expected, never the input (personal data).
         for err in exc.errors(include_input=False, include_url=False):
-            problems.add(f"{_where(data, err['loc'])}: {err['msg']}")
+            problems.add(f"{_where(data, err['loc'])}: {explain(err)}")
         raise problems.error() from None
 
 

@@ -24,8 +24,12 @@ from worker.run import redis_server_argv
 from worker.signing import signed_headers
 
 T = TypeVar("T")
+# Test values as strong as the settings require (WEBHOOK_SECRETS: a 24-byte key at least;
+# OPS_TOKEN: 24 characters; FLOWER_BASIC_AUTH: a 16-character password): every test uses these.
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
-OPS_TOKEN = "test-ops-token"
+OPS_TOKEN = "test-ops-token-0123456789"
+FLOWER_USER, FLOWER_PASSWORD = "ops", "flower-password-for-tests"
+FLOWER_BASIC_AUTH = f"{FLOWER_USER}:{FLOWER_PASSWORD}"
 BIN = Path(sys.executable).parent / "grassroots"
 
 
@@ -78,6 +82,13 @@ class RedisServer:
             self.proc.terminate()
             self.proc.wait(10)
             self.proc = None
+
+    def __enter__(self) -> RedisServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 class Stack:

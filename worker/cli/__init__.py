@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from worker.cli import district, events, poll, processes, roster, sync
+from worker.cli import district, events, pauses, poll, processes, roster, sync
 from worker.cli.common import fail
 from worker.settings import ConfigError, get_settings, home_secrets
 
@@ -62,6 +62,7 @@ for command in (
     events.events,
     events.held,
     events.status,
+    pauses.pause,
     processes.serve,
     processes.worker,
     processes.beat,

@@ -9,6 +9,7 @@ without them, and an exit's end-to-end time includes this command's start-up.
 from __future__ import annotations
 
 import time
+from typing import Literal
 
 import click
 from sqlalchemy.orm import Session
@@ -67,7 +68,8 @@ def district_preview(district_id: str, as_json: bool) -> None:
     help="Run the whole exit here in one transaction, without workers.",
 )
 def district_exit(district_id: str, wait: bool, in_process: bool) -> None:
-    """Exit a district from the program (contract end): convert every account."""
+    """Exit a district from the program (contract end): convert every account. With --wait,
+    ends with status 1 as soon as the exit cannot finish without an operator."""
     if in_process:
         _exit_in_process(district_id)
         return
@@ -77,12 +79,30 @@ def district_exit(district_id: str, wait: bool, in_process: bool) -> None:
         earlier = _undone_exit(session, district_id)
     with refusals():
         try:
-            services.start_exit(district_id, by=TRIGGER)
+            task_id = services.start_exit(district_id, by=TRIGGER)
         except services.BrokerUnavailable as exc:
             fail(str(exc))
     click.echo(f"district {district_id}: exit started")
     if wait:
-        _wait_for_exit(district_id, after=earlier)
+        _wait_for_exit(district_id, after=earlier, start=task_id)
+
+
+@district.command("resume")
+@click.argument("district_id")
+@click.option("--wait", is_flag=True, help="Wait for the exit to finish, with a progress bar.")
+def district_resume(district_id: str, wait: bool) -> None:
+    """Send the dead and stalled units of a district's exit again, by the same keys."""
+    from worker import services
+
+    with refusals():
+        try:
+            resumed = services.resume_exit(district_id, by="cli:district-resume")
+        except services.BrokerUnavailable as exc:
+            fail(str(exc))
+    dead = ", ".join(resumed.units) or "none dead"
+    click.echo(f"district {district_id}: exit {resumed.exit_id} resumed ({dead})")
+    if wait:
+        _wait_for_exit(district_id, after=None, start=None)
 
 
 def _exit_in_process(district_id: str) -> None:
@@ -108,22 +128,44 @@ def _undone_exit(session: Session, district_id: str) -> int | None:
     return latest.exit_id if latest is not None else None
 
 
-def _wait_for_exit(district_id: str, *, after: int | None) -> None:
-    """Until the district's latest exit, if newer than exit ``after``, is done."""
-    from tasks.exits import RESTORED, progress
+def _wait_for_exit(district_id: str, *, after: int | None, start: str | None) -> None:
+    """Until the district's latest exit, if newer than exit ``after``, is done; status 1 as
+    soon as it cannot be without an operator: its start task (``start``) or a unit is dead,
+    or a restore undid it."""
+    from tasks.attempts import task_subject
+    from tasks.deadletters import open_letter
+    from tasks.exits import RESTORED, STALLED, progress
+    from worker.names import TaskName
 
     started = time.monotonic()
     with click.progressbar(length=1, label="exiting", show_pos=True) as bar:
         while True:
             with unit_of_work() as session:
                 p = progress(session, district_id)
+                not_begun = p is None or (after is not None and p.exit_id <= after)
+                start_failed = (
+                    start is not None
+                    and not_begun
+                    and open_letter(session, task_subject(TaskName.DISTRICT_EXIT, start))
+                )
+            if start_failed:
+                fail(
+                    f"district {district_id}: the exit's start failed for good: see `grassroots"
+                    " events list --status dead` and `grassroots status`, then start it again"
+                )
             if p is not None and (after is None or p.exit_id > after):
-                bar.length = max(p.total, 1)
-                bar.update(p.done - bar.pos)
+                bar.length = max(p.units_total, 1)
+                bar.update(p.units_done - bar.pos)
                 if p.status == ExitStatus.DONE:
                     break
                 if p.status == RESTORED:  # undone meanwhile: it will never be done
                     fail(f"district {district_id}: exit {p.exit_id} was undone by a restore")
+                if p.status == STALLED:
+                    fail(
+                        f"district {district_id}: exit {p.exit_id} is stalled: dead unit(s)"
+                        f" {', '.join(p.units_dead)}; `grassroots district resume {district_id}`"
+                        " sends them again"
+                    )
             time.sleep(0.5)
     click.echo(f"district {district_id} exited in {time.monotonic() - started:.1f}s")
 
@@ -135,19 +177,54 @@ def _wait_for_exit(district_id: str, *, after: int | None) -> None:
     type=click.Choice([str(p) for p in AdminRemoval]),
     help="What becomes of an admin who leaves: a grassroots teacher (convert), or no login.",
 )
+@click.option(
+    "--brake-percent",
+    callback=lambda ctx, param, value: _brake_percent(value),
+    help="The district's own removal brake, in percent of its accounts a day (above 0, at most"
+    " 100), winning over REMOVAL_BRAKE_PERCENT; 'default' follows REMOVAL_BRAKE_PERCENT again.",
+)
 @click.option("--json", "as_json", is_flag=True)
-def policy(district_id: str, admin_removal: str | None, as_json: bool) -> None:
+def policy(
+    district_id: str,
+    admin_removal: str | None,
+    brake_percent: float | Literal["default"] | None,
+    as_json: bool,
+) -> None:
     """Show or set a district's policy."""
     from tasks.policy import set_policy
+    from worker.settings import get_settings
 
     with unit_of_work(as_json=as_json) as session:
         now = set_policy(
             session,
             district_id,
             admin_removal=AdminRemoval(admin_removal) if admin_removal else None,
+            brake_percent=brake_percent,
             by="cli:policy",
         )
     if as_json:
         emit({"district": district_id, "policy": now})
         return
-    click.echo(f"district {district_id}: " + ", ".join(f"{k}={v}" for k, v in now.items()))
+    shown = dict(now)
+    if shown.get("brake_percent") is None:
+        shown["brake_percent"] = (
+            f"default (REMOVAL_BRAKE_PERCENT={get_settings().removal_brake_percent:g})"
+        )
+    click.echo(f"district {district_id}: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
+
+
+def _brake_percent(value: str | None) -> float | Literal["default"] | None:
+    """``--brake-percent``: a number above 0 and at most 100, or ``default``; else misuse."""
+    from tasks.errors import InvalidInput
+    from tasks.policy import DEFAULT_BRAKE, check_brake_percent
+
+    if value is None:
+        return None
+    if value == DEFAULT_BRAKE:
+        return DEFAULT_BRAKE
+    try:
+        return check_brake_percent(float(value))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a number (nor 'default')") from None
+    except InvalidInput as exc:
+        raise click.BadParameter(str(exc)) from None

@@ -1,4 +1,4 @@
-"""The inbox and what waits for an operator: ``events list|show|replay``, ``held
+"""The inbox and what waits for an operator: ``events list|show|replay|discard``, ``held
 list|release|discard``, and the pipeline's ``status``.
 
 The views (``tasks.*``) and the operator actions (``worker.services``, ``worker.status``: they
@@ -81,6 +81,7 @@ def events_replay(event_id: str | None, status: str | None, type_: str | None) -
         why = {
             deadletters.ALREADY_FINAL: "already applied",
             deadletters.HELD: "held by the brake (grassroots held release)",
+            deadletters.DEFERRED: "deferred by a roster pause (applied when it ends)",
             deadletters.IN_FLIGHT: "already queued or being processed",
         }[result.outcomes[event_id]]
         click.echo(f"{event_id}: {why}, nothing to replay")
@@ -89,6 +90,17 @@ def events_replay(event_id: str | None, status: str | None, type_: str | None) -
     click.echo(
         f"replaying {len(queued)} event(s)" + (f"; {unsent} left for the relay" if unsent else "")
     )
+
+
+@events.command("discard")
+@click.argument("event_id")
+def events_discard(event_id: str) -> None:
+    """Drop a held or deferred event for good: what it would remove stays."""
+    from worker import services
+
+    with refusals():
+        was = services.discard_event(event_id, by="cli:discard")
+    click.echo(f"{event_id}: discarded (it was {was})")
 
 
 @click.group()
@@ -159,6 +171,7 @@ def status(as_json: bool) -> None:
         return
     click.echo(
         f"pending {data['pending']}  dead {data['dead']}  held {data['held']}"
+        f"  deferred {data['deferred']}"
         f"  broker {data['broker']}"
     )
     click.echo(

@@ -21,6 +21,9 @@ from worker.settings import get_settings
 from worker.signing import signed_headers
 
 WEBHOOK_URL = "http://127.0.0.1:8000/webhooks/clever"
+# ``serve --routes``: the app of ``worker.api`` each serves (named here, so that the command
+# line does without importing the HTTP app).
+SERVED_APPS = {"all": "app", "webhooks": "webhooks_app", "ops": "ops_app"}
 
 
 @click.command()
@@ -33,7 +36,16 @@ WEBHOOK_URL = "http://127.0.0.1:8000/webhooks/clever"
     type=click.IntRange(1, 64),
     help="uvicorn worker processes.",
 )
-def serve(host: str, port: int, workers: int) -> None:
+@click.option(
+    "--routes",
+    default="all",
+    show_default=True,
+    type=click.Choice(list(SERVED_APPS)),
+    help="What this listener serves: webhooks (POST /webhooks/clever), ops (/ops/..., /metrics)"
+    " or all; /healthz and /readyz always. Two `serve`s, one per port, keep the ops API and"
+    " metrics off the listener Clever reaches.",
+)
+def serve(host: str, port: int, workers: int, routes: str) -> None:
     """Run the webhook receiver and ops API."""
     import uvicorn
 
@@ -43,7 +55,7 @@ def serve(host: str, port: int, workers: int) -> None:
     # Keep idle connections longer than a client or load balancer does (60 s is common), so the
     # server never closes one just as a request is sent on it (a reset the sender sees as lost).
     uvicorn.run(
-        "worker.api:app",
+        f"worker.api:{SERVED_APPS[routes]}",
         host=host,
         port=port,
         workers=workers,
@@ -134,32 +146,28 @@ def beat(loglevel: str) -> None:
 @click.option("--address", default="127.0.0.1", show_default=True)
 @click.option("--port", default=5555, show_default=True, type=click.IntRange(1, 65535))
 def flower(address: str, port: int) -> None:
-    """Run Flower (queue depth per queue, workers, tasks). FLOWER_BASIC_AUTH (user:password) is
-    required unless it listens on loopback only."""
+    """Run Flower (queue depth per queue, workers, tasks), behind basic auth: FLOWER_BASIC_AUTH
+    (user:password; `grassroots run` generates one in the home) is required on every address."""
     auth = get_settings().flower_basic_auth
-    loopback = address in ("127.0.0.1", "localhost", "::1")
-    if not auth and not loopback:
+    # Loopback included: any local user or process, and any web page a browser on this machine
+    # opens, could otherwise send tasks through Flower's API.
+    if not auth:
         fail(
             f"refusing to serve Flower on {address or 'every interface'} without"
             " FLOWER_BASIC_AUTH (user:password)"
         )
-    if auth and not all(
-        user and password for user, _, password in (c.partition(":") for c in auth.split(","))
-    ):
-        fail("FLOWER_BASIC_AUTH must be user:password, neither empty (several: comma-separated)")
     from worker.celery_app import app
 
     # With the Redis broker Flower reads each named queue's depth from Redis itself, choosing its
     # reader by the scheme of the broker URL kombu gives back: it needs kombu's own transport
     # for that (``worker.broker`` only serves the worker's message handling).
     app.conf.broker_transport = None
-    argv = ["flower", f"--address={address}", f"--port={port}", "--purge_offline_workers=60"]
-    if auth:
-        argv.append(f"--basic-auth={auth}")
-    else:
-        # Loopback only, no auth configured: the UI is open to this machine, so is its API.
-        os.environ["FLOWER_UNAUTHENTICATED_API"] = "true"
-    app.start(argv)
+    # Flower reads its options from FLOWER_* variables too: the credentials go that way, never
+    # on the command line, which `ps` shows to every user. No inherited variable may open its
+    # API without them.
+    os.environ["FLOWER_BASIC_AUTH"] = auth
+    os.environ.pop("FLOWER_UNAUTHENTICATED_API", None)
+    app.start(["flower", f"--address={address}", f"--port={port}", "--purge_offline_workers=60"])
 
 
 @click.command()

@@ -118,10 +118,18 @@ def restore(subject_id: str) -> None:
 
 
 @click.command()
-def purge() -> None:
-    """Hard-delete what conversions removed more than RETENTION_DAYS ago."""
-    from tasks.conversion import purge as purge_expired
+@click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
+def purge(as_json: bool) -> None:
+    """Hard-delete what conversions removed more than RETENTION_DAYS ago, and strip the
+    personal data kept that long: final events' payloads, resolved dead letters, audit details."""
+    from tasks import retention
 
     with unit_of_work() as session:
-        n = purge_expired(session, retention_days=get_settings().retention_days)
-    click.echo(f"purged {n} journal entries")
+        purged = retention.purge(session, retention_days=get_settings().retention_days)
+    counts = purged.as_dict()
+    if as_json:
+        emit(counts)
+    else:
+        click.echo(
+            "purged " + ", ".join(f"{n} {what.replace('_', ' ')}" for what, n in counts.items())
+        )

@@ -39,13 +39,7 @@ from models.roster_user import RosterUser
 from models.skill_progress import SkillProgress
 from models.task_attempt import TaskAttempt
 
-# TODO(one home per rule): callers move to the enums
-EVENT_STATUSES = tuple(str(s) for s in EventStatus)
-FINAL_STATUSES = tuple(str(s) for s in EventStatus.final())
-
 __all__ = [
-    "EVENT_STATUSES",
-    "FINAL_STATUSES",
     "ROLE_COLUMNS",
     "Account",
     "AccountKind",

@@ -268,29 +268,25 @@ def test_a_converted_account_reappearing_during_a_pause_is_restored(seeded: Sess
     assert account_view(seeded, STEVE) == before
 
 
+def _example_pull(*, without: set[str], sections: bool = True) -> reconciling.Pull:
+    """The example district as a complete pull would find it, less the users ``without``, and
+    with no section at all unless ``sections``."""
+    data = example()
+    users = (reconciling.pulled_user(CleverUser.model_validate(r)) for r in data["users"])
+    pulled = (reconciling.pulled_section(CleverSection.model_validate(r)) for r in data["sections"])
+    return reconciling.Pull(
+        district_id=DISTRICT,
+        district_name=data["districts"][0]["name"],
+        users={u.id: u for u in users if u.id not in without},
+        sections={s.id: s for s in pulled} if sections else {},
+        started_at=utcnow(),
+    )
+
+
 def test_a_sync_during_a_pause_records_its_removals_and_the_workers_defer_them(
     seeded: Session,
 ) -> None:
-    data = example()
-    pull = reconciling.Pull(
-        district_id=DISTRICT,
-        district_name=data["districts"][0]["name"],
-        users={
-            u.id: u
-            for u in (
-                reconciling.pulled_user(CleverUser.model_validate(raw)) for raw in data["users"]
-            )
-            if u.id != STEVE
-        },
-        sections={
-            s.id: s
-            for s in (
-                reconciling.pulled_section(CleverSection.model_validate(raw))
-                for raw in data["sections"]
-            )
-        },
-        started_at=utcnow(),
-    )
+    pull = _example_pull(without={STEVE})
     pause(seeded)
     reconciling.begin(seeded, DISTRICT, "sync-1", trigger="test", dry_run=False)
     report = reconciling.reconcile(seeded, pull, "sync-1", dry_run=False, brake_percent=100)
@@ -542,18 +538,7 @@ def test_a_districts_own_brake_percent_wins_over_the_default(seeded: Session) ->
 
 
 def test_a_sync_predicts_what_the_districts_own_brake_holds(seeded: Session) -> None:
-    data = example()
-    pull = reconciling.Pull(
-        district_id=DISTRICT,
-        district_name=data["districts"][0]["name"],
-        users={
-            u.id: u
-            for u in (reconciling.pulled_user(CleverUser.model_validate(r)) for r in data["users"])
-            if u.id not in (STEVE, MARIA, LEO)
-        },
-        sections={},
-        started_at=utcnow(),
-    )
+    pull = _example_pull(without={STEVE, MARIA, LEO}, sections=False)
     for n, percent in enumerate((None, 50.0)):
         policy.set_policy(seeded, DISTRICT, brake_percent=percent or policy.DEFAULT_BRAKE, by="t")
         reconciling.begin(seeded, DISTRICT, f"dry-{n}", trigger="test", dry_run=True)

@@ -5,9 +5,6 @@ bounded by socket timeouts (``worker.celery_app``)."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -17,7 +14,7 @@ import redis
 
 from tests.support.databases import PgDatabases
 from tests.support.scenario import DISTRICT, EXAMPLE, STEVE
-from tests.support.stack import Stack, clever_event, running_stack
+from tests.support.stack import Stack, clever_event, running_stack, terminate_group
 from worker.celery_app import SEND_SOCKET_TIMEOUT, WORKER_SOCKET_TIMEOUT, app
 
 pytestmark = pytest.mark.slow
@@ -80,11 +77,6 @@ def test_a_paused_redis_hangs_neither_the_receiver_nor_an_operator(
         # until Redis answers again.
         assert stack.post(deleted("paused-2")).status_code == 202
         serve = stack.procs.pop("serve")
-        os.killpg(serve.pid, signal.SIGTERM)
-        try:
-            serve.wait(12)
-        except subprocess.TimeoutExpired:
-            os.killpg(serve.pid, signal.SIGKILL)
-            serve.wait(10)
-            raise AssertionError("the receiver did not stop while Redis was paused") from None
+        if not terminate_group(serve, within=12):
+            raise AssertionError("the receiver did not stop while Redis was paused")
         assert "paused-2" in stack.cli("events", "list", "--json").stdout

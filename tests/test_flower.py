@@ -5,7 +5,6 @@ appear on its command line (SPEC §5.6, §5.7, §7)."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from tests.support.stack import (
     FLOWER_USER,
     RedisServer,
     spare_port,
+    terminate_group,
     wait_until,
 )
 from worker.celery_app import QUEUES, app
@@ -107,12 +107,7 @@ def flower(broker: RedisServer, workdir: Path) -> Iterator[Flower]:
         yield running
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
+            terminate_group(proc, within=15)
 
 
 @pytest.mark.parametrize("path", PROTECTED)

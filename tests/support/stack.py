@@ -51,6 +51,19 @@ def wait_until(predicate: Callable[[], T], *, timeout: float = 60, what: str = "
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
+def terminate_group(proc: subprocess.Popen[Any], *, within: float) -> bool:
+    """SIGTERM to the process group ``proc`` leads; True if it ended within ``within`` seconds,
+    else it is killed (SIGKILL) and False."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(within)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        return False
+    return True
+
+
 class RedisServer:
     def __init__(self, directory: Path, port: int | None = None) -> None:
         self.directory = directory

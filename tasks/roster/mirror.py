@@ -311,7 +311,12 @@ def upsert_accounts(session: Session, users: Sequence[CleverUser]) -> None:
 
 
 def _grant_reports(session: Session, admins: Sequence[CleverUser], now: datetime) -> None:
-    """Grant report access only to admins still in their (active) district."""
+    """Grant report access only to admins still in their (active) district.
+
+    A grant a role loss revoked comes back live with the role (SPEC §5.1: a role the roster lists
+    again is given back whole): the role flag and the grant are one thing to a reader, and an
+    admin that cannot open reports is the contradiction this prevents. Seed, sync and events all
+    add roles through here."""
     eligible = {
         row[0]
         for row in session.execute(
@@ -325,7 +330,12 @@ def _grant_reports(session: Session, admins: Sequence[CleverUser], now: datetime
             )
         )
     }
-    grant = dialect_insert(session, ReportAccess).on_conflict_do_nothing()
+    grant = dialect_insert(session, ReportAccess)
+    grant = grant.on_conflict_do_update(
+        index_elements=[ReportAccess.account_id, ReportAccess.district_id],
+        set_={"removed_by": None, "updated_at": now},
+        where=ReportAccess.removed_by.is_not(None),
+    )
     _bulk(
         session,
         grant,

@@ -5,6 +5,7 @@ from models.assignment import Assignment
 from models.audit import AuditRecord
 from models.base import Base, utcnow
 from models.class_teacher import ClassTeacher
+from models.console_session import ConsoleSession
 from models.dead_letter import DeadLetter
 from models.district import District
 from models.district_exit import DistrictExit, ExitUnit
@@ -19,6 +20,7 @@ from models.enums import (
     ExitStatus,
     JournalKind,
     Mastery,
+    OperatorRole,
     PollStatus,
     Role,
     SyncStatus,
@@ -30,6 +32,7 @@ from models.heartbeat import Heartbeat
 from models.journal import JournalEntry
 from models.klass import Class
 from models.object_version import ObjectVersion
+from models.operator import Operator
 from models.pause import Pause
 from models.poll_cursor import PollCursor
 from models.report_access import ReportAccess
@@ -51,6 +54,7 @@ __all__ = [
     "Class",
     "ClassTeacher",
     "CleverRole",
+    "ConsoleSession",
     "DeadLetter",
     "District",
     "DistrictExit",
@@ -65,6 +69,8 @@ __all__ = [
     "JournalKind",
     "Mastery",
     "ObjectVersion",
+    "Operator",
+    "OperatorRole",
     "Pause",
     "PollCursor",
     "PollStatus",

@@ -148,3 +148,10 @@ class Mastery(StrEnum):
 def sql_in(column: str, values: type[StrEnum]) -> str:
     """``column IN ('a', 'b')`` for a check constraint, from an enum's values in their order."""
     return f"{column} IN ({', '.join(repr(str(v)) for v in values)})"
+
+
+class OperatorRole(StrEnum):
+    """What a person signed in to the console (or holding an operator's token) may do (§5.9)."""
+
+    VIEWER = "viewer"  # sees every page, changes nothing
+    OPERATOR = "operator"  # may change

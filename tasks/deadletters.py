@@ -10,14 +10,15 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from models import AuditRecord, DeadLetter, EventStatus, RosterEvent, utcnow
-from tasks.attempts import Ledger
+from models import AuditRecord, DeadLetter, DistrictExit, EventStatus, RosterEvent, utcnow
+from tasks.attempts import Ledger, unit_subject
 from tasks.errors import NotFound
 
+UNIT_PREFIX = unit_subject(0, "").split(":")[0] + ":"
 TRACEBACK_CHARS = 20000
 ERROR_CHARS = 5000
 
@@ -169,3 +170,89 @@ def dead_events(session: Session, *, type_: str | None = None) -> Sequence[str]:
     if type_:
         query = query.where(RosterEvent.type == type_)
     return session.scalars(query.order_by(RosterEvent.received_at)).all()
+
+
+def _error_class() -> Any:
+    """A dead letter's error class: its exception's, or its reason when none was kept."""
+    return func.coalesce(DeadLetter.exception, DeadLetter.reason)
+
+
+def groups(session: Session) -> list[dict[str, Any]]:
+    """Open dead letters grouped by task and error class, the largest group first: each with
+    its count, first and last failure, how many are events (what ``replay_group`` sends), the
+    districts of its dead exit units, and ``up_to``, the highest id in it (a confirmation
+    carries it, so a later arrival is not swept in)."""
+    error = _error_class().label("error")
+    rows = session.execute(
+        select(
+            DeadLetter.task,
+            error,
+            func.count().label("count"),
+            func.count(DeadLetter.event_id).label("events"),
+            func.min(DeadLetter.first_failed_at).label("first"),
+            func.max(DeadLetter.last_failed_at).label("last"),
+            func.max(DeadLetter.id).label("up_to"),
+        )
+        .where(DeadLetter.resolved_at.is_(None))
+        .group_by(DeadLetter.task, error)
+        .order_by(func.count().desc(), DeadLetter.task, error)
+    ).all()
+    units = _dead_unit_districts(session)
+    return [
+        {
+            "task": r.task,
+            "error": r.error,
+            "count": r.count,
+            "events": r.events,
+            "first_failed_at": r.first.isoformat(),
+            "last_failed_at": r.last.isoformat(),
+            "up_to": r.up_to,
+            "districts": sorted(units.get((r.task, r.error), set())),
+        }
+        for r in rows
+    ]
+
+
+def _dead_unit_districts(session: Session) -> dict[tuple[str, str], set[str]]:
+    """The districts of the open dead letters of exit units (``exit_unit:<exit>:<key>``), by
+    group."""
+    error = _error_class().label("error")
+    rows = session.execute(
+        select(DeadLetter.task, error, DeadLetter.subject).where(
+            DeadLetter.resolved_at.is_(None), DeadLetter.subject.like(f"{UNIT_PREFIX}%")
+        )
+    ).all()
+    wanted = {int(subject.split(":")[1]) for _, _, subject in rows}
+    district_of = dict(
+        session.execute(
+            select(DistrictExit.id, DistrictExit.district_id).where(
+                DistrictExit.id.in_(sorted(wanted))
+            )
+        )
+        .tuples()
+        .all()
+    )
+    found: dict[tuple[str, str], set[str]] = {}
+    for task, err, subject in rows:
+        district = district_of.get(int(subject.split(":")[1]))
+        if district is not None:
+            found.setdefault((task, err), set()).add(district)
+    return found
+
+
+def group_events(session: Session, *, task: str, error: str, up_to: int) -> list[str]:
+    """The events of a group's open dead letters as a confirmation saw them (ids up to
+    ``up_to``), oldest failure first: what Replay all sends."""
+    return list(
+        session.scalars(
+            select(DeadLetter.event_id)
+            .where(
+                DeadLetter.resolved_at.is_(None),
+                DeadLetter.task == task,
+                _error_class() == error,
+                DeadLetter.id <= up_to,
+                DeadLetter.event_id.is_not(None),
+            )
+            .order_by(DeadLetter.first_failed_at, DeadLetter.id)
+        )
+    )

@@ -177,7 +177,7 @@ NO_TOKEN = "no bearer token: send 'Authorization: Bearer <OPS_TOKEN>'"
 NOT_BEARER = (
     "the Authorization header holds no bearer token: send 'Authorization: Bearer <OPS_TOKEN>'"
 )
-WRONG_TOKEN = "the bearer token is not this server's OPS_TOKEN"
+WRONG_TOKEN = "the bearer token is not this server's OPS_TOKEN nor an operator's"
 NO_OPS_TOKEN = "this server has no OPS_TOKEN set: its ops API refuses every request"
 
 

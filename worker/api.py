@@ -108,6 +108,10 @@ async def _unauthorized(request: Request, exc: ops_api.Unauthorized) -> JSONResp
     return response
 
 
+async def _forbidden(request: Request, exc: ops_api.Forbidden) -> JSONResponse:
+    return error(403, "forbidden", str(exc))
+
+
 async def metrics() -> Response:
     body = await run_in_threadpool(generate_latest, registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
@@ -162,6 +166,7 @@ def create_app(routes: Routes = Routes.ALL) -> FastAPI:
     served.add_exception_handler(NotFound, _not_found)  # type: ignore[arg-type]
     served.add_exception_handler(GrassrootsError, _refused)  # type: ignore[arg-type]
     served.add_exception_handler(ops_api.Unauthorized, _unauthorized)  # type: ignore[arg-type]
+    served.add_exception_handler(ops_api.Forbidden, _forbidden)  # type: ignore[arg-type]
     if routes in (Routes.ALL, Routes.WEBHOOKS):
         # A plain Starlette route: the handler reads the request itself, so FastAPI's
         # per-request dependency and parameter machinery would be pure overhead on the busiest

@@ -52,6 +52,14 @@ def replay_dead(*, type_: str | None = None, by: str) -> Replayed:
     return replay(ids, by=by)
 
 
+def replay_group(*, task: str, error: str, up_to: int, by: str) -> Replayed:
+    """Replay all of a dead-letter group as its confirmation saw it: the events of its open
+    dead letters with ids up to ``up_to``; a later arrival is not swept in."""
+    with session_scope() as session:
+        ids = deadletters.group_events(session, task=task, error=error, up_to=up_to)
+    return replay(ids, by=by)
+
+
 def release_held(
     *, event_id: str | None = None, district_id: str | None = None, by: str
 ) -> list[str]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from worker.cli import district, events, pauses, poll, processes, roster, sync
+from worker.cli import district, events, operators, pauses, poll, processes, roster, sync
 from worker.cli.common import fail
 from worker.settings import ConfigError, get_settings, home_secrets
 
@@ -63,6 +63,7 @@ for command in (
     events.held,
     events.status,
     pauses.pause,
+    operators.operator,
     processes.serve,
     processes.worker,
     processes.beat,

@@ -26,8 +26,10 @@ lock: install ## Resolve pyproject.toml's ranges again into requirements/ (then 
 	$(LOCK) --upgrade -o requirements/runtime.txt pyproject.toml
 	$(LOCK) --upgrade --extra dev -o requirements/dev.txt pyproject.toml
 
-run: install ## Run the whole local stack (receiver, worker, beat, Flower) on embedded defaults
-	$(BIN)/grassroots run
+# `make run ARGS="--port 8100 --flower-port 5600"`: options for `grassroots run`.
+ARGS ?=
+run: install ## Run the whole local stack (receiver, worker, beat, Flower) on embedded defaults; ARGS="--port P --flower-port Q"
+	$(BIN)/grassroots run $(ARGS)
 
 test: install ## Run the whole test suite (needs PostgreSQL and Redis on 127.0.0.1)
 	$(BIN)/pytest

@@ -15,8 +15,9 @@ from typing import Any
 import httpx
 import pytest
 from click.testing import CliRunner, Result
+from sqlalchemy import func, select
 
-from models import RosterEvent
+from models import Account, RosterEvent
 from tasks.roster import load_snapshot
 from tests.support.app_env import CLOSED_BROKER, Configure
 from tests.support.cli import grassroots, no_stack, tree
@@ -153,7 +154,14 @@ def posted(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     sent: list[dict[str, Any]] = []
 
     def post(url: str, *, content: bytes, headers: dict[str, str], timeout: float) -> Any:
-        sent.append({"body": content, "headers": headers, "ops_token": get_settings().ops_token})
+        sent.append(
+            {
+                "url": url,
+                "body": content,
+                "headers": headers,
+                "ops_token": get_settings().ops_token,
+            }
+        )
         return httpx.Response(202, text='{"status": "accepted"}')
 
     monkeypatch.setattr(httpx, "post", post)
@@ -212,6 +220,68 @@ def test_send_webhook_without_a_secret_anywhere_says_where_it_looked(
     )
     assert posted == []
     assert tree(here) == ["event.json"]
+
+
+# --- where the stack listens ------------------------------------------------------------------
+
+
+def test_send_webhook_posts_where_the_stack_in_the_home_recorded_its_receiver(
+    here: Path, posted: list[dict[str, Any]]
+) -> None:
+    keep(here / "var", "webhook-secret", signing.generate_secret())
+    keep(here / "var", "listeners.json", json.dumps({"receiver": "http://127.0.0.1:8123"}))
+    keep(here / "other", "webhook-secret", signing.generate_secret())
+    (here / "event.json").write_text("{}")
+
+    assert invoke("send-webhook", "event.json").exit_code == 0
+    assert invoke("--home", "other", "send-webhook", "event.json").exit_code == 0
+    assert invoke("send-webhook", "event.json", "--url", "http://h:1/x").exit_code == 0
+
+    assert [p["url"] for p in posted] == [
+        "http://127.0.0.1:8123/webhooks/clever",
+        "http://127.0.0.1:8000/webhooks/clever",  # no run recorded one there: the default
+        "http://h:1/x",
+    ]
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_stack_that_does_not_answer_is_named_with_its_address_and_how_to_point_elsewhere(
+    here: Path,
+) -> None:
+    home = here / "var"
+    keep(home, "webhook-secret", signing.generate_secret())
+    port = closed_port()
+    keep(home, "listeners.json", json.dumps({"receiver": f"http://127.0.0.1:{port}"}))
+    (here / "event.json").write_text("{}")
+
+    result = invoke("send-webhook", "event.json")
+
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"grassroots: no stack answers at http://127.0.0.1:{port}/webhooks/clever (recorded in"
+        f" {home / 'listeners.json'} by `grassroots run`; ConnectError): start one with"
+        " `grassroots run`, or point elsewhere with --url URL (or --home DIR)\n"
+    )
+
+
+def test_the_demo_refuses_a_stack_that_does_not_answer_before_seeding_anything(
+    here: Path, database_url: str
+) -> None:
+    keep(here / "var", "webhook-secret", signing.generate_secret())
+    url = f"http://127.0.0.1:{closed_port()}/webhooks/clever"
+
+    result = invoke("demo", "--url", url, DATABASE_URL=database_url)
+
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"grassroots: no stack answers at {url} (--url; ConnectError)")
+    assert "point elsewhere with --url URL" in result.stderr
+    with session_scope() as session:
+        assert session.scalar(select(func.count()).select_from(Account)) == 0
 
 
 # --- JSON errors -------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -151,3 +152,15 @@ def test_a_later_run_uses_the_kept_secrets_unless_the_environment_sets_one(
         f"run | webhook secret: {tmp_path / 'webhook-secret'}\nrun | ops token: from OPS_TOKEN\n"
         f"run | flower basic auth: {tmp_path / 'flower-basic-auth'}\n"
     )
+
+
+def test_make_run_passes_its_arguments_to_grassroots_run() -> None:
+    """`make run ARGS="--port P --flower-port Q"`: the ports reach `grassroots run` (dry run)."""
+    root = Path(__file__).resolve().parent.parent
+    planned = subprocess.run(
+        ["make", "-n", "-C", str(root), "run", "ARGS=--port 8100 --flower-port 5600"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert ".venv/bin/grassroots run --port 8100 --flower-port 5600\n" in planned.stdout

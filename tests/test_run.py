@@ -163,8 +163,18 @@ def test_run_starts_everything_and_the_demo_converts_through_it(stack: Run) -> N
     assert second.stdout == ""
     assert stack.ready()
 
-    demo = stack.cli("demo", "--url", f"http://127.0.0.1:{stack.port}/webhooks/clever")
+    # On ports of its own, found from the same directory with no --url: the run recorded them.
+    assert json.loads((home / "listeners.json").read_text()) == {
+        "receiver": f"http://127.0.0.1:{stack.port}",
+        "flower": f"http://127.0.0.1:{stack.flower}",
+    }
+    demo = stack.cli("demo")
     assert demo.returncode == 0, demo.stderr
+    # It counts what it seeded as `seed` does, in the same words.
+    assert (
+        "seeded the example district (idempotent): 1 districts, 8 users, 3 sections, 1 accounts,"
+        " 2 classes, 2 goals, 3 assignments, 6 progress\n"
+    ) in demo.stdout
     after = demo.stdout.split("after", 1)[1]
     assert "Steve (student)              grassroots" in after
     assert "roles=teacher" in after and "district reports=denied" in after
@@ -190,9 +200,8 @@ def test_the_cli_in_another_shell_finds_the_stack_from_its_directory(stack: Run)
     (stack.cwd / "event.json").write_text(json.dumps(event))
 
     # Nothing exported, not even the broker: the secret and the database are the home's.
-    sent = stack.cli(
-        "send-webhook", "event.json", "--url", f"http://127.0.0.1:{stack.port}/webhooks/clever"
-    )
+    # Nothing exported and no --url: the receiver's address is the one the run recorded.
+    sent = stack.cli("send-webhook", "event.json")
     assert sent.returncode == 0, sent.stderr
     assert sent.stdout.startswith("202 ")
 

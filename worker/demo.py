@@ -14,6 +14,7 @@ import time
 import uuid
 from importlib import resources
 from typing import Any
+from urllib.parse import urlsplit
 
 import click
 import httpx
@@ -24,6 +25,7 @@ from tasks.brake import allowance
 from tasks.roster import load_snapshot
 from tasks.view import account_view
 from worker.db import session_scope
+from worker.listeners import Found, not_answering
 from worker.settings import get_settings
 from worker.signing import signed_headers
 
@@ -33,8 +35,8 @@ RIVERA = "5f8e2c1a9b7d4e0012ab0002"  # a district admin who also teaches
 PEOPLE = {STEVE: "Steve (student)", RIVERA: "Rivera (admin and teacher)"}
 
 
-class DemoError(click.ClickException):
-    pass
+class DemoError(Exception):
+    """The demo cannot go on: one line, as every command fails."""
 
 
 def example_roster() -> dict[str, Any]:
@@ -106,18 +108,24 @@ def brake_note(steve_event: str, status: str) -> str:
     )
 
 
-def _send(url: str, secret: str, event: dict[str, Any]) -> None:
+def _check_answering(target: Found) -> None:
+    """Before anything is seeded: the receiver answers (any answer to its /healthz will do)."""
+    parts = urlsplit(target.url)
+    try:
+        httpx.get(f"{parts.scheme}://{parts.netloc}/healthz", timeout=10)
+    except httpx.TransportError as exc:
+        raise DemoError(not_answering(target, exc)) from exc
+
+
+def _send(target: Found, secret: str, event: dict[str, Any]) -> None:
     body = json.dumps(event).encode()
     headers = {"content-type": "application/json", **signed_headers(secret, body)}
     try:
-        answer = httpx.post(url, content=body, headers=headers, timeout=10)
-    except httpx.HTTPError as exc:
-        raise DemoError(
-            f"{url} is not answering ({type(exc).__name__}): start the stack"
-            " with `grassroots run` first"
-        ) from exc
+        answer = httpx.post(target.url, content=body, headers=headers, timeout=10)
+    except httpx.TransportError as exc:
+        raise DemoError(not_answering(target, exc)) from exc
     if answer.status_code != 202:
-        raise DemoError(f"{url} answered {answer.status_code}: {answer.text}")
+        raise DemoError(f"{target.url} answered {answer.status_code}: {answer.text}")
     click.echo(f"sent {event['type']:<14} {event['id']} -> {answer.status_code} {answer.text}")
 
 
@@ -142,15 +150,16 @@ def _processed(sent: list[str], timeout: float) -> dict[str, str]:
         time.sleep(0.3)
 
 
-def run_demo(url: str, secret: str, timeout: float = 60) -> None:
-    """Against the stack whose receiver is at ``url``, signing with ``secret``."""
+def run_demo(target: Found, secret: str, timeout: float = 60) -> None:
+    """Against the stack whose receiver takes webhooks at ``target``, signing with ``secret``."""
+    _check_answering(target)
     with session_scope() as session:
-        load_snapshot(session, example_roster())
-    click.echo("seeded the example district (idempotent): 6 people, 3 sections, 2 clubs")
+        loaded = load_snapshot(session, example_roster())
+    click.echo(f"seeded the example district (idempotent): {loaded.describe()}")
     show("before")
     sent = []
     for event in events(uuid.uuid4().hex[:8]):
-        _send(url, secret, event)
+        _send(target, secret, event)
         sent.append(event["id"])
     states = _processed(sent, timeout)
     click.echo("processed: " + ", ".join(f"{e} {states[e]}" for e in sent))

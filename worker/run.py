@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 
 import click
 
+from worker.listeners import FLOWER, RECEIVER, base_url, record
 from worker.settings import HOME_SECRETS, get_settings, home_secrets
 from worker.signing import generate_secret
 
@@ -230,9 +231,12 @@ def run_stack(*, host: str = "127.0.0.1", port: int = 8000, flower_port: int = 5
         Child("beat", [*CLI, "beat"], env),
         Child("flower", [*CLI, "flower", "--port", str(flower_port)], env),
     ]
+    # Recorded in the home: `demo` and `send-webhook` run from here post where this stack listens.
+    listening = {RECEIVER: base_url(host, port), FLOWER: base_url("127.0.0.1", flower_port)}
+    where = record(home, listening)
     click.echo(
-        f"run | receiver http://{host}:{port}  Flower http://127.0.0.1:{flower_port}"
-        "  (Ctrl-C stops everything)"
+        f"run | receiver {listening[RECEIVER]}  Flower {listening[FLOWER]}"
+        f"  (recorded in {where}; Ctrl-C stops everything)"
     )
     return _supervise(children)
 

@@ -182,6 +182,15 @@ class MirrorResult:
             **self.counts,
         }
 
+    def describe(self) -> str:
+        """What was loaded, in the words ``seed`` and ``demo`` both print."""
+        said = ", ".join(f"{v} {k}" for k, v in self.as_dict().items())
+        if any(self.left_out.values()):
+            said += "; left out, their district having exited: " + ", ".join(
+                f"{v} {k}" for k, v in self.left_out.items()
+            )
+        return said
+
 
 def upsert_districts(session: Session, districts: Sequence[DistrictRecord]) -> None:
     now = utcnow()

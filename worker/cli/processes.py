@@ -16,11 +16,17 @@ import click
 
 from worker.cli.common import LOG_LEVEL_OPTION, fail, webhook_secret
 from worker.db import require_stack
+from worker.listeners import not_answering, webhook_url
 from worker.run import run_stack
 from worker.settings import get_settings
 from worker.signing import signed_headers
 
-WEBHOOK_URL = "http://127.0.0.1:8000/webhooks/clever"
+URL_OPTION = click.option(
+    "--url",
+    default=None,
+    help="The receiver's webhook URL [default: where `grassroots run` recorded its receiver in the"
+    " home, else http://127.0.0.1:8000/webhooks/clever].",
+)
 # ``serve --routes``: the app of ``worker.api`` each serves (named here, so that the command
 # line does without importing the HTTP app).
 SERVED_APPS = {"all": "app", "webhooks": "webhooks_app", "ops": "ops_app"}
@@ -183,21 +189,24 @@ def run(host: str, port: int, flower_port: int) -> None:
 
 
 @click.command()
-@click.option("--url", default=WEBHOOK_URL, show_default=True)
-def demo(url: str) -> None:
+@URL_OPTION
+def demo(url: str | None) -> None:
     """A first look, beside `grassroots run`: seed an example district, send two signed roster
     events, show the accounts before and after."""
-    from worker.demo import run_demo
+    from worker.demo import DemoError, run_demo
 
     # The stack first: with none here, that is what to say, not that there is no secret.
     require_stack()
-    run_demo(url, webhook_secret())
+    try:
+        run_demo(webhook_url(get_settings().home, url), webhook_secret())
+    except DemoError as exc:
+        fail(str(exc))
 
 
 @click.command("send-webhook")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--url", default=WEBHOOK_URL, show_default=True)
-def send_webhook(file: Path, url: str) -> None:
+@URL_OPTION
+def send_webhook(file: Path, url: str | None) -> None:
     """Sign an event file with the first WEBHOOK_SECRETS secret (or the stack's) and POST it."""
     import httpx
 
@@ -207,10 +216,13 @@ def send_webhook(file: Path, url: str) -> None:
     except OSError as exc:
         fail(f"{file}: cannot read: {exc.strerror}")
     headers = {"content-type": "application/json", **signed_headers(secret, body)}
+    target = webhook_url(get_settings().home, url)
     try:
-        response = httpx.post(url, content=body, headers=headers, timeout=10)
+        response = httpx.post(target.url, content=body, headers=headers, timeout=10)
+    except httpx.TransportError as exc:
+        fail(not_answering(target, exc))
     except httpx.HTTPError as exc:
-        fail(f"{url}: {type(exc).__name__}: {exc}")
+        fail(f"{target.url}: {type(exc).__name__}: {exc}")
     click.echo(f"{response.status_code} {response.text}")
     if response.status_code >= 300:
         sys.exit(1)

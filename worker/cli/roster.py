@@ -56,12 +56,7 @@ def seed(file: Path) -> None:
             fail(f"{file}: {exc}; nothing was loaded")
     with unit_of_work() as session:
         refresh_statistics(session)
-    counts = ", ".join(f"{v} {k}" for k, v in result.as_dict().items())
-    if any(result.left_out.values()):
-        counts += "; left out, their district having exited: " + ", ".join(
-            f"{v} {k}" for k, v in result.left_out.items()
-        )
-    click.echo(f"seeded {file}: {counts}")
+    click.echo(f"seeded {file}: {result.describe()}")
 
 
 @click.group()

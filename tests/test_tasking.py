@@ -10,8 +10,9 @@ from typing import Any
 import psycopg
 import pytest
 import structlog
+from celery.exceptions import Reject
 from sqlalchemy import select
-from sqlalchemy.exc import DataError, IntegrityError
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 
 from models import DeadLetter, RosterEvent, TaskAttempt, utcnow
 from tasks import events, exits
@@ -22,7 +23,8 @@ from worker import jobs
 from worker.celery_app import app
 from worker.db import session_scope
 from worker.names import TaskName
-from worker.tasking import GrassrootsTask, after_commit, is_bad_input, is_transient
+from worker.settings import get_settings
+from worker.tasking import SHORT_TRIES, GrassrootsTask, after_commit, is_bad_input, is_transient
 
 # An event the worker acts on, about a user nobody knows: it ends ``ignored``.
 EVENT = {"id": "evt-1", "type": "users.deleted", "data": {"object": {"id": "nobody"}}}
@@ -247,6 +249,63 @@ def test_what_a_task_sends_after_commit_is_sent_once_its_work_committed(
     assert jobs.process_event(inbox) == "done"
     # The callback saw the committed row.
     assert order == ["work", "done"]
+
+
+LOCK_TIMEOUT = OperationalError(
+    "UPDATE accounts ...",
+    {},
+    psycopg.errors.LockNotAvailable("canceling statement due to lock timeout"),
+)
+
+
+def test_only_task_max_retries_caps_the_retries_not_celerys_default(
+    configure: Configure, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At the shipped TASK_MAX_RETRIES (8), more than Celery's own default of three retries: a
+    failure that lasts is tried TASK_MAX_RETRIES + 1 times, then it is a dead letter naming the
+    real error, never a failure left to Celery (which acknowledges the message as finished)."""
+    app.loader.import_default_modules()
+    assert all(app.tasks[name].max_retries is None for name in TaskName)
+    configure(DATABASE_URL=database_url, BROKER_URL=CLOSED_BROKER)
+    with session_scope() as session:
+        ingest(session, EVENT, source="webhook")
+    tried: list[int] = []
+
+    def locked(session: Any, event_id: str, limits: Any) -> None:
+        tried.append(1)
+        raise LOCK_TIMEOUT
+
+    monkeypatch.setattr(events, "process_event", locked)
+    # Run as a worker runs it; in-process, each retry runs at once instead of being sent.
+    jobs.process_event.apply(args=(EVENT["id"],), task_id="msg-locked")
+    most = get_settings().task_max_retries + 1
+    assert most == 9
+    assert event_row(str(EVENT["id"])) == ("dead", most)
+    assert len(tried) == most * SHORT_TRIES
+    with session_scope() as session:
+        letter = session.scalars(select(DeadLetter)).one()
+    assert (letter.reason, letter.exception, letter.attempts) == (
+        "retries_exhausted",
+        "LockNotAvailable",
+        most,
+    )
+    assert letter.error == "canceling statement due to lock timeout"
+    assert (letter.traceback or "").endswith(
+        "LockNotAvailable: canceling statement due to lock timeout"
+    )
+
+
+def test_a_retry_the_broker_does_not_take_is_put_back_not_dropped(inbox: str) -> None:
+    """Celery rejects a message whose retry cannot be sent, for good (``requeue=False``): its
+    work would be lost. The base class puts it back instead, to be delivered again."""
+    task = jobs.process_event
+    task.push_request(id="msg-1", retries=0, is_eager=False, called_directly=False)
+    try:
+        with pytest.raises(Reject) as refused:
+            task._retry_if_transient(LOCK_TIMEOUT, 1)
+    finally:
+        task.pop_request()
+    assert refused.value.args[1:] == (True,)  # requeue
 
 
 def test_after_commit_outside_a_task_is_an_error() -> None:

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, TypeVar
 
 import structlog
 from celery import Task
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Reject, SoftTimeLimitExceeded
 from celery.utils.time import get_exponential_backoff_interval
 from kombu.exceptions import OperationalError as BrokerError
 from pydantic import ValidationError
@@ -139,10 +139,14 @@ class GrassrootsTask(Task):  # type: ignore[type-arg]
     and committed before the work starts, and the task refuses to work past
     ``TASK_MAX_RETRIES + 1`` attempts (a task that kills its worker is capped too); the work runs
     in one session scope (``self.session``), retried briefly in-process on a transient failure,
-    then by Celery with exponential backoff and jitter; a permanent failure, or one that outlasts
-    the retries, is a dead letter.
+    then by Celery with exponential backoff and jitter while the SQL count is under the cap; a
+    permanent failure, or one that outlasts the retries, is a dead letter.
     """
 
+    # TASK_MAX_RETRIES, applied to the attempts counted in SQL, is the only cap. Celery's own
+    # (``max_retries``, 3 by default) counts only this message's retries, and past it ``retry``
+    # re-raises: the message would be acknowledged as failed with its work left unfinished.
+    max_retries = None
     # Where its attempts are counted; None: on its own message (``tasks.attempts.MessageLedger``).
     ledger: ClassVar[Callable[..., Ledger] | None] = None
     # False: the work opens its own transactions (a poll commits page by page).
@@ -189,9 +193,9 @@ class GrassrootsTask(Task):  # type: ignore[type-arg]
             )
         except Exception as exc:
             # The count cannot be written (the database is away longer than the short retries):
-            # retried by Celery like the work, or the message would be acknowledged as failed
-            # and its work left to the relay.
-            self._retry_if_transient(exc)
+            # nothing was attempted, so nothing is counted against the cap. Sent again until the
+            # database answers, or the message would be acknowledged with its work undone.
+            self._retry_if_transient(exc, None)
             raise
         if attempts is None:
             return None  # already done, held, dead or gone: a redelivery has nothing to do
@@ -209,7 +213,7 @@ class GrassrootsTask(Task):  # type: ignore[type-arg]
                 raise tried.error
             return short_retries(lambda: self._work(args, kwargs), SHORT_TRIES - 1)
         except Exception as exc:
-            self._retry_if_transient(exc)
+            self._retry_if_transient(exc, attempts)
             if is_bad_input(exc) and self._reject(ledger, exc):
                 return None
             reason = (
@@ -222,19 +226,28 @@ class GrassrootsTask(Task):  # type: ignore[type-arg]
             self._dead_letter(ledger, args, kwargs, exc, reason, attempts)
             return None
 
-    def _retry_if_transient(self, exc: Exception) -> None:
-        """Raise Celery's retry of a transient failure, with exponential backoff and jitter,
-        while retries remain."""
+    def _retry_if_transient(self, exc: Exception, attempts: int | None) -> None:
+        """Send a transient failure again, with exponential backoff and jitter, while attempts
+        remain: ``attempts`` (counted in SQL; None if they could not be counted) below
+        TASK_MAX_RETRIES + 1. Otherwise return: the caller dead-letters it."""
+        if not is_transient(exc):
+            return
         settings = get_settings()
-        if is_transient(exc) and self.request.retries < settings.task_max_retries:
-            countdown = get_exponential_backoff_interval(
-                factor=1,
-                retries=self.request.retries,
-                maximum=settings.retry_backoff_max,
-                full_jitter=True,
-            )
-            log.warning("retrying %s in %ss: %s", self.name, countdown, type(exc).__name__)
+        if attempts is not None and attempts > settings.task_max_retries:
+            return
+        countdown = get_exponential_backoff_interval(
+            factor=1,
+            retries=self.request.retries if attempts is None else attempts - 1,
+            maximum=settings.retry_backoff_max,
+            full_jitter=True,
+        )
+        log.warning("retrying %s in %ss: %s", self.name, countdown, type(exc).__name__)
+        try:
             raise self.retry(exc=exc, countdown=countdown) from exc
+        except Reject as refused:
+            # The retry could not be sent (the broker is away): Celery would drop the message.
+            # Put back instead, it is delivered again (and counted) once the broker takes it.
+            raise Reject(refused.args[0] if refused.args else None, requeue=True) from exc
 
     def _work(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """One try of the work, and what it hands to ``after_commit`` once it has committed."""

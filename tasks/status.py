@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select
@@ -15,6 +16,7 @@ from models import (
     EventStatus,
     ExitStatus,
     ExitUnit,
+    JournalEntry,
     PollCursor,
     PollStatus,
     RosterEvent,
@@ -25,9 +27,13 @@ from models import (
 from tasks.sql import count
 
 
-def districts_needing_attention(session: Session) -> dict[str, list[str]]:
+def districts_needing_attention(
+    session: Session, *, since: datetime | None = None
+) -> dict[str, list[str]]:
     """Districts whose events were missed (their poll cursor needs a resync), and those whose
-    last sync failed."""
+    last sync failed (of the syncs started after ``since``, if given: bounded by the started_at
+    index, for a caller that runs often)."""
+    window = () if since is None else (RosterSync.started_at >= since,)
     resync = session.scalars(
         select(PollCursor.district_id)
         .where(PollCursor.status == PollStatus.RESYNC_NEEDED)
@@ -35,7 +41,7 @@ def districts_needing_attention(session: Session) -> dict[str, list[str]]:
     ).all()
     latest = (
         select(RosterSync.district_id, func.max(RosterSync.started_at).label("started_at"))
-        .where(RosterSync.dry_run.is_(False))
+        .where(RosterSync.dry_run.is_(False), *window)
         .group_by(RosterSync.district_id)
         .subquery()
     )
@@ -46,7 +52,7 @@ def districts_needing_attention(session: Session) -> dict[str, list[str]]:
             (latest.c.district_id == RosterSync.district_id)
             & (latest.c.started_at == RosterSync.started_at),
         )
-        .where(RosterSync.status == SyncStatus.FAILED, RosterSync.dry_run.is_(False))
+        .where(RosterSync.status == SyncStatus.FAILED, RosterSync.dry_run.is_(False), *window)
         .order_by(RosterSync.district_id)
     ).all()
     return {"resync_needed": list(resync), "sync_failed": list(dict.fromkeys(failed))}
@@ -139,3 +145,64 @@ def list_events(
     if type_:
         query = query.where(RosterEvent.type == type_)
     return [event_row(ev) for ev in session.scalars(query)]
+
+
+# --------------------------------------------------------------------------------------------
+# What the alerts watch (``worker.metrics``): each read bounded by an index to what is open.
+
+
+def oldest_pending(session: Session) -> datetime | None:
+    """When the oldest event still waiting for a worker (or being worked on) was received."""
+    return session.scalar(
+        select(func.min(RosterEvent.received_at)).where(
+            RosterEvent.status.in_(sorted(EventStatus.in_flight()))
+        )
+    )
+
+
+@dataclass(frozen=True)
+class DeadGroup:
+    count: int
+    oldest: datetime  # the group's first failure
+
+
+def open_dead_letters(session: Session) -> dict[tuple[str, str], DeadGroup]:
+    """Open dead letters by task and reason (both bounded: the task names and the reasons are
+    the code's), with each group's oldest first failure."""
+    rows = session.execute(
+        select(
+            DeadLetter.task, DeadLetter.reason, func.count(), func.min(DeadLetter.first_failed_at)
+        )
+        .where(DeadLetter.resolved_at.is_(None))
+        .group_by(DeadLetter.task, DeadLetter.reason)
+    )
+    return {(task, reason): DeadGroup(n, oldest) for task, reason, n, oldest in rows}
+
+
+def poll_cursor_ages(session: Session, *, now: datetime, limit: int) -> list[tuple[str, float]]:
+    """The districts whose poll cursor last moved longest ago (its last successful pass; never:
+    since it was made), oldest first: at most ``limit`` of them."""
+    moved = func.coalesce(PollCursor.last_success_at, PollCursor.created_at)
+    rows = session.execute(
+        select(PollCursor.district_id, moved).order_by(moved, PollCursor.district_id).limit(limit)
+    )
+    return [(district, max(0.0, (now - at).total_seconds())) for district, at in rows]
+
+
+def exits_stalled(session: Session) -> int:
+    """Exits ``tasks.exits.progress`` calls stalled: running, not restored, with a dead unit
+    (through the units' status index: dead units are few)."""
+    dead = select(ExitUnit.exit_id).where(ExitUnit.status == UnitStatus.DEAD).distinct()
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(DistrictExit)
+            .join(JournalEntry, JournalEntry.id == DistrictExit.id)
+            .where(
+                DistrictExit.id.in_(dead),
+                DistrictExit.status == ExitStatus.RUNNING,
+                JournalEntry.restored_at.is_(None),
+            )
+        )
+        or 0
+    )

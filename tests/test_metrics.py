@@ -20,16 +20,29 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry, generate_latest
 from sqlalchemy import Engine, event, text, update
 
-from models import RosterEvent, utcnow
+from models import (
+    DeadLetter,
+    ExitUnit,
+    PollCursor,
+    PollStatus,
+    RosterEvent,
+    RosterSync,
+    SyncStatus,
+    UnitStatus,
+    utcnow,
+)
+from tasks import exits, heartbeat
 from tasks.conversion.rules import rule_outcome
 from tasks.inbox import inbox_row, store
+from tasks.roster import load_snapshot
 from tests.support.app_env import CLOSED_BROKER, CLOSED_DATABASE, Configure
 from tests.support.databases import PgDatabases
-from tests.support.scenario import DISTRICT, STEVE
+from tests.support.scenario import DISTRICT, KIM, STEVE, example
 from tests.support.stack import BIN, OPS_TOKEN, SECRET, spare_port, wait_until
 from worker import api
 from worker.db import get_engine, session_scope
-from worker.metrics import PipelineCollector
+from worker.metrics import POLL_DISTRICT_SERIES, PipelineCollector
+from worker.names import TaskName
 from worker.signing import signed_headers
 
 
@@ -149,6 +162,120 @@ def test_a_scrape_is_kept_for_a_few_seconds(configure: Configure, database_url: 
     assert reads() == queried  # the scrape was kept: not one query
     now[0] += 0.1
     assert accepted() == 2
+
+
+def test_what_the_alerts_watch_is_exported(configure: Configure, database_url: str) -> None:
+    """The oldest pending event's age, open dead letters by task and reason, stalled exits,
+    districts whose sync needs an operator, the heartbeat's age (the receiver's uptime until a
+    worker has run one), and the poll cursors' ages, one series per district up to a cap."""
+    configure(DATABASE_URL=database_url, BROKER_URL=CLOSED_BROKER)
+    registry = registry_of(PipelineCollector(cache_seconds=0, uptime=lambda: 42.0))
+
+    def sample(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    idle = {
+        name: sample(name)
+        for name in (
+            "grassroots_pending_event_oldest_age_seconds",
+            "grassroots_dead_letters",
+            "grassroots_dead_letter_oldest_age_seconds",
+            "grassroots_district_exits_stalled",
+            "grassroots_worker_heartbeat_age_seconds",
+            "grassroots_heartbeat_max_age_seconds",
+        )
+    }
+    assert idle == {
+        "grassroots_pending_event_oldest_age_seconds": 0,
+        "grassroots_dead_letters": 0,
+        "grassroots_dead_letter_oldest_age_seconds": 0,
+        "grassroots_district_exits_stalled": 0,
+        "grassroots_worker_heartbeat_age_seconds": 42.0,
+        "grassroots_heartbeat_max_age_seconds": 300.0,
+    }
+    assert sample("grassroots_sync_problem_districts", problem="sync_failed") == 0
+    assert sample("grassroots_sync_problem_districts", problem="resync_needed") == 0
+
+    now = utcnow()
+    _store(("p-old", "users.deleted"), ("p-new", "users.deleted"))
+    with session_scope() as session:
+        session.execute(
+            update(RosterEvent)
+            .where(RosterEvent.id == "p-old")
+            .values(received_at=now - timedelta(minutes=11))
+        )
+        load_snapshot(session, example())
+        plan = exits.start_exit(session, DISTRICT, trigger="test")
+        session.execute(
+            update(ExitUnit)
+            .where(ExitUnit.exit_id == plan.exit_id, ExitUnit.key == exits.TEACHER_UNIT + KIM)
+            .values(status=UnitStatus.DEAD)
+        )
+        for task, reason, ago in (
+            (TaskName.EXIT_UNIT, "retries_exhausted", 30),
+            (TaskName.PROCESS_EVENT, "error", 90),
+            (TaskName.PROCESS_EVENT, "error", 10),
+        ):
+            session.add(
+                DeadLetter(
+                    task=task,
+                    reason=reason,
+                    error="x",
+                    first_failed_at=now - timedelta(seconds=ago),
+                )
+            )
+        session.add(DeadLetter(task="closed", reason="error", error="x", resolved_at=now))
+        for sync_id, status, minutes in (("s-1", SyncStatus.DONE, 20), ("s-2", "failed", 10)):
+            session.add(
+                RosterSync(
+                    id=sync_id,
+                    district_id="d-synced",
+                    status=status,
+                    trigger="test",
+                    started_at=now - timedelta(minutes=minutes),
+                )
+            )
+        # One district more than get a series of their own: the newest goes to "other".
+        for n in range(POLL_DISTRICT_SERIES + 2):
+            session.add(
+                PollCursor(
+                    district_id=f"d-{n:03}",
+                    status=PollStatus.RESYNC_NEEDED if n == 0 else PollStatus.OK,
+                    last_success_at=now - timedelta(hours=100 - n),
+                )
+            )
+
+    assert sample("grassroots_pending_event_oldest_age_seconds") == pytest.approx(660, abs=30)
+    assert sample("grassroots_district_exits_stalled") == 1
+    assert sample("grassroots_dead_letters") == 3
+    assert sample("grassroots_dead_letter_oldest_age_seconds") == pytest.approx(90, abs=30)
+    by_task = {
+        (s.labels["task"], s.labels["reason"]): s.value
+        for metric in registry.collect()
+        if metric.name == "grassroots_dead_letters_by_task"
+        for s in metric.samples
+    }
+    assert by_task == {
+        ("grassroots.exit_unit", "retries_exhausted"): 1,
+        ("grassroots.process_event", "error"): 2,
+    }
+    assert sample("grassroots_sync_problem_districts", problem="sync_failed") == 1
+    assert sample("grassroots_sync_problem_districts", problem="resync_needed") == 1
+    ages = {
+        s.labels["district"]: s.value
+        for metric in registry.collect()
+        if metric.name == "grassroots_poll_cursor_age_seconds"
+        for s in metric.samples
+    }
+    assert len(ages) == POLL_DISTRICT_SERIES + 1
+    assert ages["d-000"] == pytest.approx(100 * 3600, abs=30)
+    assert f"d-{POLL_DISTRICT_SERIES - 1:03}" in ages
+    assert f"d-{POLL_DISTRICT_SERIES:03}" not in ages
+    # The oldest of those without a series of their own.
+    assert ages["other"] == pytest.approx((100 - POLL_DISTRICT_SERIES) * 3600, abs=30)
+    with session_scope() as session:
+        heartbeat.record(session)
+    assert sample("grassroots_worker_heartbeat_age_seconds") == pytest.approx(0, abs=30)
 
 
 BOUNDED_TABLES = ("roster_events", "conversion_journal", "roster_syncs", "dead_letters")

@@ -83,7 +83,7 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
 
 
 registry = CollectorRegistry(auto_describe=True)
-registry.register(PipelineCollector())
+registry.register(PipelineCollector(uptime=uptime))
 
 
 async def _db_down(request: Request, exc: Exception) -> JSONResponse:

@@ -27,7 +27,6 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from models import (
-    DeadLetter,
     DistrictExit,
     EventStatus,
     ExitStatus,
@@ -43,6 +42,7 @@ from models import (
     utcnow,
 )
 from tasks import heartbeat
+from tasks import status as pipeline
 from tasks.conversion.rules import rule_outcome
 from tasks.sql import count
 from tasks.sync import CHANGE_KINDS
@@ -60,6 +60,12 @@ WINDOW = timedelta(hours=24)
 # none found is reported +Inf seconds ago.
 SYNC_LOOKBACK = timedelta(days=30)
 SCRAPE_CACHE_SECONDS = 5.0
+# The poll cursor's age is one series per district for at most this many districts (those whose
+# cursor moved longest ago); the rest are one series, ``district="other"``, the oldest of them.
+# A deployment polls the districts of CLEVER_DISTRICT_TOKENS, a handful to hundreds: the cap keeps
+# a scrape's size, and Prometheus' series, bounded whatever that list grows to.
+POLL_DISTRICT_SERIES = 50
+OTHER_DISTRICTS = "other"
 # Statuses an event leaves only through a worker, an operator or the end of a pause: few rows
 # whatever the inbox's size, counted through the status index.
 BACKLOG = tuple(sorted(EventStatus.in_flight() | EventStatus.waiting()))
@@ -71,9 +77,13 @@ class PipelineCollector(Collector):
         *,
         cache_seconds: float = SCRAPE_CACHE_SECONDS,
         clock: Callable[[], float] = time.monotonic,
+        uptime: Callable[[], float] | None = None,
     ) -> None:
         self.cache_seconds = cache_seconds
         self._clock = clock
+        # How long the serving process has been up: the heartbeat's age until a worker has run
+        # one (as ``/readyz`` counts it).
+        self._uptime = uptime
         # One scrape at a time: those that arrive meanwhile wait for it and share its result.
         self._lock = threading.Lock()
         self._scraped: list[Any] | None = None
@@ -130,9 +140,10 @@ class PipelineCollector(Collector):
                 *_events(session, now - WINDOW),
                 _conversions(session, now - WINDOW),
                 _poll_districts(session),
-                *_dead_letters(session),
+                *_dead_letters(session, now),
                 *_syncs(session, now),
-                *_heartbeat(session, now),
+                *_heartbeat(session, now, self._uptime),
+                *_stuck(session, now),
             ]
         yield from families
         backlog = GaugeMetricFamily(
@@ -305,36 +316,105 @@ def _syncs(session: Session, now: datetime) -> list[GaugeMetricFamily]:
     return [since, changes]
 
 
-def _dead_letters(session: Session) -> list[GaugeMetricFamily]:
-    dead, oldest = session.execute(
-        select(func.count(), func.min(DeadLetter.first_failed_at)).where(
-            DeadLetter.resolved_at.is_(None)
-        )
-    ).one()
-    age = (utcnow() - oldest).total_seconds() if oldest is not None else 0
+def _dead_letters(session: Session, now: datetime) -> list[GaugeMetricFamily]:
+    groups = pipeline.open_dead_letters(session)
+    by_task = GaugeMetricFamily(
+        "grassroots_dead_letters_by_task",
+        "Open dead letters by task and reason (a group is exported while it has one)",
+        labels=["task", "reason"],
+    )
+    for (task, reason), group in sorted(groups.items()):
+        by_task.add_metric([task, reason], group.count)
+    oldest = min((group.oldest for group in groups.values()), default=None)
     return [
-        GaugeMetricFamily("grassroots_dead_letters", "Open dead letters", value=dead or 0),
+        GaugeMetricFamily(
+            "grassroots_dead_letters",
+            "Open dead letters",
+            value=sum(group.count for group in groups.values()),
+        ),
+        by_task,
         GaugeMetricFamily(
             "grassroots_dead_letter_oldest_age_seconds",
-            "Age of the oldest open dead letter",
-            value=age,
+            "Age of the oldest open dead letter (0: none)",
+            value=_age(now, oldest),
         ),
     ]
 
 
-def _heartbeat(session: Session, now: datetime) -> list[GaugeMetricFamily]:
-    """Seconds since a worker last ran the heartbeat (none until one has)."""
+def _age(now: datetime, then: datetime | None) -> float:
+    return max(0.0, (now - then).total_seconds()) if then is not None else 0.0
+
+
+def _heartbeat(
+    session: Session, now: datetime, uptime: Callable[[], float] | None
+) -> list[GaugeMetricFamily]:
+    """Seconds since a worker last ran the heartbeat; none ever: since this process started
+    (``/readyz`` fails past HEARTBEAT_MAX_AGE of either), or nothing where that is not known."""
     age = heartbeat.age(session, now=now)
-    if age is None:
-        return []
-    return [
+    if age is None and uptime is not None:
+        age = uptime()
+    families = [
         GaugeMetricFamily(
-            "grassroots_worker_heartbeat_age_seconds",
-            "Seconds since a worker last ran the heartbeat task that beat sends through the"
-            " events queue every HEARTBEAT_INTERVAL",
-            value=age,
+            "grassroots_heartbeat_max_age_seconds",
+            "HEARTBEAT_MAX_AGE: how old the heartbeat may grow before /readyz fails (0: off)",
+            value=get_settings().heartbeat_max_age,
         )
     ]
+    if age is not None:
+        families.append(
+            GaugeMetricFamily(
+                "grassroots_worker_heartbeat_age_seconds",
+                "Seconds since a worker last ran the heartbeat task that beat sends through the"
+                " events queue every HEARTBEAT_INTERVAL (none yet: since this receiver started)",
+                value=age,
+            )
+        )
+    return families
+
+
+def _stuck(session: Session, now: datetime) -> list[GaugeMetricFamily]:
+    """What waits too long: the oldest pending event, stalled exits, districts whose sync needs
+    an operator, and how long ago each district's poll cursor moved."""
+    attention = pipeline.districts_needing_attention(session, since=now - SYNC_LOOKBACK)
+    districts = GaugeMetricFamily(
+        "grassroots_sync_problem_districts",
+        "Districts whose last roster sync (in 30 days) failed, or whose poll cursor needs a"
+        " resync (events were missed)",
+        labels=["problem"],
+    )
+    for problem in ("sync_failed", "resync_needed"):
+        districts.add_metric([problem], len(attention[problem]))
+    return [
+        GaugeMetricFamily(
+            "grassroots_pending_event_oldest_age_seconds",
+            "Age of the oldest roster event waiting for a worker or being worked on (0: none)",
+            value=_age(now, pipeline.oldest_pending(session)),
+        ),
+        GaugeMetricFamily(
+            "grassroots_district_exits_stalled",
+            "District exits stalled: running with a dead unit, waiting for `district resume`",
+            value=pipeline.exits_stalled(session),
+        ),
+        districts,
+        _poll_ages(session, now),
+    ]
+
+
+def _poll_ages(session: Session, now: datetime) -> GaugeMetricFamily:
+    ages = GaugeMetricFamily(
+        "grassroots_poll_cursor_age_seconds",
+        "Seconds since the district's poll cursor last moved (a successful pass), for the"
+        f" {POLL_DISTRICT_SERIES} districts whose cursor moved longest ago; the others as"
+        f' district="{OTHER_DISTRICTS}", the oldest of them',
+        labels=["district"],
+    )
+    # One more than the cap: the first beyond it is the oldest of the others.
+    found = pipeline.poll_cursor_ages(session, now=now, limit=POLL_DISTRICT_SERIES + 1)
+    for district, age in found[:POLL_DISTRICT_SERIES]:
+        ages.add_metric([district], age)
+    if len(found) > POLL_DISTRICT_SERIES:
+        ages.add_metric([OTHER_DISTRICTS], found[POLL_DISTRICT_SERIES][1])
+    return ages
 
 
 def _rejections(client: redis.Redis) -> CounterMetricFamily:

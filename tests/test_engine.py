@@ -234,12 +234,18 @@ def test_a_snapshot_with_several_malformed_records_names_every_one(session: Sess
     with pytest.raises(SnapshotError) as failure:
         load_snapshot(session, data)
     named = problems(failure)
+    maria = "58c81dcea3627927150003ee"  # users[4]'s id before an email took its place
     assert [p.split(":")[0] for p in named] == [
         "districts[0].policy.admin_removal (id 5b2a6f0c8e9d7a0011223344)",
         "users[3].roles (id 58c81dcea3627927150003ed)",
         "users[4].id",  # not named by what stands in its id
         "sections[2].name (id 60a1b2c3d4e5f60718293a03)",
         "platform.progress[0].points",
+        # In the same pass: the records that name an id no record now has.
+        "sections[0] (id 60a1b2c3d4e5f60718293a01)",
+        "platform.classes[1] (id class-tutoring)",
+        f"platform.progress[2] (user {maria}, skill ratios-intro)",
+        f"platform.progress[3] (user {maria}, skill add-fractions)",
     ]
     assert not [p for p in personal_data(data) if p in str(failure.value)]
     assert count(session, Account) == 0
@@ -269,6 +275,43 @@ def test_a_snapshot_with_several_bad_references_names_every_one(session: Session
     ]
     assert not [p for p in personal_data(data) if p in str(failure.value)]
     assert count(session, Account) == 0
+
+
+def test_shape_and_reference_problems_are_named_together_in_one_pass(session: Session) -> None:
+    """Three records of the wrong shape and two broken references: all five in one message,
+    and no reference to a malformed record (the section naming Steve) counted against it."""
+    data = broken_in_places(
+        (["users", 3, "roles"], {}),  # Steve, named by section 0
+        (["sections", 2, "name"], ""),
+        (["platform", "progress", 0, "points"], -5),
+        (["sections", 1, "teachers"], ["nobody"]),
+        (["platform", "goals", 1, "class"], "no-such-class"),
+    )
+    goal = data["platform"]["goals"][1]["id"]
+    with pytest.raises(SnapshotError) as failure:
+        load_snapshot(session, data)
+    assert [p.split(": ")[0] for p in problems(failure)] == [
+        f"users[3].roles (id {STEVE})",
+        "sections[2].name (id 60a1b2c3d4e5f60718293a03)",
+        "platform.progress[0].points",
+        "sections[1] (id 60a1b2c3d4e5f60718293a02)",
+        f"platform.goals[1] (id {goal})",
+    ]
+    assert problems(failure)[3:] == [
+        "sections[1] (id 60a1b2c3d4e5f60718293a02): unknown teacher nobody",
+        f"platform.goals[1] (id {goal}): unknown class no-such-class",
+    ]
+    assert count(session, Account) == 0
+
+
+def test_a_snapshot_whose_structure_is_broken_names_that_alone(session: Session) -> None:
+    data = broken_in_places((["users"], {"not": "a list"}), (["sections", 0, "name"], ""))
+    with pytest.raises(SnapshotError) as failure:
+        load_snapshot(session, data)
+    assert [p.split(":")[0] for p in problems(failure)] == [
+        "users",
+        "sections[0].name (id 60a1b2c3d4e5f60718293a01)",
+    ]
 
 
 @pytest.mark.parametrize("kind", ["validation", "reference"])

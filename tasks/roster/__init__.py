@@ -43,7 +43,7 @@ from tasks.roster.shapes import (
     Snapshot,
     SnapshotError,
 )
-from tasks.roster.validate import MAX_PROBLEMS, check_references, parse_snapshot
+from tasks.roster.validate import MAX_PROBLEMS, Parsed, check_references, parse_snapshot
 from tasks.sql import existing_ids
 
 __all__ = [
@@ -54,6 +54,7 @@ __all__ = [
     "CleverUser",
     "DistrictRecord",
     "MirrorResult",
+    "Parsed",
     "Platform",
     "PlatformAccount",
     "PlatformAssignment",
@@ -82,8 +83,11 @@ def load_snapshot(session: Session, data: Any) -> MirrorResult:
     one. The users and sections of a district that has exited are left out
     (``MirrorResult.left_out``), as are converted accounts from district classes."""
     with _collector_paused():
-        snap, left_out = _without_exited(session, parse_snapshot(data))
-        check_references(session, snap)
+        parsed = parse_snapshot(data)
+        left_out: dict[str, int] = {}
+        if parsed.snapshot is not None:
+            parsed.snapshot, left_out = _without_exited(session, parsed.snapshot)
+        snap = check_references(session, parsed)
         upsert_districts(session, snap.districts)
         upsert_users(session, snap.users)
         upsert_sections(session, _without_converted(session, snap.sections))

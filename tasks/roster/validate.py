@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
@@ -53,6 +53,14 @@ class _Problems:
             raise self.error()
 
 
+def _record_id(node: Any) -> str | None:
+    """A record's id, if it has one that is one: a malformed "id" may hold an email or a name."""
+    found = node.get("id") if isinstance(node, dict) else None
+    if isinstance(found, str) and len(found) <= ID_MAX_LENGTH and re.fullmatch(ID_PATTERN, found):
+        return found
+    return None
+
+
 def _where(data: Any, loc: Sequence[int | str]) -> str:
     """Name a record by its path and id, never by its personal data."""
     path = ""
@@ -67,30 +75,80 @@ def _where(data: Any, loc: Sequence[int | str]) -> str:
             node = node[part]
         except (KeyError, IndexError, TypeError):
             break
-        found = node.get("id") if isinstance(node, dict) else None
-        # Only an id that is one: a malformed "id" may hold an email or a name.
-        if (
-            isinstance(found, str)
-            and len(found) <= ID_MAX_LENGTH
-            and re.fullmatch(ID_PATTERN, found)
-        ):
-            record_id = found
+        record_id = _record_id(node) or record_id
     return f"{path} (id {record_id})" if record_id else path
 
 
-def parse_snapshot(data: Any) -> Snapshot:
+# The snapshot's lists of records, by path: a record of one that has the wrong shape is left out
+# of the reference check, which then still runs over the others.
+RECORD_LISTS: tuple[tuple[str, ...], ...] = (
+    ("districts",),
+    ("users",),
+    ("sections",),
+    ("platform", "accounts"),
+    ("platform", "classes"),
+    ("platform", "goals"),
+    ("platform", "assignments"),
+    ("platform", "progress"),
+)
+
+
+@dataclass
+class Parsed:
+    """A snapshot's records whose shape is right, and the problems of the others."""
+
+    snapshot: Snapshot | None  # None: its structure is too broken to read any reference
+    problems: _Problems = field(default_factory=_Problems)
+    # The ids of the records refused for their shape: a reference to one is not a problem of its
+    # own (the record's is named already).
+    malformed: set[str] = field(default_factory=set)
+
+
+def parse_snapshot(data: Any) -> Parsed:
+    """The snapshot's shape, every record checked: those with the wrong shape are named (each by
+    its path and id) and left out, so that the references of the rest are checked in the same
+    pass (``check_references``)."""
     if not isinstance(data, dict):
         raise SnapshotError(
             "a roster snapshot is a JSON object with districts, users, sections, platform"
         )
     try:
-        return Snapshot.model_validate(data)
+        return Parsed(Snapshot.model_validate(data))
     except ValidationError as exc:
-        problems = _Problems()
+        parsed = Parsed(None)
         # pydantic's messages name what was expected, never the input (personal data).
-        for err in exc.errors(include_input=False, include_url=False):
-            problems.add(f"{_where(data, err['loc'])}: {explain(err)}")
-        raise problems.error() from None
+        errors = exc.errors(include_input=False, include_url=False)
+        for err in errors:
+            parsed.problems.add(f"{_where(data, err['loc'])}: {explain(err)}")
+        salvaged = _without_records(data, [err["loc"] for err in errors], parsed.malformed)
+        if salvaged is not None:
+            try:
+                parsed.snapshot = Snapshot.model_validate(salvaged)
+            except ValidationError:
+                parsed.snapshot = None
+        return parsed
+
+
+def _without_records(
+    data: dict[str, Any], locs: Sequence[Sequence[int | str]], malformed: set[str]
+) -> dict[str, Any] | None:
+    """``data`` without the records the errors at ``locs`` are in, whose ids go in
+    ``malformed``; None if an error is not inside a record (a list that is not one, say)."""
+    bad: dict[tuple[str, ...], set[int]] = {}
+    for loc in locs:
+        path = next((p for p in RECORD_LISTS if tuple(loc[: len(p)]) == p), None)
+        if path is None or len(loc) == len(path) or not isinstance(loc[len(path)], int):
+            return None
+        bad.setdefault(path, set()).add(int(loc[len(path)]))
+    kept = dict(data)
+    if isinstance(data.get("platform"), dict):
+        kept["platform"] = dict(data["platform"])
+    for records_at, indexes in bad.items():
+        parent = kept if len(records_at) == 1 else kept["platform"]
+        records = parent[records_at[-1]]
+        malformed.update(i for n in indexes if (i := _record_id(records[n])) is not None)
+        parent[records_at[-1]] = [r for n, r in enumerate(records) if n not in indexes]
+    return kept
 
 
 def _duplicates(problems: _Problems, kind: str, ids: Iterable[str]) -> None:
@@ -118,16 +176,20 @@ class _Known:
         return f"unknown {what} {account_id}"
 
 
-def check_references(session: Session, snap: Snapshot) -> None:
+def check_references(session: Session, parsed: Parsed) -> Snapshot:
     """Every id the snapshot names must be in the snapshot or already in the database. Raises
-    one ``SnapshotError`` naming every problem (up to ``MAX_PROBLEMS``, then their number)."""
-    problems = _Problems()
+    one ``SnapshotError`` naming every problem, of shape and of reference alike (up to
+    ``MAX_PROBLEMS``, then their number); else gives the snapshot back."""
+    problems, snap = parsed.problems, parsed.snapshot
+    if snap is None:
+        raise problems.error()
     _check_duplicates(problems, snap)
+    malformed = parsed.malformed
     known = _Known(
-        districts=_known_districts(session, snap),
+        districts=_known_districts(session, snap) | malformed,
         users={u.id: u for u in snap.users},
-        accounts=_known_accounts(session, snap, problems),
-        classes=_known_classes(session, snap, problems),
+        accounts=_known_accounts(session, snap, problems) | malformed,
+        classes=_known_classes(session, snap, problems) | malformed,
     )
     # A 100k-student district has a million links to check: the per-link loops only run to name
     # the bad records once a whole-list set operation has found one.
@@ -137,6 +199,7 @@ def check_references(session: Session, snap: Snapshot) -> None:
     _check_class_items(problems, snap, known)
     _check_progress(problems, snap, known)
     problems.raise_any()
+    return snap
 
 
 def _check_duplicates(problems: _Problems, snap: Snapshot) -> None:

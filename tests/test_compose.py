@@ -551,6 +551,14 @@ class ServiceNetwork(Spec):
     ipv6_address: str | None = None
 
 
+class ServiceSecret(Spec):
+    source: Name
+    target: str | None = None
+    uid: str | None = None
+    gid: str | None = None
+    mode: int | None = None
+
+
 EnvironmentValue = str | int | float | bool | None
 
 
@@ -582,6 +590,7 @@ class Service(Spec):
     working_dir: str | None = None
     labels: dict[str, str] | list[str] | None = None
     profiles: list[str] | None = None
+    secrets: list[Name | ServiceSecret] | None = None
 
     @model_validator(mode="after")
     def _runs_something(self) -> Service:
@@ -592,6 +601,9 @@ class Service(Spec):
         if isinstance(self.depends_on, list):
             return {name: Dependency() for name in self.depends_on}
         return dict(self.depends_on or {})
+
+    def secret_names(self) -> set[str]:
+        return {s.source if isinstance(s, ServiceSecret) else s for s in self.secrets or []}
 
     def named_volumes(self) -> set[str]:
         names = set()
@@ -612,12 +624,28 @@ class TopLevel(Spec):
     labels: dict[str, str] | list[str] | None = None
 
 
+class Secret(Spec):
+    """A top-level secret: from a file, from a variable of compose's environment, or external."""
+
+    file: str | None = None
+    environment: str | None = None
+    external: bool | None = None
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Secret:
+        sources = [self.file, self.environment, self.external]
+        _require(sum(x is not None for x in sources) == 1, "one of file, environment, external")
+        return self
+
+
 class ComposeFile(Spec):
     # ``version`` is obsolete (compose only warns): left out, so it fails here.
     name: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]*$")] | None = None
     services: dict[Name, Service] = Field(min_length=1)
     volumes: dict[Name, TopLevel | None] | None = None
     networks: dict[Name, TopLevel | None] | None = None
+    secrets: dict[Name, Secret] | None = None
 
     @model_validator(mode="after")
     def _references_resolve(self) -> ComposeFile:
@@ -638,6 +666,8 @@ class ComposeFile(Spec):
             _require(not undeclared, f"{name} mounts undeclared volumes {sorted(undeclared)}")
             unknown = set(svc.networks or ()) - networks
             _require(not unknown, f"{name} joins undeclared networks {sorted(unknown)}")
+            secrets = svc.secret_names() - set(self.secrets or {})
+            _require(not secrets, f"{name} uses undeclared secrets {sorted(secrets)}")
         return self
 
 
@@ -740,6 +770,18 @@ MISTAKES: dict[str, tuple[tuple[str, ...], Any, tuple[str | int, ...], str]] = {
         (),
         "redis mounts undeclared volumes ['redis-dta']",
     ),
+    "undeclared secret": (
+        ("services", "prometheus", "secrets"),
+        ["ops_tokn"],
+        (),
+        "prometheus uses undeclared secrets ['ops_tokn']",
+    ),
+    "secret with two sources": (
+        ("secrets", "ops_token", "file"),
+        "./ops_token",
+        ("secrets", "ops_token"),
+        "one of file, environment, external",
+    ),
     "environment value that is not a scalar": (
         ("services", "worker", "environment", "RETENTION_DAYS"),
         {"days": 30},
@@ -764,6 +806,107 @@ def test_compose_model_refuses_each_mistake(mistake: str) -> None:
         ComposeFile.model_validate(document)
     found = [(e["loc"], e["msg"]) for e in refused.value.errors()]
     assert any(_within(where, loc) and message in msg for loc, msg in found), found
+
+
+# --- the monitoring profile (SPEC §5.10) -----------------------------------------------------
+
+MONITORING = ("prometheus", "grafana")
+
+
+def bind_mounts(name: str) -> dict[str, Path]:
+    """A service's bind mounts of this repository's files: their target in the container, and
+    the file or directory mounted."""
+    mounts = {}
+    for entry in resolved(service(name)["volumes"]):
+        source, target = entry.split(":")[:2]
+        if source.startswith("./"):
+            mounts[target] = ROOT / source
+    return mounts
+
+
+def prometheus_option(option: str) -> str:
+    words = command("prometheus")
+    return next(w.split("=", 1)[1] for w in words if w.startswith(f"--{option}="))
+
+
+def mounted(name: str, target: str) -> Path:
+    """The repository file a service sees at ``target`` (itself or within a mounted directory)."""
+    for at, source in bind_mounts(name).items():
+        if target == at:
+            return source
+        if target.startswith(at.rstrip("/") + "/"):
+            return source / posixpath.relpath(target, at)
+    raise AssertionError(f"{name} mounts nothing at {target}")
+
+
+def test_prometheus_and_grafana_run_only_under_the_monitoring_profile() -> None:
+    for name, svc in compose()["services"].items():
+        assert svc.get("profiles") == (["monitoring"] if name in MONITORING else None), name
+
+
+def test_the_monitoring_services_mount_files_that_exist_and_publish_on_loopback_only() -> None:
+    for name in MONITORING:
+        assert bind_mounts(name), name
+        for target, source in bind_mounts(name).items():
+            assert source.exists(), f"{name} mounts {source} at {target}: no such file"
+            assert target.startswith("/etc/"), f"{name}: {target}: mount configuration read-only"
+        for entry in resolved(service(name)["volumes"]):
+            if entry.startswith("./"):
+                assert entry.endswith(":ro"), f"{name}: {entry} should be read-only"
+        for port in resolved(service(name)["ports"]):
+            assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+
+
+def test_prometheus_loads_the_alert_rules_and_scrapes_the_receivers_metrics() -> None:
+    config = yaml.safe_load(mounted("prometheus", prometheus_option("config.file")).read_text())
+    rule_files = [mounted("prometheus", path) for path in config["rule_files"]]
+    assert rule_files == [ROOT / "deploy" / "prometheus" / "alerts.yml"]
+    (job,) = config["scrape_configs"]
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    ((target,),) = [static["targets"] for static in job["static_configs"]]
+    host, port = target.rsplit(":", 1)
+    # The target is a listener of ours that serves /metrics, on the port it listens on.
+    path, options = split_command(command(host))
+    assert path == ["serve"], f"{target} is not a grassroots listener"
+    served = dict(zip(options[::2], options[1::2], strict=False))
+    assert served["--port"] == port
+    assert served.get("--routes", "all") in ("all", "ops")
+    assert host in service("prometheus")["depends_on"]
+
+
+def test_prometheus_scrapes_with_the_ops_token_from_a_secret_never_in_a_file() -> None:
+    config_file = mounted("prometheus", prometheus_option("config.file"))
+    (job,) = yaml.safe_load(config_file.read_text())["scrape_configs"]
+    authorization = job["authorization"]
+    assert set(authorization) == {"type", "credentials_file"}
+    assert authorization["type"] == "Bearer"
+    secret = posixpath.relpath(authorization["credentials_file"], "/run/secrets")
+    assert secret in service("prometheus")["secrets"]
+    assert compose()["secrets"][secret] == {"environment": "OPS_TOKEN"}
+    assert OPS_TOKEN not in config_file.read_text()
+
+
+def test_grafana_gets_the_dashboard_and_prometheus_provisioned() -> None:
+    provisioning = mounted("grafana", "/etc/grafana/provisioning")
+    (source,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())[
+        "datasources"
+    ]
+    url = urlsplit(source["url"])
+    assert (source["type"], url.hostname) == ("prometheus", "prometheus")
+    assert "--web.listen-address" not in " ".join(command("prometheus"))  # its default, 9090
+    assert url.port == 9090
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "grassroots.yml").read_text())[
+        "providers"
+    ]
+    folder = provider["options"]["path"]
+    dashboard = mounted("grafana", f"{folder}/grassroots.json")
+    assert dashboard == ROOT / "deploy" / "grafana" / "grassroots.json"
+    assert json.loads(dashboard.read_text())["uid"] == "grassroots"
+    password = service("grafana")["environment"]["GF_SECURITY_ADMIN_PASSWORD__FILE"]
+    secret = posixpath.relpath(password, "/run/secrets")
+    assert secret in service("grafana")["secrets"]
+    assert "environment" in compose()["secrets"][secret]
+    assert service("grafana")["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
 
 
 # --- the image -------------------------------------------------------------------------------

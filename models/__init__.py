@@ -11,6 +11,7 @@ from models.district import District
 from models.district_exit import DistrictExit, ExitUnit
 from models.enrollment import Enrollment
 from models.enums import (
+    CLEVER_ROLE_NAMES,
     AccountKind,
     AccountStatus,
     AdminRemoval,
@@ -26,6 +27,8 @@ from models.enums import (
     SyncStatus,
     UnitKind,
     UnitStatus,
+    clever_role,
+    platform_roles,
 )
 from models.goal import Goal
 from models.heartbeat import Heartbeat
@@ -43,6 +46,7 @@ from models.skill_progress import SkillProgress
 from models.task_attempt import TaskAttempt
 
 __all__ = [
+    "CLEVER_ROLE_NAMES",
     "ROLE_COLUMNS",
     "Account",
     "AccountKind",
@@ -84,6 +88,8 @@ __all__ = [
     "TaskAttempt",
     "UnitKind",
     "UnitStatus",
+    "clever_role",
+    "platform_roles",
     "role_flags",
     "roles_of",
     "utcnow",

@@ -6,6 +6,7 @@ from these; nothing else spells their values out.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import StrEnum
 
 
@@ -72,17 +73,30 @@ class CleverRole(StrEnum):
     STAFF = "staff"
     CONTACT = "contact"
 
-    @property
-    def platform_role(self) -> Role | None:
-        """The platform role it maps to; staff and contacts have none (SPEC §4)."""
-        return _PLATFORM_ROLE.get(self)
 
+# Clever's five role names: a role Clever adds later is not among them, and is ignored (SPEC §4).
+# StrEnum members hash and compare as their text: role names test in it.
+CLEVER_ROLE_NAMES: frozenset[str] = frozenset(CleverRole)
 
-_PLATFORM_ROLE = {
+# The Clever roles that make a platform role, and the role each makes (SPEC §4); staff and
+# contacts make none.
+_PLATFORM_ROLE: dict[str, Role] = {
     CleverRole.DISTRICT_ADMIN: Role.ADMIN,
     CleverRole.TEACHER: Role.TEACHER,
     CleverRole.STUDENT: Role.STUDENT,
 }
+_CLEVER_ROLE: dict[str, str] = {platform: clever for clever, platform in _PLATFORM_ROLE.items()}
+
+
+def platform_roles(clever_roles: Iterable[str]) -> frozenset[Role]:
+    """The platform roles a user holding these Clever roles (names) has: the one place the
+    mapping is applied."""
+    return frozenset(_PLATFORM_ROLE[r] for r in clever_roles if r in _PLATFORM_ROLE)
+
+
+def clever_role(role: Role | str) -> CleverRole:
+    """The Clever role that makes a platform role."""
+    return CleverRole(_CLEVER_ROLE[role])
 
 
 class DistrictStatus(StrEnum):

@@ -18,6 +18,7 @@ from models import (
     AccountKind,
     AccountStatus,
     AuditRecord,
+    District,
     EventStatus,
     RosterEvent,
     utcnow,
@@ -33,6 +34,39 @@ def percent_of(own: float | None, default: float) -> float:
     """A district's brake percentage: its own (``District.brake_percent``) when set, which wins
     over the deployment's ``default`` (REMOVAL_BRAKE_PERCENT)."""
     return default if own is None else own
+
+
+def allows(session: Session, district_id: str, *, default_percent: float) -> tuple[bool, float]:
+    """Whether the brake lets one more roster-absence removal of the district through now, and
+    the district's percentage (``percent_of``).
+
+    Far from the allowance, removals of one district run side by side: each holds the
+    district's row in share mode to its commit and finds headroom for every removal being
+    processed (``headroom``). Near it, a removal waits for the district's row in update mode,
+    which it gets once every removal running beside it has ended, and counts exactly
+    (``engaged``); none can start meanwhile."""
+    now = utcnow()
+    # The lock's read gives the district's own percentage too.
+    district = select(District.brake_percent).where(District.id == district_id)
+    shared = session.begin_nested()
+    percent = percent_of(session.scalar(district.with_for_update(read=True)), default_percent)
+    if headroom(session, district_id, percent=percent, now=now):
+        shared.commit()  # the share lock stays, to this transaction's end
+        return True, percent
+    shared.rollback()  # gives the share lock back: taking update mode over it could deadlock
+    session.execute(district.with_for_update())
+    return not engaged(session, district_id, percent=percent, now=now), percent
+
+
+def would_hold(session: Session, district_id: str, removals: int, *, default_percent: float) -> int:
+    """How many of ``removals`` more roster-absence removals of the district the brake would
+    hold, at today's allowance (a sync's report says so before they are processed)."""
+    if not removals:
+        return 0
+    own = session.scalar(select(District.brake_percent).where(District.id == district_id))
+    percent = percent_of(own, default_percent)
+    left = allowance(session, district_id, percent=percent, now=utcnow())
+    return max(0, removals - max(left, 0))
 
 
 def _removed(session: Session, district_id: str, now: datetime) -> int:

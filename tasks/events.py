@@ -21,21 +21,17 @@ from models import (
     AccountKind,
     AuditRecord,
     Class,
-    ClassTeacher,
     District,
     DistrictStatus,
-    Enrollment,
     EventStatus,
     JournalEntry,
     JournalKind,
-    Pause,
-    Role,
     RosterEvent,
     utcnow,
 )
-from tasks import brake, conversion, exits, fence, pauses, roster
+from tasks import brake, changes, conversion, exits, fence, pauses, roster
 from tasks.errors import NotFound, RestoreRefused, WaitForRoster
-from tasks.inbox import event_object, not_acted_on, previous_attributes
+from tasks.inbox import event_object, not_acted_on
 from tasks.sql import count
 from tasks.storable import explain
 
@@ -66,17 +62,6 @@ def _trigger(ev: RosterEvent) -> str:
     return f"event:{ev.type}:{ev.id}"
 
 
-def _account(session: Session, object_id: str) -> Account | None:
-    return session.scalar(select(Account).where(Account.clever_id == object_id))
-
-
-def _roles(obj: Any) -> set[Role]:
-    """The platform roles a Clever ``roles`` object holds."""
-    if not isinstance(obj, dict):
-        return set()
-    return {roster.CLEVER_ROLES[r] for r in obj if r in roster.CLEVER_ROLES}
-
-
 def _active_district(session: Session, district_id: Any) -> bool:
     if not isinstance(district_id, str):
         return False
@@ -99,7 +84,7 @@ def _listed(session: Session, obj: dict[str, Any]) -> roster.CleverUser | None:
 
 def on_user_deleted(session: Session, ev: RosterEvent, limits: Limits) -> Routed:
     user_id = ev.object_id or ""
-    account = _account(session, user_id)
+    account = changes.account_of(session, user_id)
     if account is None:
         gone = roster.delete_roster_users(session, [user_id])
         return Routed(IGNORED, _no_account(gone[user_id]) if user_id in gone else "unknown user")
@@ -107,7 +92,9 @@ def on_user_deleted(session: Session, ev: RosterEvent, limits: Limits) -> Routed
         roster.delete_roster_users(session, [user_id])
         return Routed(IGNORED, "not a district account (already converted)")
     if not ev.brake_released:
-        allowed, percent = _brake_allows(session, account.district_id, limits)
+        allowed, percent = brake.allows(
+            session, account.district_id, default_percent=limits.brake_percent
+        )
         if not allowed:
             # The mirror keeps the user until the removal is applied: it is not, yet.
             return Routed(EventStatus.HELD, brake.hold_reason(percent))
@@ -116,33 +103,9 @@ def on_user_deleted(session: Session, ev: RosterEvent, limits: Limits) -> Routed
     return Routed(DONE, outcome=out.as_dict())
 
 
-def _brake_allows(session: Session, district_id: str, limits: Limits) -> tuple[bool, float]:
-    """Whether the brake lets this removal through, and the district's percentage (its own, or
-    ``limits.brake_percent``).
-
-    Far from the allowance, removals of one district run side by side: each holds the
-    district's row in share mode to its commit and finds headroom for every removal being
-    processed (``brake.headroom``). Near it, a removal waits for the district's row in update
-    mode, which it gets once every removal running beside it has ended, and counts exactly
-    (``brake.engaged``); none can start meanwhile."""
-    now = utcnow()
-    # The lock's read gives the district's own percentage too.
-    district = select(District.brake_percent).where(District.id == district_id)
-    shared = session.begin_nested()
-    percent = brake.percent_of(
-        session.scalar(district.with_for_update(read=True)), limits.brake_percent
-    )
-    if brake.headroom(session, district_id, percent=percent, now=now):
-        shared.commit()  # the share lock stays, to this transaction's end
-        return True, percent
-    shared.rollback()  # gives the share lock back: taking update mode over it could deadlock
-    session.execute(district.with_for_update())
-    return not brake.engaged(session, district_id, percent=percent, now=now), percent
-
-
 def on_user_updated(session: Session, ev: RosterEvent, limits: Limits) -> Routed:
     obj = event_object(ev.payload) or {}
-    account = _account(session, ev.object_id or "")
+    account = changes.account_of(session, ev.object_id or "")
     if account is None:
         return (
             on_user_created(session, ev, limits)
@@ -156,7 +119,7 @@ def on_user_updated(session: Session, ev: RosterEvent, limits: Limits) -> Routed
             roster.upsert_roster_users(session, [user])
         return Routed(IGNORED, "not a district account (already converted)")
     result: dict[str, Any] = {}
-    lost = _lost_roles(ev, account)
+    lost = changes.lost_roles(ev, account)
     if lost:
         # An account left with no platform role (a teacher who is now only staff) is converted
         # whole; the mirror keeps the user with the Clever roles that remain.
@@ -170,21 +133,9 @@ def on_user_updated(session: Session, ev: RosterEvent, limits: Limits) -> Routed
     return Routed(DONE, outcome=result)
 
 
-def _lost_roles(ev: RosterEvent, account: Account) -> set[Role]:
-    """The platform roles a ``users.updated`` takes away."""
-    obj = event_object(ev.payload) or {}
-    prev = previous_attributes(ev.payload)
-    if "roles" in prev:
-        return _roles(prev["roles"]) - _roles(obj.get("roles"))
-    if "roles" in obj:
-        # Sent without what changed: the roles the roster now lists, against the ones we hold.
-        return set(account.roles) - _roles(obj["roles"])
-    return set()
-
-
 def on_user_created(session: Session, ev: RosterEvent, limits: Limits) -> Routed:
     obj = event_object(ev.payload) or {}
-    account = _account(session, ev.object_id or "")
+    account = changes.account_of(session, ev.object_id or "")
     if account is not None and account.kind != AccountKind.DISTRICT:
         return _reappeared(session, ev, account, obj, limits)
     user = _listed(session, obj)
@@ -231,34 +182,6 @@ def on_section_deleted(session: Session, ev: RosterEvent, limits: Limits) -> Rou
     return Routed(DONE, outcome=out.as_dict())
 
 
-def _live(session: Session, link: Any, who: Any, class_id: str) -> set[str]:
-    return set(
-        session.scalars(select(who).where(link.class_id == class_id, link.removed_by.is_(None)))
-    )
-
-
-def _gone(
-    session: Session, ev: RosterEvent, section: roster.CleverSection
-) -> tuple[set[str], set[str]]:
-    """The students and the teachers a section event no longer lists, of those it listed before
-    or the class has now."""
-    obj = event_object(ev.payload) or {}
-    prev = previous_attributes(ev.payload)
-    gone_students: set[str] = set()
-    gone_teachers: set[str] = set()
-    if "students" in obj:
-        before = set(prev.get("students") or []) | _live(
-            session, Enrollment, Enrollment.student_id, section.id
-        )
-        gone_students = before - set(section.students)
-    if "teachers" in obj or "teacher" in obj:
-        before = set(prev.get("teachers") or []) | _live(
-            session, ClassTeacher, ClassTeacher.teacher_id, section.id
-        )
-        gone_teachers = before - set(section.all_teachers)
-    return gone_students, gone_teachers
-
-
 def on_section_changed(session: Session, ev: RosterEvent, limits: Limits) -> Routed:
     """``sections.created`` / ``sections.updated``: add what grew, remove what shrank."""
     obj = event_object(ev.payload) or {}
@@ -282,7 +205,7 @@ def on_section_changed(session: Session, ev: RosterEvent, limits: Limits) -> Rou
         raise WaitForRoster(f"section {section.id} names {len(unknown)} user(s) not known yet")
     result: dict[str, Any] = {"unknown_members": len(unknown)} if unknown else {}
     if klass is not None:
-        gone_students, gone_teachers = _gone(session, ev, section)
+        gone_students, gone_teachers = changes.gone_members(session, ev, section)
         if gone_students or gone_teachers:
             shrunk = conversion.shrink_section(
                 session,
@@ -328,83 +251,6 @@ HANDLERS: dict[str, Callable[[Session, RosterEvent, Limits], Routed]] = {
 }
 
 
-# What a roster pause defers (SPEC §4 "Pauses"): per event type, whether this event would remove
-# something. Additions and field updates are not here, nor are exits (``districts.deleted``) and
-# restores (``users.created``): they are never paused. A ``users.updated`` that loses a role, or a
-# section event that both grows and shrinks, is deferred whole: an event applies as one Clever
-# state, through the fence, or not at all.
-
-
-def _removes_account(session: Session, ev: RosterEvent) -> bool:
-    account = _account(session, ev.object_id or "")
-    return (
-        account is not None
-        and account.kind == AccountKind.DISTRICT
-        and account.district_id is not None
-    )
-
-
-def _loses_role(session: Session, ev: RosterEvent) -> bool:
-    account = _account(session, ev.object_id or "")
-    if account is None or account.kind != AccountKind.DISTRICT:
-        return False
-    return bool(_lost_roles(ev, account) & set(account.roles))
-
-
-def _live_class(session: Session, class_id: str) -> Class | None:
-    klass = session.get(Class, class_id)
-    live = klass is not None and klass.district_synced and klass.removed_by is None
-    return klass if live else None
-
-
-def _removes_class(session: Session, ev: RosterEvent) -> bool:
-    return _live_class(session, ev.object_id or "") is not None
-
-
-def _shrinks_section(session: Session, ev: RosterEvent) -> bool:
-    try:
-        section = roster.CleverSection.model_validate(event_object(ev.payload) or {})
-    except ValidationError:
-        return False  # its handler rejects it
-    if _live_class(session, section.id) is None:
-        return False
-    students, teachers = _gone(session, ev, section)
-    return bool(students or teachers)
-
-
-REMOVALS: dict[str, Callable[[Session, RosterEvent], bool]] = {
-    "users.deleted": _removes_account,
-    "users.updated": _loses_role,
-    "sections.deleted": _removes_class,
-    "sections.updated": _shrinks_section,
-    "sections.created": _shrinks_section,
-}
-
-
-def _district_of(session: Session, ev: RosterEvent) -> str | None:
-    """The event's district: as its object names it, or as the mirror holds the object."""
-    if ev.district_id is not None or ev.object_id is None:
-        return ev.district_id
-    if ev.object_type == "user":
-        return session.scalar(select(Account.district_id).where(Account.clever_id == ev.object_id))
-    if ev.object_type == "section":
-        return session.scalar(select(Class.district_id).where(Class.id == ev.object_id))
-    return None
-
-
-def _pausing(session: Session, ev: RosterEvent) -> Pause | None:
-    """The pause that defers this event: one covers its district now, and it would remove
-    something."""
-    removes = REMOVALS.get(ev.type)
-    if removes is None or ev.brake_released:
-        # An operator's release of a held removal is the operator's word: never paused.
-        return None
-    pause = pauses.covering(session, _district_of(session, ev), utcnow())
-    if pause is None or not removes(session, ev):
-        return None
-    return pause
-
-
 def _route(session: Session, ev: RosterEvent, limits: Limits) -> Routed:
     handler = HANDLERS.get(ev.type)
     if handler is None:
@@ -413,7 +259,7 @@ def _route(session: Session, ev: RosterEvent, limits: Limits) -> Routed:
     newest = fence.lock(session, ev)
     # The pause comes before the fence: a removal processed during a pause is deferred even if a
     # newer event of its object was applied meanwhile. The fence decides when it is released.
-    pause = _pausing(session, ev)
+    pause = pauses.pausing(session, ev)
     if pause is not None:
         return Routed(EventStatus.DEFERRED, pauses.defer(ev, pause), {"pause": pause.id})
     if newest is not None and fence.is_stale(newest, ev):

@@ -51,7 +51,7 @@ from tasks.attempts import BUMP_UNIT, THIS_UNIT, unit_params, unit_subject
 from tasks.conversion import Outcome, convert_accounts, drop_classes
 from tasks.conversion.journal import audit, new_batch, open_exit_root
 from tasks.errors import GrassrootsError, NotFound, Refused, RestoreRefused
-from tasks.sql import CHUNK, AsyncCommit, insert_rows
+from tasks.sql import CHUNK, AsyncCommit, in_ids, insert_rows
 
 TEACHER_UNIT = "teacher:"  # a teacher unit's key: this, then the teacher's account id
 ACCOUNTS_UNIT = "accounts:"  # an account batch's key: this, then its number
@@ -188,16 +188,24 @@ def _account_ids(session: Session, district_id: str) -> list[str]:
 
 def pending_units(session: Session, exit_id: int) -> list[tuple[str, str]]:
     """Units still to run, in their phase: every teacher's classes first, then the batches."""
-    units = [
-        (key, kind)
-        for key, kind in session.execute(
-            select(ExitUnit.key, ExitUnit.kind)
-            .where(ExitUnit.exit_id == exit_id, ExitUnit.status == UnitStatus.PENDING)
-            .order_by(ExitUnit.key)
-        )
-    ]
-    teachers = [u for u in units if u[1] == UnitKind.TEACHER]
-    return teachers or units
+    units = session.execute(
+        select(ExitUnit.key, ExitUnit.kind)
+        .where(ExitUnit.exit_id == exit_id, ExitUnit.status == UnitStatus.PENDING)
+        .order_by(ExitUnit.key)
+    ).all()
+    teachers = [(key, kind) for key, kind in units if kind == UnitKind.TEACHER]
+    return teachers or [(key, kind) for key, kind in units]
+
+
+def dispatch_pending(session: Session, exit_id: int) -> list[tuple[str, str]]:
+    """``pending_units``, stamped as sent now: the caller sends them once this commits."""
+    pending = pending_units(session, exit_id)
+    session.execute(
+        update(ExitUnit)
+        .where(ExitUnit.exit_id == exit_id, in_ids(ExitUnit.key, [k for k, _ in pending]))
+        .values(dispatched_at=utcnow())
+    )
+    return pending
 
 
 # --------------------------------------------------------------------------------------------
@@ -534,13 +542,11 @@ def progress(session: Session, district_id: str) -> ExitProgress | None:
     if found is None:
         return None
     row, restored_at = found
-    dead = list(
-        session.scalars(
-            select(ExitUnit.key)
-            .where(ExitUnit.exit_id == row.id, ExitUnit.status == UnitStatus.DEAD)
-            .order_by(ExitUnit.key)
-        )
-    )
+    dead = session.scalars(
+        select(ExitUnit.key)
+        .where(ExitUnit.exit_id == row.id, ExitUnit.status == UnitStatus.DEAD)
+        .order_by(ExitUnit.key)
+    ).all()
     status = row.status
     if restored_at is not None:
         status = RESTORED
@@ -552,7 +558,7 @@ def progress(session: Session, district_id: str) -> ExitProgress | None:
         status,
         row.units_done,
         row.units_total,
-        dead,
+        list(dead),
         row.accounts_total,
         row.started_at,
         row.finished_at,

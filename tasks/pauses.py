@@ -2,30 +2,43 @@
 
 The platform pauses rostering over holidays (and may over the summer): a pause covers every
 district or one, from a start to an end instant (UTC). While one covers a district, the
-destructive roster changes processed for it — which ones, ``tasks.events`` says per event type —
+destructive roster changes processed for it — which ones, ``REMOVALS`` says per event type —
 are recorded ``deferred`` with the pause named in the reason, and change nothing. What decides
 is when a change is processed, not its Clever ``created``. When the pause ends, or is removed
 early, ``release_due`` puts its deferred events back in the inbox, to be sent in Clever order
 (``created``, then event id) through the ordering fence and the brake like any event; one that
 another pause covers by then is deferred again, by that pause, when a worker takes it.
 
-Here: the covering check, deferring, what a pause's end releases, and an operator's add, list,
-remove and discard, with their validation. Nothing here is paused itself: exits, restores and
-operator actions never are.
+Here: the covering check, what a pause defers (``pausing``), deferring, what a pause's end
+releases, and an operator's add, list, remove and discard, with their validation. Nothing here
+is paused itself: exits, restores and operator actions never are.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from models import AuditRecord, District, EventStatus, Pause, RosterEvent, utcnow
+from models import (
+    Account,
+    AccountKind,
+    AuditRecord,
+    Class,
+    District,
+    EventStatus,
+    Pause,
+    RosterEvent,
+    utcnow,
+)
 from models.pause import REASON_LENGTH
-from tasks import brake
+from tasks import brake, changes, roster
 from tasks.errors import InvalidInput, NotFound, Refused
+from tasks.inbox import event_object
 
 DEFERRED = EventStatus.DEFERRED
 
@@ -75,6 +88,77 @@ def defer(ev: RosterEvent, pause: Pause) -> str:
         f"deferred by pause {pause.id} ({scope}, until {_iso(pause.ends_at)}{why}); applied"
         " when the pause ends"
     )
+
+
+# What a roster pause defers (SPEC §4 "Pauses"): per event type, whether this event would remove
+# something. Additions and field updates are not here, nor are exits (``districts.deleted``) and
+# restores (``users.created``): they are never paused. A ``users.updated`` that loses a role, or a
+# section event that both grows and shrinks, is deferred whole: an event applies as one Clever
+# state, through the fence, or not at all.
+
+
+def _removes_account(session: Session, ev: RosterEvent) -> bool:
+    account = changes.account_of(session, ev.object_id or "")
+    return (
+        account is not None
+        and account.kind == AccountKind.DISTRICT
+        and account.district_id is not None
+    )
+
+
+def _loses_role(session: Session, ev: RosterEvent) -> bool:
+    account = changes.account_of(session, ev.object_id or "")
+    if account is None or account.kind != AccountKind.DISTRICT:
+        return False
+    return bool(changes.lost_roles(ev, account) & set(account.roles))
+
+
+def _removes_class(session: Session, ev: RosterEvent) -> bool:
+    return changes.live_class(session, ev.object_id or "") is not None
+
+
+def _shrinks_section(session: Session, ev: RosterEvent) -> bool:
+    try:
+        section = roster.CleverSection.model_validate(event_object(ev.payload) or {})
+    except ValidationError:
+        return False  # its handler rejects it
+    if changes.live_class(session, section.id) is None:
+        return False
+    students, teachers = changes.gone_members(session, ev, section)
+    return bool(students or teachers)
+
+
+REMOVALS: dict[str, Callable[[Session, RosterEvent], bool]] = {
+    "users.deleted": _removes_account,
+    "users.updated": _loses_role,
+    "sections.deleted": _removes_class,
+    "sections.updated": _shrinks_section,
+    "sections.created": _shrinks_section,
+}
+
+
+def _district_of(session: Session, ev: RosterEvent) -> str | None:
+    """The event's district: as its object names it, or as the mirror holds the object."""
+    if ev.district_id is not None or ev.object_id is None:
+        return ev.district_id
+    if ev.object_type == "user":
+        return session.scalar(select(Account.district_id).where(Account.clever_id == ev.object_id))
+    if ev.object_type == "section":
+        return session.scalar(select(Class.district_id).where(Class.id == ev.object_id))
+    return None
+
+
+def pausing(session: Session, ev: RosterEvent) -> Pause | None:
+    """The pause that defers this event: one covers its district now, and it would remove
+    something."""
+    removes = REMOVALS.get(ev.type)
+    if removes is None or ev.brake_released:
+        # An operator's release of a held removal is the operator's word: never paused.
+        return None
+    pause = covering(session, _district_of(session, ev), utcnow())
+    if pause is None or not removes(session, ev):
+        return None
+    return pause
 
 
 def release_due(session: Session, *, now: datetime) -> list[str]:

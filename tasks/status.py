@@ -1,8 +1,9 @@
 """What the database says about the pipeline, for ``grassroots status`` and ``GET /ops/status``
-(the broker's side is ``worker.status``), and the inbox's views for ``events list``/``show``."""
+(the broker's side is ``worker.pipeline``), and the inbox's views for ``events list``/``show``."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -73,14 +74,15 @@ class Backlog:
         return sum(self.events.get(status, 0) for status in EventStatus.in_flight())
 
 
-def backlog(session: Session) -> Backlog:
+def backlog(session: Session, *, statuses: Iterable[str] | None = None) -> Backlog:
+    """What is still open. ``statuses``: the only event statuses to count (few rows whatever the
+    inbox's size, through the status index); None counts every status."""
     running = DistrictExit.status == ExitStatus.RUNNING
+    events = select(RosterEvent.status, func.count()).group_by(RosterEvent.status)
+    if statuses is not None:
+        events = events.where(RosterEvent.status.in_(list(statuses)))
     return Backlog(
-        events=dict(
-            session.execute(select(RosterEvent.status, func.count()).group_by(RosterEvent.status))
-            .tuples()
-            .all()
-        ),
+        events=dict(session.execute(events).tuples().all()),
         units_pending=count(session, ExitUnit, ExitUnit.status == UnitStatus.PENDING),
         units_dead=count(session, ExitUnit, ExitUnit.status == UnitStatus.DEAD),
         exits_running=count(session, DistrictExit, running),
@@ -100,6 +102,17 @@ def event_row(ev: RosterEvent) -> dict[str, Any]:
         "error": ev.error,
         "received_at": ev.received_at.isoformat(),
     }
+
+
+def event_statuses(session: Session, event_ids: Sequence[str]) -> dict[str, str]:
+    """The statuses of the events found of ``event_ids``."""
+    return dict(
+        session.execute(
+            select(RosterEvent.id, RosterEvent.status).where(RosterEvent.id.in_(event_ids))
+        )
+        .tuples()
+        .all()
+    )
 
 
 def event_detail(session: Session, event_id: str) -> dict[str, Any] | None:

@@ -26,7 +26,7 @@ from models import (
     utcnow,
 )
 from tasks import brake, events, pauses, policy
-from tasks import sync as reconciling
+from tasks import reconcile as reconciling
 from tasks.errors import InvalidInput, NotFound, Refused
 from tasks.inbox import ingest
 from tasks.roster import CleverSection, CleverUser, load_snapshot
@@ -49,7 +49,7 @@ from worker.api import app
 from worker.cli import main
 from worker.db import make_engine
 from worker.migrate import downgrade, upgrade
-from worker.status import pipeline_status
+from worker.pipeline import pipeline_status
 
 HOUR = timedelta(hours=1)
 OTHER = "5b2a6f0c8e9d7a00ffff0001"  # a second district, with nobody in it

@@ -19,9 +19,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Session
 
 from tasks import heartbeat
 from tasks.errors import GrassrootsError, NotFound
@@ -121,18 +119,13 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-def _heartbeat_age(session: Session) -> float | None:
-    session.execute(text("SELECT 1"))
-    return heartbeat.age(session)
-
-
 async def readyz() -> JSONResponse:
     """Database and broker reachable, and a worker taking work from the events queue (its
     heartbeat no older than HEARTBEAT_MAX_AGE)."""
     checks: dict[str, str] = {}
     ready = True
     try:
-        age = await db(_heartbeat_age)
+        age = await db(heartbeat.age)
         checks["database"] = "ok"
         found = heartbeat.verdict(age, max_age=get_settings().heartbeat_max_age, uptime=uptime())
         checks["heartbeat"] = found.check

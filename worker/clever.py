@@ -138,11 +138,11 @@ class CleverError(Exception):
     """Why a request to Clever failed; the message holds no token and no personal data."""
 
 
-class Unauthorized(CleverError):
+class CleverUnauthorized(CleverError):
     pass
 
 
-class NotFound(CleverError):
+class CleverNotFound(CleverError):
     pass
 
 
@@ -170,7 +170,7 @@ RETRYABLE = (
 )
 
 
-def describe(exc: BaseException | None) -> str:
+def describe_error(exc: BaseException | None) -> str:
     """A failed request, in words safe for a log line or an operator."""
     if isinstance(exc, CleverError):
         return str(exc)
@@ -291,9 +291,9 @@ class CleverClient:
         response = self._http.get(url)
         status = response.status_code
         if status == 401:
-            raise Unauthorized("Clever refused the district token (401)")
+            raise CleverUnauthorized("Clever refused the district token (401)")
         if status == 404:
-            raise NotFound("Clever answered 404")
+            raise CleverNotFound("Clever answered 404")
         if status == 429:
             raise RateLimited(_rate_limit_wait(response))
         if status >= 500:
@@ -334,7 +334,7 @@ class CleverClient:
         log.warning(
             "district %s: %s; retry %d in %.1f s",
             self.district_id,
-            describe(exc),
+            describe_error(exc),
             state.attempt_number,
             wait,
         )

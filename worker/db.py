@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event, text
+from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
@@ -165,10 +165,3 @@ def autocommit() -> Iterator[Connection]:
     write, where a session scope costs three (BEGIN, the statement, COMMIT)."""
     with get_engine().connect() as conn:
         yield conn.execution_options(isolation_level="AUTOCOMMIT")
-
-
-def refresh_statistics(session: Session) -> None:
-    """After a bulk load, tell Postgres' planner what the tables now hold: with the statistics of
-    empty tables it picks nested loops that make a query a hundred times slower."""
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("ANALYZE"))

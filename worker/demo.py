@@ -18,11 +18,11 @@ from urllib.parse import urlsplit
 
 import click
 import httpx
-from sqlalchemy import select
 
-from models import EventStatus, RosterEvent, utcnow
+from models import EventStatus, utcnow
 from tasks.brake import allowance
 from tasks.roster import load_snapshot
+from tasks.status import event_statuses
 from tasks.view import account_view
 from worker.db import session_scope
 from worker.listeners import Found, not_answering
@@ -134,13 +134,7 @@ def _processed(sent: list[str], timeout: float) -> dict[str, str]:
     deadline = time.monotonic() + timeout
     while True:
         with session_scope() as session:
-            states = dict(
-                session.execute(
-                    select(RosterEvent.id, RosterEvent.status).where(RosterEvent.id.in_(sent))
-                )
-                .tuples()
-                .all()
-            )
+            states = event_statuses(session, sent)
         if all(states.get(e) not in (None, *EventStatus.in_flight()) for e in sent):
             return states
         if time.monotonic() > deadline:

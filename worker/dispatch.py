@@ -13,11 +13,10 @@ from collections.abc import Iterable
 from kombu.exceptions import BatchPublishError  # type: ignore[attr-defined]  # kombu 5.7; stubs lag
 from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from sqlalchemy import update
 
-from models import ExitUnit, UnitKind, utcnow
-from tasks.exits import pending_units
-from tasks.sql import chunks, in_ids
+from models import UnitKind
+from tasks.exits import dispatch_pending
+from tasks.sql import chunks
 from worker.celery_app import app
 from worker.db import session_scope
 from worker.names import Queue, TaskName
@@ -77,12 +76,7 @@ def dispatch_exit(exit_id: int) -> None:
     of them the first time, what is missing after a crash, the finish once none is left. Units
     are idempotent, so sending one twice does no harm."""
     with session_scope() as session:
-        pending = pending_units(session, exit_id)
-        session.execute(
-            update(ExitUnit)
-            .where(ExitUnit.exit_id == exit_id, in_ids(ExitUnit.key, [k for k, _ in pending]))
-            .values(dispatched_at=utcnow())
-        )
+        pending = dispatch_pending(session, exit_id)
     if not pending:
         finish_exit(exit_id)
         return

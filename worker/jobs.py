@@ -13,7 +13,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from models import SyncStatus, utcnow
 from tasks import events, exits, pauses, retention
-from tasks import sync as reconciling
+from tasks import reconcile as reconciling
 from tasks.attempts import EventLedger, UnitLedger
 from tasks.heartbeat import HeartbeatLedger
 from tasks.heartbeat import record as record_heartbeat

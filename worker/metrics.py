@@ -15,37 +15,29 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy import case, func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from models import (
-    DistrictExit,
     EventStatus,
-    ExitStatus,
-    ExitUnit,
-    JournalEntry,
-    JournalKind,
-    PollCursor,
     PollStatus,
-    RosterEvent,
-    RosterSync,
-    SyncStatus,
-    UnitStatus,
     utcnow,
 )
-from tasks import heartbeat
-from tasks import status as pipeline
-from tasks.conversion.rules import rule_outcome
-from tasks.sql import count
-from tasks.sync import CHANGE_KINDS
+from tasks import heartbeat, tallies
+from tasks.status import (
+    backlog,
+    districts_needing_attention,
+    exits_stalled,
+    oldest_pending,
+    open_dead_letters,
+    poll_cursor_ages,
+)
 from worker import rejections
 from worker.broker import broker_client, queue_depths
 from worker.celery_app import QUEUES
@@ -135,7 +127,7 @@ class PipelineCollector(Collector):
     def _database(self) -> Iterator[Any]:
         now = utcnow()
         with session_scope() as session:
-            found = _backlog(session)
+            found = backlog(session, statuses=BACKLOG)
             families = [
                 *_events(session, now - WINDOW),
                 _conversions(session, now - WINDOW),
@@ -146,15 +138,15 @@ class PipelineCollector(Collector):
                 *_stuck(session, now),
             ]
         yield from families
-        backlog = GaugeMetricFamily(
+        waiting = GaugeMetricFamily(
             "grassroots_events_backlog",
             "Roster events waiting for a worker (accepted, processing), an operator (held, dead)"
             " or the end of a roster pause (deferred), however long ago received",
             labels=["status"],
         )
         for status in BACKLOG:
-            backlog.add_metric([status], found.events.get(status, 0))
-        yield backlog
+            waiting.add_metric([status], found.events.get(status, 0))
+        yield waiting
         yield GaugeMetricFamily(
             "grassroots_held_removals",
             "Removals held by the brake",
@@ -182,81 +174,33 @@ class PipelineCollector(Collector):
         )
 
 
-@dataclass(frozen=True)
-class _Open:
-    """What is still open, each through an index: events by backlog status, exit units, exits."""
-
-    events: dict[str, int]
-    units_pending: int
-    units_dead: int
-    exits_running: int
-
-
-def _backlog(session: Session) -> _Open:
-    return _Open(
-        events=dict(
-            session.execute(
-                select(RosterEvent.status, func.count())
-                .where(RosterEvent.status.in_(BACKLOG))
-                .group_by(RosterEvent.status)
-            )
-            .tuples()
-            .all()
-        ),
-        units_pending=count(session, ExitUnit, ExitUnit.status == UnitStatus.PENDING),
-        units_dead=count(session, ExitUnit, ExitUnit.status == UnitStatus.DEAD),
-        exits_running=count(session, DistrictExit, DistrictExit.status == ExitStatus.RUNNING),
-    )
-
-
 def _events(session: Session, since: datetime) -> list[GaugeMetricFamily]:
-    """The events received since ``since`` (the received_at index), by type and current
-    status, and their attempts beyond the first."""
     # A gauge: an event moves from one status to the next, so a status's count goes down.
     events = GaugeMetricFamily(
         "grassroots_events_last_24h",
         "Roster events received in the last 24 h, by type and current status",
         labels=["type", "status"],
     )
-    retries = 0
-    for type_, status, n, retried in session.execute(
-        select(
-            RosterEvent.type,
-            RosterEvent.status,
-            func.count(),
-            func.sum(case((RosterEvent.attempts > 1, RosterEvent.attempts - 1), else_=0)),
-        )
-        .where(RosterEvent.received_at >= since)
-        .group_by(RosterEvent.type, RosterEvent.status)
-    ):
+    found = tallies.received(session, since)
+    for (type_, status), n in found.by_type_and_status.items():
         events.add_metric([type_, status], n)
-        retries += int(retried or 0)
     return [
         events,
         GaugeMetricFamily(
             "grassroots_event_retries_last_24h",
             "Attempts beyond the first of the roster events received in the last 24 h",
-            value=retries,
+            value=found.retries,
         ),
     ]
 
 
 def _conversions(session: Session, since: datetime) -> GaugeMetricFamily:
-    """Accounts converted since ``since`` (the journal's created_at index)."""
     conversions = GaugeMetricFamily(
         "grassroots_conversions_last_24h",
         "Accounts converted in the last 24 h, by role and outcome",
         labels=["role", "outcome"],
     )
-    totals: dict[tuple[str, str], int] = {}
-    for rule, n in session.execute(
-        select(JournalEntry.rule, func.count())
-        .where(JournalEntry.kind == JournalKind.ACCOUNT, JournalEntry.created_at >= since)
-        .group_by(JournalEntry.rule)
-    ):
-        key = rule_outcome(rule)
-        totals[key] = totals.get(key, 0) + n
-    for (role, outcome), n in sorted(totals.items()):
+    for (role, outcome), n in sorted(tallies.conversions(session, since).items()):
         conversions.add_metric([role, outcome], n)
     return conversions
 
@@ -267,11 +211,7 @@ def _poll_districts(session: Session) -> GaugeMetricFamily:
         "Districts read from the Clever Events API, by poller status",
         labels=["status"],
     )
-    by_status = dict(
-        session.execute(select(PollCursor.status, func.count()).group_by(PollCursor.status))
-        .tuples()
-        .all()
-    )
+    by_status = tallies.poll_districts(session)
     for status in PollStatus:
         polled.add_metric([status], by_status.get(status, 0))
     return polled
@@ -279,22 +219,13 @@ def _poll_districts(session: Session) -> GaugeMetricFamily:
 
 def _syncs(session: Session, now: datetime) -> list[GaugeMetricFamily]:
     """Per district, seconds since its last successful sync; and what the syncs of the last 24 h
-    changed, by kind. Both read the syncs started within a window (the started_at index)."""
+    changed, by kind."""
     since = GaugeMetricFamily(
         "grassroots_sync_last_success_age_seconds",
         "Seconds since the district's last successful roster sync (+Inf: none in 30 days)",
         labels=["district"],
     )
-    done = (RosterSync.status == SyncStatus.DONE, RosterSync.dry_run.is_(False))
-    last = dict(
-        session.execute(
-            select(RosterSync.district_id, func.max(RosterSync.finished_at))
-            .where(*done, RosterSync.started_at >= now - SYNC_LOOKBACK)
-            .group_by(RosterSync.district_id)
-        )
-        .tuples()
-        .all()
-    )
+    last = tallies.last_synced(session, now - SYNC_LOOKBACK)
     synced = {token.district_id for token in parse_tokens(get_settings().clever_district_tokens)}
     for district_id in sorted(synced | set(last)):
         finished = last.get(district_id)
@@ -305,19 +236,13 @@ def _syncs(session: Session, now: datetime) -> list[GaugeMetricFamily]:
         "Changes the roster syncs started in the last 24 h found, by kind",
         labels=["kind"],
     )
-    totals = dict.fromkeys(CHANGE_KINDS, 0)
-    for (found,) in session.execute(
-        select(RosterSync.changes).where(*done, RosterSync.started_at >= now - WINDOW)
-    ):
-        for kind in CHANGE_KINDS:
-            totals[kind] += int(found.get(kind, 0))
-    for kind, n in totals.items():
+    for kind, n in tallies.sync_changes(session, now - WINDOW).items():
         changes.add_metric([kind], n)
     return [since, changes]
 
 
 def _dead_letters(session: Session, now: datetime) -> list[GaugeMetricFamily]:
-    groups = pipeline.open_dead_letters(session)
+    groups = open_dead_letters(session)
     by_task = GaugeMetricFamily(
         "grassroots_dead_letters_by_task",
         "Open dead letters by task and reason (a group is exported while it has one)",
@@ -375,7 +300,7 @@ def _heartbeat(
 def _stuck(session: Session, now: datetime) -> list[GaugeMetricFamily]:
     """What waits too long: the oldest pending event, stalled exits, districts whose sync needs
     an operator, and how long ago each district's poll cursor moved."""
-    attention = pipeline.districts_needing_attention(session, since=now - SYNC_LOOKBACK)
+    attention = districts_needing_attention(session, since=now - SYNC_LOOKBACK)
     districts = GaugeMetricFamily(
         "grassroots_sync_problem_districts",
         "Districts whose last roster sync (in 30 days) failed, or whose poll cursor needs a"
@@ -388,12 +313,12 @@ def _stuck(session: Session, now: datetime) -> list[GaugeMetricFamily]:
         GaugeMetricFamily(
             "grassroots_pending_event_oldest_age_seconds",
             "Age of the oldest roster event waiting for a worker or being worked on (0: none)",
-            value=_age(now, pipeline.oldest_pending(session)),
+            value=_age(now, oldest_pending(session)),
         ),
         GaugeMetricFamily(
             "grassroots_district_exits_stalled",
             "District exits stalled: running with a dead unit, waiting for `district resume`",
-            value=pipeline.exits_stalled(session),
+            value=exits_stalled(session),
         ),
         districts,
         _poll_ages(session, now),
@@ -409,7 +334,7 @@ def _poll_ages(session: Session, now: datetime) -> GaugeMetricFamily:
         labels=["district"],
     )
     # One more than the cap: the first beyond it is the oldest of the others.
-    found = pipeline.poll_cursor_ages(session, now=now, limit=POLL_DISTRICT_SERIES + 1)
+    found = poll_cursor_ages(session, now=now, limit=POLL_DISTRICT_SERIES + 1)
     for district, age in found[:POLL_DISTRICT_SERIES]:
         ages.add_metric([district], age)
     if len(found) > POLL_DISTRICT_SERIES:

@@ -16,13 +16,13 @@ from sqlalchemy.orm import Session
 
 from models import AccountKind, AccountStatus
 from tasks import deadletters, exits, operators, pauses, status, view
-from tasks import sync as reconciling
+from tasks import reconcile as reconciling
 from tasks.errors import InvalidInput, NotFound
 from tasks.inbox import NotJson, parse_json
 from worker import services, sync
 from worker.http import db, error
+from worker.pipeline import pipeline_status
 from worker.settings import get_settings
-from worker.status import pipeline_status
 
 _BEARER_HINT = "send 'Authorization: Bearer <OPS_TOKEN>'"
 

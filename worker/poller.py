@@ -24,21 +24,20 @@ from typing import Any
 from urllib.parse import urlencode
 
 import httpx
-from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from models import EventStatus, PollCursor, PollStatus, utcnow
+from models import EventStatus, PollStatus, utcnow
+from tasks import cursors
 from tasks.inbox import BadEvent, ingest
-from tasks.sql import dialect_insert
 from worker.clever import (
     CleverClient,
     CleverError,
+    CleverNotFound,
+    CleverUnauthorized,
     ClientOptions,
     DistrictToken,
-    NotFound,
     ServerError,
-    Unauthorized,
-    describe,
+    describe_error,
 )
 from worker.dispatch import enqueue_events
 
@@ -153,53 +152,14 @@ class CursorMoved(Exception):
     """Another poller committed past the cursor this one started from."""
 
 
-@dataclass(frozen=True)
-class _Start:
-    cursor: str | None
-    started: bool
-    status: str
-    last_success_at: datetime | None
-
-
-def _begin(session_factory: SessionFactory, token: DistrictToken, *, from_start: bool) -> _Start:
-    """The district's cursor row (made on its first pass), noticing a new token."""
-    now = utcnow()
+def _begin(
+    session_factory: SessionFactory, token: DistrictToken, *, from_start: bool
+) -> cursors.CursorStart:
     with session_factory() as session:
-        session.execute(
-            dialect_insert(session, PollCursor)
-            .values(
-                district_id=token.district_id,
-                status=PollStatus.OK,
-                unauthorized_passes=0,
-                events_ingested=0,
-                created_at=now,
-                updated_at=now,
-            )
-            .on_conflict_do_nothing()
-        )
-        row = session.scalar(
-            select(PollCursor).where(PollCursor.district_id == token.district_id).with_for_update()
-        )
-        assert row is not None
-        if row.token_sha256 != token.fingerprint:
-            if row.token_sha256 is not None and row.status == PollStatus.DISCONNECTED:
-                log.warning("district %s has a new token: polling it again", token.district_id)
-                row.status, row.unauthorized_passes = PollStatus.OK, 0
-            row.token_sha256 = token.fingerprint
-        if from_start and row.started_at is None:
-            # A replay that fails half-way resumes from its cursor, not from the newest event.
-            row.started_at = now
-        row.last_polled_at = row.updated_at = now
-        return _Start(row.cursor, row.started_at is not None, row.status, row.last_success_at)
-
-
-def _finish(session_factory: SessionFactory, district_id: str, **values: Any) -> None:
-    with session_factory() as session:
-        session.execute(
-            update(PollCursor)
-            .where(PollCursor.district_id == district_id)
-            .values(updated_at=utcnow(), **values)
-        )
+        start = cursors.begin(session, token.district_id, token.fingerprint, from_start=from_start)
+    if start.reconnected:
+        log.warning("district %s has a new token: polling it again", token.district_id)
+    return start
 
 
 def _commit_page(
@@ -214,7 +174,6 @@ def _commit_page(
     to the workers, how many events were new, and how many could not be stored at all."""
     fresh: list[str] = []
     new = bad = 0
-    now = utcnow()
     with session_factory() as session:
         for position, item in enumerate(items):
             try:
@@ -234,21 +193,7 @@ def _commit_page(
                 new += 1
                 if stored.status == EventStatus.ACCEPTED:
                     fresh.append(stored.event_id)
-        moved = session.scalar(
-            update(PollCursor)
-            .where(
-                PollCursor.district_id == district_id,
-                PollCursor.cursor.is_not_distinct_from(expected),
-            )
-            .values(
-                cursor=cursor,
-                events_ingested=PollCursor.events_ingested + new,
-                last_success_at=now,
-                updated_at=now,
-            )
-            .returning(PollCursor.district_id)
-        )
-        if moved is None:
+        if not cursors.advance(session, district_id, expected=expected, cursor=cursor, new=new):
             raise CursorMoved(district_id)
     return fresh, new, bad
 
@@ -286,9 +231,9 @@ def poll_district(
                 from_start=from_start,
                 send=enqueue,
             )
-        except Unauthorized as exc:
+        except CleverUnauthorized as exc:
             return _unauthorized(session_factory, options, result, exc)
-        except NotFound as exc:
+        except CleverNotFound as exc:
             if result.cursor is None:
                 return _failed(session_factory, result, exc)
             return _resync_needed(session_factory, result, "cursor unknown to Clever (404)")
@@ -300,9 +245,8 @@ def poll_district(
             return result
         except (CleverError, httpx.HTTPError) as exc:
             return _failed(session_factory, result, exc)
-    _finish(
-        session_factory, district_id, status=PollStatus.OK, unauthorized_passes=0, last_error=None
-    )
+    with session_factory() as session:
+        cursors.succeeded(session, district_id)
     log.info(
         "district %s: %d page(s), %d event(s), %d new; cursor %s",
         district_id,
@@ -320,21 +264,8 @@ def _start_at_newest(
     """A district's first pass records where its feed ends, without reading 30 days of history
     (``--from-start`` replays it on purpose)."""
     last = newest(api)
-    now = utcnow()
     with session_factory() as session:
-        session.execute(
-            update(PollCursor)
-            .where(PollCursor.district_id == result.district_id, PollCursor.started_at.is_(None))
-            .values(
-                cursor=last,
-                started_at=now,
-                status=PollStatus.OK,
-                unauthorized_passes=0,
-                last_error=None,
-                last_success_at=now,
-                updated_at=now,
-            )
-        )
+        cursors.start_at(session, result.district_id, last, first=True)
     result.outcome, result.cursor = PollOutcome.STARTED, last
     log.info(
         "district %s: first pass, starting after the newest event %s",
@@ -382,16 +313,9 @@ def _unauthorized(
     session_factory: SessionFactory, options: PollOptions, result: PollResult, exc: Exception
 ) -> PollResult:
     with session_factory() as session:
-        row = session.scalar(
-            select(PollCursor).where(PollCursor.district_id == result.district_id).with_for_update()
+        passes = cursors.refused(
+            session, result.district_id, str(exc), disconnect_after=options.disconnect_after
         )
-        assert row is not None
-        row.unauthorized_passes += 1
-        row.last_error = str(exc)
-        row.updated_at = utcnow()
-        passes = row.unauthorized_passes
-        if passes >= options.disconnect_after:
-            row.status = PollStatus.DISCONNECTED
     result.error = str(exc)
     if passes >= options.disconnect_after:
         result.outcome = PollOutcome.DISCONNECTED
@@ -431,17 +355,13 @@ def _resync_needed(session_factory: SessionFactory, result: PollResult, why: str
         result.cursor,
     )
     result.outcome, result.error = PollOutcome.RESYNC_NEEDED, why
-    _finish(
-        session_factory,
-        result.district_id,
-        status=PollStatus.RESYNC_NEEDED,
-        last_error=result.error,
-    )
+    with session_factory() as session:
+        cursors.failed(session, result.district_id, why, status=PollStatus.RESYNC_NEEDED)
     return result
 
 
 def _failed(session_factory: SessionFactory, result: PollResult, exc: BaseException) -> PollResult:
-    result.outcome, result.error = PollOutcome.FAILED, describe(exc)
+    result.outcome, result.error = PollOutcome.FAILED, describe_error(exc)
     log.warning(
         "district %s: pass ended after %d page(s): %s; cursor stays at %s",
         result.district_id,
@@ -449,7 +369,8 @@ def _failed(session_factory: SessionFactory, result: PollResult, exc: BaseExcept
         result.error,
         result.cursor,
     )
-    _finish(session_factory, result.district_id, last_error=result.error)
+    with session_factory() as session:
+        cursors.failed(session, result.district_id, result.error)
     return result
 
 
@@ -457,22 +378,10 @@ def reset_district(session_factory: SessionFactory, district_id: str) -> bool:
     """An operator's reset: a disconnected or resync-needed district is polled again, from the
     newest event on (resync its roster first). False if the district was never polled."""
     with session_factory() as session:
-        reset = session.scalar(
-            update(PollCursor)
-            .where(PollCursor.district_id == district_id)
-            .values(
-                status=PollStatus.OK,
-                unauthorized_passes=0,
-                cursor=None,
-                started_at=None,
-                last_error=None,
-                updated_at=utcnow(),
-            )
-            .returning(PollCursor.district_id)
-        )
-    if reset is not None:
+        reset = cursors.reset(session, district_id)
+    if reset:
         log.warning("district %s reset by an operator: restarting at the newest event", district_id)
-    return reset is not None
+    return reset
 
 
 # --------------------------------------------------------------------------------------------
@@ -505,35 +414,3 @@ def poll_all(
             result = PollResult(token.district_id, PollOutcome.FAILED, error=type(exc).__name__)
         results.append(result)
     return results
-
-
-def resume_from(session: Session, district_id: str, position: str | None) -> None:
-    """A roster sync committed what the district's feed held up to ``position`` (its newest
-    event when the pull started; None: the feed was empty): polling goes on from there, whatever
-    the cursor was (lost, or needing a resync)."""
-    now = utcnow()
-    session.execute(
-        dialect_insert(session, PollCursor)
-        .values(
-            district_id=district_id,
-            status=PollStatus.OK,
-            unauthorized_passes=0,
-            events_ingested=0,
-            created_at=now,
-            updated_at=now,
-        )
-        .on_conflict_do_nothing()
-    )
-    session.execute(
-        update(PollCursor)
-        .where(PollCursor.district_id == district_id)
-        .values(
-            cursor=position,
-            started_at=now,
-            status=PollStatus.OK,
-            unauthorized_passes=0,
-            last_error=None,
-            last_success_at=now,
-            updated_at=now,
-        )
-    )

@@ -1,5 +1,5 @@
 """The roster sync from the Clever Data API (SPEC §5.8): pull a district whole with its token,
-then reconcile the pull with the mirror (``tasks.sync``).
+then reconcile the pull with the mirror (``tasks.reconcile``).
 
 Clever's events are a convenience over a 30-day window: an app loads each district whole, syncs
 at least daily and on demand, and again after a gap. Before the pull the sync records the
@@ -21,7 +21,8 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from models import RosterSync, SyncStatus, utcnow
-from tasks import sync as reconciling
+from tasks import cursors
+from tasks import reconcile as reconciling
 from tasks.errors import GrassrootsError
 from tasks.roster import CleverSection, CleverUser
 from tasks.storable import explain
@@ -31,12 +32,12 @@ from worker.clever import (
     CleverError,
     ClientOptions,
     DistrictToken,
-    describe,
+    describe_error,
     parse_tokens,
 )
 from worker.db import session_scope
 from worker.dispatch import enqueue_events
-from worker.poller import newest, resume_from
+from worker.poller import newest
 from worker.services import BrokerUnavailable
 from worker.settings import Settings, get_settings
 
@@ -87,7 +88,7 @@ def sync_district(
             position = newest(api)
             pull = pull_district(api, district_id, options.page_size)
     except (CleverError, httpx.HTTPError) as exc:
-        reason = describe(exc)
+        reason = describe_error(exc)
         log.warning("district %s: sync %s failed: %s", district_id, sync_id, reason)
         with session_scope() as session:
             reconciling.fail(session, sync_id, reason)
@@ -98,7 +99,7 @@ def sync_district(
             session, pull, sync_id, dry_run=dry_run, brake_percent=options.brake_percent
         )
         if report.status == SyncStatus.DONE and not dry_run:
-            resume_from(session, district_id, position)
+            cursors.resume_from(session, district_id, position)
     # After the commit, never before: a worker must find the rows.
     enqueue_events(report.events)
     log.info(

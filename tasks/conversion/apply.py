@@ -53,7 +53,9 @@ def convert_accounts(
         missing = sorted(set(chunk) - set(states))
         if missing:
             raise NotFound(f"no account {missing[0]}")
-        policies = {d: policy_of(session, d) for d in {s.district_id for s in states.values()}}
+        policies = {
+            d: admin_removal_of(session, d) for d in {s.district_id for s in states.values()}
+        }
         plans = [full_conversion(a, states[a], policies[states[a].district_id]) for a in chunk]
         out.merge(apply_plans(session, plans, trigger=trigger, parent_id=parent_id, locked=states))
     return out
@@ -69,11 +71,11 @@ def lose_roles(session: Session, account_id: str, lost: Iterable[str], *, trigge
     if row is None:
         raise NotFound(f"no account {account_id}")
     state = AccountState.of(row)
-    plan = role_loss(account_id, state, lost, policy_of(session, state.district_id))
+    plan = role_loss(account_id, state, lost, admin_removal_of(session, state.district_id))
     return apply_plans(session, [plan], trigger=trigger)
 
 
-def policy_of(session: Session, district_id: str | None) -> str:
+def admin_removal_of(session: Session, district_id: str | None) -> str:
     """The district's ``admin_removal`` policy (``convert`` for no district)."""
     if district_id is None:
         return AdminRemoval.CONVERT

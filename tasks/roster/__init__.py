@@ -28,7 +28,6 @@ from tasks.roster.mirror import (
     upsert_users,
 )
 from tasks.roster.shapes import (
-    CLEVER_ROLES,
     CleverName,
     CleverSection,
     CleverUser,
@@ -47,7 +46,6 @@ from tasks.roster.validate import MAX_PROBLEMS, Parsed, check_references, parse_
 from tasks.sql import existing_ids
 
 __all__ = [
-    "CLEVER_ROLES",
     "MAX_PROBLEMS",
     "CleverName",
     "CleverSection",

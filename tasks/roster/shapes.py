@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from models import AdminRemoval, CleverRole, Mastery, Role
+from models import CLEVER_ROLE_NAMES, AdminRemoval, Mastery, Role, platform_roles
 from tasks.errors import GrassrootsError
 from tasks.storable import STORABLE_TEXT
 
@@ -21,12 +21,6 @@ NamePart = Annotated[str, Field(max_length=200, pattern=STORABLE_TEXT)]
 Email = Annotated[str, Field(max_length=320, pattern=STORABLE_TEXT)]
 Title = Annotated[str, Field(min_length=1, max_length=500, pattern=STORABLE_TEXT)]
 Label = Annotated[str, Field(min_length=1, max_length=200, pattern=STORABLE_TEXT)]
-# The Clever roles that make a platform role.
-CLEVER_ROLES: dict[str, Role] = {
-    clever: platform for clever in CleverRole if (platform := clever.platform_role) is not None
-}
-# Clever's five roles. StrEnum members hash and compare as their text: role names test in it.
-_KNOWN_ROLES = frozenset(CleverRole)
 
 
 class SnapshotError(GrassrootsError):
@@ -63,10 +57,10 @@ class CleverUser(_Record):
             return roles  # the type check names the problem
         if not roles:
             raise ValueError("a user needs at least one role")
-        if roles.keys() <= _KNOWN_ROLES:
+        if roles.keys() <= CLEVER_ROLE_NAMES:
             return roles
         # A role Clever adds later is ignored, whatever its fields look like (SPEC §4).
-        return {name: fields for name, fields in roles.items() if name in _KNOWN_ROLES}
+        return {name: fields for name, fields in roles.items() if name in CLEVER_ROLE_NAMES}
 
     @property
     def clever_roles(self) -> list[str]:
@@ -74,13 +68,13 @@ class CleverUser(_Record):
         return sorted(self.roles)
 
     @property
-    def platform_roles(self) -> set[Role]:
-        return {CLEVER_ROLES[r] for r in self.roles if r in CLEVER_ROLES}
+    def platform_roles(self) -> frozenset[Role]:
+        return platform_roles(self.roles)
 
     @property
     def holds_platform_role(self) -> bool:
         """It has (or gets) a district account; a staff member or a contact only a mirror row."""
-        return not self.roles.keys().isdisjoint(CLEVER_ROLES)
+        return bool(platform_roles(self.roles))
 
 
 class CleverSection(_Record):

@@ -1,7 +1,7 @@
 """The inbox and what waits for an operator: ``events list|show|replay|discard``, ``held
 list|release|discard``, and the pipeline's ``status``.
 
-The views (``tasks.*``) and the operator actions (``worker.services``, ``worker.status``: they
+The views (``tasks.*``) and the operator actions (``worker.services``, ``worker.pipeline``: they
 load the Celery app) are imported inside the commands: `grassroots --help` and the other commands
 do without them.
 """
@@ -162,7 +162,7 @@ def held_discard(event_id: str | None, district: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def status(as_json: bool) -> None:
     """Pipeline status: pending work (0 = idle), dead letters, held removals, queue depths."""
-    from worker.status import pipeline_status
+    from worker.pipeline import pipeline_status
 
     with unit_of_work(as_json=as_json) as session:
         data = pipeline_status(session)

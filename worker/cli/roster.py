@@ -12,8 +12,8 @@ from pathlib import Path
 import click
 from sqlalchemy.exc import OperationalError
 
+from tasks.sql import refresh_statistics
 from worker.cli.common import emit, fail, unit_of_work
-from worker.db import refresh_statistics
 from worker.settings import get_settings
 
 

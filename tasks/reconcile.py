@@ -24,13 +24,13 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from models import (
+    CLEVER_ROLE_NAMES,
     ROLE_COLUMNS,
     Account,
     AccountKind,
     AccountStatus,
     Class,
     ClassTeacher,
-    CleverRole,
     District,
     DistrictStatus,
     Enrollment,
@@ -39,13 +39,14 @@ from models import (
     RosterSync,
     RosterUser,
     SyncStatus,
+    clever_role,
+    platform_roles,
     roles_of,
     utcnow,
 )
 from tasks import brake
 from tasks.inbox import inbox_row, store
 from tasks.roster import (
-    CLEVER_ROLES,
     CleverName,
     CleverSection,
     CleverUser,
@@ -77,7 +78,7 @@ class PulledUser:
 
     @property
     def platform_roles(self) -> frozenset[Role]:
-        return frozenset(CLEVER_ROLES[r] for r in self.roles if r in CLEVER_ROLES)
+        return platform_roles(self.roles)
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,7 +226,7 @@ class _Held:
 
 
 @dataclass
-class _Links:
+class _Members:
     """One kind of a class's members (teachers, or students): every link, live or removed."""
 
     every: dict[str, list[str]]
@@ -248,8 +249,8 @@ class _Mirror:
     converted: set[str]  # ids of grassroots accounts that Clever lists again
     classes: dict[str, str]  # live district classes: id -> name
     removed_classes: set[str]
-    teachers: _Links
-    students: _Links
+    teachers: _Members
+    students: _Members
 
 
 # Rows fetched at a time: the mirror of a big district is read without holding every row twice.
@@ -276,10 +277,9 @@ def reconcile(
     plan.users()
     plan.sections()
     report.changes = plan.changes
-    # The district's own brake wins over the deployment's (``district policy --brake-percent``).
-    own = mirror.district.brake_percent if mirror.district is not None else None
-    percent = brake.percent_of(own, brake_percent)
-    report.held = _held(session, pull.district_id, plan.account_removals, percent)
+    report.held = brake.would_hold(
+        session, pull.district_id, plan.account_removals, default_percent=brake_percent
+    )
     if not dry_run:
         _apply(session, pull, mirror, plan)
         if plan.events:
@@ -315,14 +315,6 @@ def _finish(session: Session, report: Report) -> Report:
         )
     )
     return report
-
-
-def _held(session: Session, district_id: str, removals: int, percent: float) -> int:
-    """How many of the sync's removals the brake will hold, at today's allowance."""
-    if not removals:
-        return 0
-    left = brake.allowance(session, district_id, percent=percent, now=utcnow())
-    return max(0, removals - max(left, 0))
 
 
 def _fields(email: str | None, name: str | None) -> int:
@@ -376,8 +368,8 @@ def _read_mirror(session: Session, pull: Pull) -> _Mirror:
         converted,
         classes,
         removed,
-        _links(session, district_id, ClassTeacher, ClassTeacher.teacher_id),
-        _links(session, district_id, Enrollment, Enrollment.student_id),
+        _members(session, district_id, ClassTeacher, ClassTeacher.teacher_id),
+        _members(session, district_id, Enrollment, Enrollment.student_id),
     )
 
 
@@ -385,9 +377,9 @@ def _stream(session: Session, statement: Any) -> Iterator[Any]:
     return iter(session.execute(statement.execution_options(yield_per=READ_CHUNK)).tuples())
 
 
-def _links(session: Session, district_id: str, link: Any, who: Any) -> _Links:
+def _members(session: Session, district_id: str, link: Any, who: Any) -> _Members:
     """Every link of one kind to the district's classes."""
-    found = _Links(defaultdict(list), set())
+    found = _Members(defaultdict(list), set())
     for cid, member, removed_by in _stream(
         session,
         select(link.class_id, who, link.removed_by)
@@ -548,8 +540,7 @@ def _clever_roles(account: _Held | None, mirrored: frozenset[str] | None) -> dic
     """The Clever ``roles`` object of what the mirror holds of a user."""
     roles = set(mirrored or ())
     if account is not None:
-        by_platform = {platform: clever for clever, platform in CLEVER_ROLES.items()}
-        roles |= {by_platform[r] for r in account.roles}
+        roles |= {clever_role(r) for r in account.roles}
     return {role: {} for role in sorted(roles)}
 
 
@@ -574,14 +565,13 @@ def _clever_user(district_id: str, user: PulledUser) -> CleverUser:
     )
 
 
-_CLEVER_ROLES = frozenset(CleverRole)
 # The few role sets a district's users hold, one object each.
 _ROLE_SETS: dict[frozenset[str], frozenset[str]] = {}
 
 
 def pulled_user(user: CleverUser) -> PulledUser:
     """The parts of a Clever user a sync compares, compactly (a district has 100,000)."""
-    roles = frozenset(r for r in user.roles if r in _CLEVER_ROLES)
+    roles = frozenset(r for r in user.roles if r in CLEVER_ROLE_NAMES)
     return PulledUser(
         id=sys.intern(user.id),
         email=user.email,

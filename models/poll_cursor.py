@@ -39,6 +39,3 @@ class PollCursor(TimestampMixin, Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     last_polled_at: Mapped[datetime | None]
     last_success_at: Mapped[datetime | None]
-
-
-POLL_STATUSES = tuple(str(s) for s in PollStatus)  # callers move to PollStatus

@@ -173,10 +173,6 @@ class Settings(BaseSettings):
         return self
 
     @property
-    def is_sqlite(self) -> bool:
-        return self.database_url.startswith("sqlite")
-
-    @property
     def home_database(self) -> Path | None:
         """The SQLite file under the home, when DATABASE_URL names no other database."""
         if self.database_url != default_database_url(self.home):

@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from tasks import events, sync
+from tasks import events, reconcile
 from tasks.inbox import ingest
 from tasks.roster import CleverSection, CleverUser, load_snapshot
 from tasks.view import account_view, find_account, reports_allowed
@@ -81,16 +81,16 @@ def test_a_users_updated_giving_the_role_back_gives_district_reports_back(
     assert_admin_with_reports(session, RIVERA)
 
 
-def pull_of(snapshot: dict[str, Any], district_id: str) -> sync.Pull:
+def pull_of(snapshot: dict[str, Any], district_id: str) -> reconcile.Pull:
     """A complete Data API pull of one district, as ``worker.sync`` builds it."""
     users = [CleverUser.model_validate(u) for u in snapshot["users"]]
     sections = [CleverSection.model_validate(s) for s in snapshot["sections"]]
     name = next(d["name"] for d in snapshot["districts"] if d["id"] == district_id)
-    return sync.Pull(
+    return reconcile.Pull(
         district_id=district_id,
         district_name=name,
-        users={u.id: sync.pulled_user(u) for u in users if u.district == district_id},
-        sections={s.id: sync.pulled_section(s) for s in sections if s.district == district_id},
+        users={u.id: reconcile.pulled_user(u) for u in users if u.district == district_id},
+        sections={s.id: reconcile.pulled_section(s) for s in sections if s.district == district_id},
         started_at=datetime.now(UTC),
     )
 
@@ -99,7 +99,7 @@ def test_a_sync_listing_the_role_again_gives_district_reports_back(session: Sess
     roster = example()
     load_snapshot(session, roster)
     rivera_loses_admin(session)
-    report = sync.reconcile(
+    report = reconcile.reconcile(
         session, pull_of(copy.deepcopy(roster), DISTRICT), "s-1", dry_run=False, brake_percent=10
     )
     assert report.changes["users_updated"] == 1 and report.events == []

@@ -9,7 +9,7 @@ import json
 import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeGuard
 
 from sqlalchemy import select, update
@@ -43,6 +43,11 @@ ACTED_ON = frozenset(
         "districts.deleted",
     }
 )
+
+
+# How far ahead of our clock an event's ``created`` may be: the clocks' skew the signatures
+# tolerate too (``worker.signing.DEFAULT_TOLERANCE``). Beyond it, the event is ``rejected``.
+CREATED_AHEAD = timedelta(minutes=5)
 
 
 def not_acted_on(event_type: str) -> str:
@@ -147,7 +152,9 @@ def previous_attributes(raw: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def interpret(raw: dict[str, Any], event_type: str) -> tuple[dict[str, Any], str | None]:
+def interpret(
+    raw: dict[str, Any], event_type: str, now: datetime
+) -> tuple[dict[str, Any], str | None]:
     """The indexed columns of an event, and why it cannot be interpreted (None if it can). Only
     an event we act on (``ACTED_ON``) can fail to be: the others are kept whatever they hold."""
     prefix = event_type.split(".", 1)[0]
@@ -165,10 +172,28 @@ def interpret(raw: dict[str, Any], event_type: str) -> tuple[dict[str, Any], str
         return columns, "the event has no data.object"
     if "object_id" not in columns:
         return columns, "the event's object has no usable id"
-    if raw.get("created") is not None and created is None:
-        return columns, "the event's 'created' is not an ISO 8601 time"
+    problem = _created_problem(raw.get("created"), created, now)
+    if problem:
+        return columns, problem
     # Checked here, once, before any rule sends a value of it to the database.
     return columns, unstorable(raw)
+
+
+def _created_problem(given: Any, created: datetime | None, now: datetime) -> str | None:
+    """Why an event's ``created`` cannot place it in Clever's order (None if it can). The
+    ordering fence compares it: a time far ahead (a signed ``users.created`` dated 9999) would
+    make every later event about its object ``stale``, and a missing one read as the receive time
+    would put the event after changes Clever made later."""
+    if given is None:
+        return "the event has no 'created' time"
+    if created is None:
+        return "the event's 'created' is not an ISO 8601 time"
+    if created > now + CREATED_AHEAD:
+        return (
+            f"the event's 'created' ({created.isoformat()}) is more than"
+            f" {CREATED_AHEAD.seconds // 60} minutes ahead of the time it was received"
+        )
+    return None
 
 
 def _status(event_type: str, problem: str | None) -> tuple[EventStatus, str | None]:
@@ -187,9 +212,9 @@ def inbox_row(raw: Any, *, source: str, now: datetime | None = None) -> dict[str
     of a type we do not act on an ``ignored`` row, with the reason.
     """
     event_id, event_type = envelope(raw)
-    columns, problem = interpret(raw, event_type)
-    status, reason = _status(event_type, problem)
     now = now or utcnow()
+    columns, problem = interpret(raw, event_type, now)
+    status, reason = _status(event_type, problem)
     return {
         "id": event_id,
         "type": event_type,

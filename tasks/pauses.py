@@ -39,6 +39,7 @@ from models.pause import REASON_LENGTH
 from tasks import brake, changes, roster
 from tasks.errors import InvalidInput, NotFound, Refused
 from tasks.inbox import event_object
+from tasks.storable import unstorable
 
 DEFERRED = EventStatus.DEFERRED
 
@@ -228,6 +229,10 @@ def add(
     reason = (reason or "").strip() or None
     if reason is not None and len(reason) > REASON_LENGTH:
         raise InvalidInput(f"the reason is {len(reason)} characters long; at most {REASON_LENGTH}")
+    # From the ops API or the console as much as the shell: checked here, once, for all of them.
+    problem = unstorable({"district": district_id, "reason": reason})
+    if problem is not None:
+        raise InvalidInput(problem)
     if district_id is not None and session.get(District, district_id) is None:
         raise NotFound(f"no district {district_id}")
     pause = Pause(

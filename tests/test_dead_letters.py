@@ -22,7 +22,12 @@ def test_a_dead_letter_is_written_after_a_transient_failure_to_write_it(
     configure: Configure, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     configure(DATABASE_URL=database_url, BROKER_URL=CLOSED_BROKER)
-    event = {"id": "evt-1", "type": "users.deleted", "data": {"object": {"id": "u1"}}}
+    event = {
+        "id": "evt-1",
+        "type": "users.deleted",
+        "created": "2026-11-01T00:00:00Z",
+        "data": {"object": {"id": "u1"}},
+    }
     with session_scope() as session:
         ingest(session, event, source="webhook")
     real_scope = db.session_scope

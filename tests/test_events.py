@@ -195,7 +195,12 @@ def test_removals_being_processed_count_against_the_brake_until_they_end(
         ((STEVE, "done"), (MARIA, "processing"), (LEO, "processing"))
     ):
         obj = {"id": who, "district": DISTRICT, "roles": {"student": {}}}
-        event = {"id": f"f-{n}", "type": "users.deleted", "data": {"object": obj}}
+        event = {
+            "id": f"f-{n}",
+            "type": "users.deleted",
+            "created": "2026-11-01T00:00:00Z",
+            "data": {"object": obj},
+        }
         ingest(session, event, source="webhook")
         session.execute(update(RosterEvent).where(RosterEvent.id == f"f-{n}").values(status=status))
     assert not brake.headroom(session, DISTRICT, percent=40, now=now)
@@ -523,3 +528,33 @@ def test_an_event_of_another_resource_stored_accepted_earlier_is_ignored_by_the_
         EventStatus.IGNORED,
         "event type terms.updated does not concern conversions",
     )
+
+
+def test_an_event_dated_far_ahead_is_rejected_and_later_events_about_its_user_still_apply(
+    session: Session,
+) -> None:
+    load_snapshot(session, example())
+    obj = {"id": STEVE, "district": DISTRICT, "roles": {"student": {}}}
+    ahead = {"id": "u-9999", "type": "users.created", "created": "9999-12-31T00:00:00Z"}
+    assert ingest(session, {**ahead, "data": {"object": obj}}, source="webhook").status == (
+        "rejected"
+    )
+    # Nothing about the rejected one reached the fence: an event of today is not stale.
+    assert events.process_event(session, "u-9999", events.Limits()) is None
+    ingest(
+        session,
+        {
+            "id": "d-today",
+            "type": "users.deleted",
+            "created": utcnow().isoformat(),
+            "data": {"object": obj},
+        },
+        source="webhook",
+    )
+
+    routed = events.process_event(session, "d-today", events.Limits())
+
+    assert routed is not None and routed.status == "done"
+    assert account_view(session, STEVE)["kind"] == "grassroots"
+    error = session.scalar(select(RosterEvent.error).where(RosterEvent.id == "u-9999"))
+    assert error is not None and "minutes ahead of the time it was received" in error

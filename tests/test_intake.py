@@ -34,8 +34,8 @@ from tests.support.databases import PgDatabases
 from tests.support.scenario import DISTRICT, STEVE
 from worker import db, intake
 from worker.api import app
+from worker.http import MAX_BODY
 from worker.intake import InboxWriter
-from worker.receiver import MAX_BODY
 from worker.signing import signed_headers
 
 SECRET = "whsec_" + base64.b64encode(b"grassroots-intake-webhook-secret").decode()

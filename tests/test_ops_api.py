@@ -813,3 +813,65 @@ def test_status_counts_tasks_in_flight_but_not_the_periodic_housekeeping(
             assert get(client, "/ops/status").json()["pending"] == 0
     finally:
         redis.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# Input the database cannot store, and bodies too large: 4xx before any route runs
+
+
+@pytest.mark.parametrize(
+    ("path", "where"),
+    [
+        ("/ops/events/%00", "path"),
+        ("/ops/events/evt%00/replay", "path"),
+        ("/ops/accounts/a%00b", "path"),
+        ("/ops/events?status=x%00", "query.status"),
+        ("/ops/events?type=users.deleted&status=dead%00", "query.status"),
+        ("/ops/districts/d1/sync?dry_run=%00", "query.dry_run"),
+    ],
+)
+def test_a_nul_in_an_ops_path_or_parameter_is_refused_with_400(
+    seeded: TestClient, path: str, where: str
+) -> None:
+    method = "POST" if path.endswith("/replay") or "/sync" in path else "GET"
+
+    response = seeded.request(method, path)
+
+    assert_error(response, 400, "invalid_input")
+    assert response.json()["message"] == (
+        f"{where}: contains a NUL character, which the database cannot store"
+    )
+    # The same routes still answer what they hold.
+    assert get(seeded, "/ops/events", status="dead").json() == []
+
+
+def test_a_pause_whose_reason_holds_a_nul_is_refused_and_nothing_stored(
+    seeded: TestClient,
+) -> None:
+    response = seeded.post(
+        "/ops/pauses", json={"district": DISTRICT, "until": "2099-01-01", "reason": "winter\x00"}
+    )
+
+    assert_error(response, 422, "invalid_pause")
+    assert response.json()["message"] == (
+        "reason: contains a NUL character, which the database cannot store"
+    )
+    assert seeded.get("/ops/pauses").json() == []
+
+
+def test_an_ops_body_over_one_mebibyte_is_refused_with_413(seeded: TestClient) -> None:
+    reason = "x" * (1024 * 1024)
+    body = {"district": DISTRICT, "until": "2099-01-01", "reason": reason}
+
+    declared = seeded.post("/ops/pauses", json=body)
+    chunked = seeded.post(
+        "/ops/pauses",
+        content=iter([b'{"district": null, "until": "2099-01-01", "reason": "', reason.encode()]),
+        headers={"content-type": "application/json"},
+    )
+
+    assert_error(declared, 413, "body_too_large")
+    assert "content-length" not in chunked.request.headers
+    assert_error(chunked, 413, "body_too_large")
+    assert declared.json()["message"] == "the body is over 1 MiB (1048576 bytes)"
+    assert seeded.get("/ops/pauses").json() == []

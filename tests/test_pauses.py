@@ -54,7 +54,8 @@ from worker.pipeline import pipeline_status
 HOUR = timedelta(hours=1)
 OTHER = "5b2a6f0c8e9d7a00ffff0001"  # a second district, with nobody in it
 NEWCOMER = "58c81dcea36279271500beef"
-T1, T2, T3 = "2026-12-20T10:00:00Z", "2026-12-22T10:00:00Z", "2027-01-03T10:00:00Z"
+# Clever times of changes made before the tests run: a `created` ahead of our clock is rejected.
+T1, T2, T3 = "2026-10-20T10:00:00Z", "2026-10-22T10:00:00Z", "2026-11-03T10:00:00Z"
 FULL = events.Limits(brake_percent=100)
 OPS_TOKEN = "ops-token-for-the-pause-tests"
 
@@ -380,7 +381,7 @@ def test_released_removals_go_through_the_brake(seeded: Session) -> None:
     made = pause(seeded)
     for n, who in enumerate((STEVE, MARIA, LEO)):
         obj = user(who, {"student": {}})
-        assert route(seeded, f"b-{n}", "users.deleted", obj, created=f"2026-12-2{n}T00:00:00Z")
+        assert route(seeded, f"b-{n}", "users.deleted", obj, created=f"2026-11-2{n}T00:00:00Z")
     time_passes(seeded, made["id"])
     # Six accounts at 10 %: one removal a day passes, the others wait for an operator.
     assert release_and_apply(seeded, events.Limits(brake_percent=10)) == {

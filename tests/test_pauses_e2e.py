@@ -25,7 +25,8 @@ from worker.db import make_engine
 pytestmark = pytest.mark.slow
 
 _tags = (f"{n:04x}" for n in itertools.count(0xD000))
-T1, T2, T3 = "2026-12-20T10:00:00Z", "2026-12-22T10:00:00Z", "2027-01-03T10:00:00Z"
+# Clever times of changes made before the tests run: a `created` ahead of our clock is rejected.
+T1, T2, T3 = "2026-10-20T10:00:00Z", "2026-10-22T10:00:00Z", "2026-11-03T10:00:00Z"
 FAR = "2099-01-05"
 
 

@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from tests.support.scenario import DISTRICT, STEVE
 from tests.support.stack import spare_port
 from worker import db
 from worker.api import app
-from worker.receiver import MAX_BODY
+from worker.http import MAX_BODY
 from worker.signing import signed_headers
 
 URL = "/webhooks/clever"
@@ -62,6 +63,10 @@ def clever_event(event_id: str = "evt-0001", **fields: Any) -> dict[str, Any]:
     }
     event.update(fields)
     return event
+
+
+def _ahead(by: timedelta) -> str:
+    return (datetime.now(UTC) + by).isoformat()
 
 
 def encode(event: Any) -> bytes:
@@ -405,6 +410,14 @@ def test_signed_body_that_is_not_an_event_is_refused_with_400_and_nothing_stored
     assert inbox() == []
 
 
+def test_an_event_a_few_minutes_ahead_of_our_clock_is_accepted(client: TestClient) -> None:
+    # The clocks' skew the signatures tolerate too.
+    response = post(client, encode(clever_event("evt-skew", created=_ahead(timedelta(minutes=4)))))
+
+    assert response.status_code == 202
+    assert [(ev.id, ev.status) for ev in inbox()] == [("evt-skew", "accepted")]
+
+
 @pytest.mark.parametrize(
     ("event", "problem"),
     [
@@ -415,6 +428,9 @@ def test_signed_body_that_is_not_an_event_is_refused_with_400_and_nothing_stored
         (clever_event("evt-odd", data={"object": {"id": "u\ud800", "district": "d"}}), "id"),
         (clever_event("evt-odd", created="last tuesday"), "created"),
         (clever_event("evt-odd", created=1725372321), "created"),
+        (clever_event("evt-odd", created=None), "no 'created' time"),
+        (clever_event("evt-odd", created="9999-12-31T23:59:59Z"), "minutes ahead"),
+        (clever_event("evt-odd", created=_ahead(timedelta(minutes=6))), "minutes ahead"),
     ],
     ids=[
         "no-data",
@@ -424,6 +440,9 @@ def test_signed_body_that_is_not_an_event_is_refused_with_400_and_nothing_stored
         "object-id-with-lone-surrogate",
         "created-text",
         "created-number",
+        "created-null",
+        "created-in-9999",
+        "created-6-minutes-ahead",
     ],
 )
 def test_signed_event_we_cannot_interpret_is_kept_as_rejected(

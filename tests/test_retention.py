@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+import pytest
 from click.testing import CliRunner
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -15,8 +17,10 @@ from sqlalchemy.orm import Session
 from models import AuditRecord, DeadLetter, EventStatus, RosterEvent, TaskAttempt, utcnow
 from tasks import retention
 from tests.support.app_env import CLOSED_BROKER, Configure
+from tests.support.cli import grassroots
 from worker.cli import main
 from worker.db import session_scope
+from worker.settings import load_settings
 
 OLD = timedelta(days=45)
 RECENT = timedelta(days=2)
@@ -163,3 +167,24 @@ def test_grassroots_purge_prints_what_it_purged(database_url: str, configure: Co
     with session_scope() as session:
         row = session.get(RosterEvent, "done-old")
         assert row is not None and "leo@example.org" not in json.dumps(row.payload)
+
+
+@pytest.mark.parametrize("days", ["0", "-3"])
+def test_a_retention_of_no_days_is_refused_before_anything_starts(
+    tmp_path: Path, days: str
+) -> None:
+    # 0 would purge what a conversion removed at the next run: nothing left to restore.
+    for command in (["purge"], ["serve"]):
+        result = grassroots(tmp_path, *command, RETENTION_DAYS=days)
+
+        assert result.returncode == 1
+        assert result.stderr == (
+            "grassroots: RETENTION_DAYS: must be at least 1 (days a conversion stays restorable"
+            f" before the purge), got {days!r}\n"
+        )
+
+
+def test_a_retention_of_one_day_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RETENTION_DAYS", "1")
+
+    assert load_settings().retention_days == 1

@@ -27,7 +27,12 @@ from worker.settings import get_settings
 from worker.tasking import SHORT_TRIES, GrassrootsTask, after_commit, is_bad_input, is_transient
 
 # An event the worker acts on, about a user nobody knows: it ends ``ignored``.
-EVENT = {"id": "evt-1", "type": "users.deleted", "data": {"object": {"id": "nobody"}}}
+EVENT = {
+    "id": "evt-1",
+    "type": "users.deleted",
+    "created": "2026-11-01T00:00:00Z",
+    "data": {"object": {"id": "nobody"}},
+}
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from tasks.errors import GrassrootsError, NotFound
 from worker import intake, ops_api, receiver, rejections
 from worker.broker import broker_client
 from worker.db import NoStack
-from worker.http import db, error
+from worker.http import BodyTooLarge, InputGuard, body_too_large, db, error
 from worker.intake import DatabaseUnavailable
 from worker.metrics import PipelineCollector
 from worker.settings import get_settings
@@ -160,6 +160,8 @@ def create_app(routes: Routes = Routes.ALL) -> FastAPI:
     served.add_exception_handler(GrassrootsError, _refused)  # type: ignore[arg-type]
     served.add_exception_handler(ops_api.Unauthorized, _unauthorized)  # type: ignore[arg-type]
     served.add_exception_handler(ops_api.Forbidden, _forbidden)  # type: ignore[arg-type]
+    served.add_exception_handler(BodyTooLarge, body_too_large)
+    served.add_middleware(InputGuard)
     if routes in (Routes.ALL, Routes.WEBHOOKS):
         # A plain Starlette route: the handler reads the request itself, so FastAPI's
         # per-request dependency and parameter machinery would be pure overhead on the busiest

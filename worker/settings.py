@@ -78,7 +78,7 @@ class Settings(BaseSettings):
     ops_token: Annotated[str | None, _env("OPS_TOKEN")] = None
     clever_api_base: Annotated[str, _env("CLEVER_API_BASE")] = DEFAULT_CLEVER_API_BASE
     clever_district_tokens: Annotated[CommaList, _env("CLEVER_DISTRICT_TOKENS")] = ()
-    retention_days: Annotated[int, _env("RETENTION_DAYS"), Field(ge=0)] = 30
+    retention_days: Annotated[int, _env("RETENTION_DAYS")] = 30
     removal_brake_percent: Annotated[float, _env("REMOVAL_BRAKE_PERCENT"), Field(ge=0)] = 10.0
     lock_timeout_ms: Annotated[int, _env("LOCK_TIMEOUT_MS"), Field(ge=1)] = 5000
     task_max_retries: Annotated[int, _env("TASK_MAX_RETRIES"), Field(ge=0)] = 8
@@ -152,6 +152,17 @@ class Settings(BaseSettings):
                     f" {MIN_FLOWER_PASSWORD_CHARS} characters"
                 )
         return ",".join(credentials)
+
+    @field_validator("retention_days")
+    @classmethod
+    def _some_retention(cls, value: int) -> int:
+        # 0 would let the next purge strip what a conversion removed minutes ago: `grassroots
+        # restore` would have nothing to bring back, and a mistaken removal no window to undo it.
+        if value < 1:
+            raise ValueError(
+                "must be at least 1 (days a conversion stays restorable before the purge)"
+            )
+        return value
 
     @field_validator("clever_api_base")
     @classmethod

@@ -18,7 +18,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry, generate_latest
-from sqlalchemy import Engine, event, text, update
+from sqlalchemy import Engine, delete, event, text, update
 
 from models import (
     DeadLetter,
@@ -164,18 +164,23 @@ def test_a_scrape_is_kept_for_a_few_seconds(configure: Configure, database_url: 
     assert accepted() == 2
 
 
-def test_what_the_alerts_watch_is_exported(configure: Configure, database_url: str) -> None:
-    """The oldest pending event's age, open dead letters by task and reason, stalled exits,
-    districts whose sync needs an operator, the heartbeat's age (the receiver's uptime until a
-    worker has run one), and the poll cursors' ages, one series per district up to a cap."""
+def labelled(registry: CollectorRegistry, name: str, label: str) -> dict[str, float]:
+    """A family's samples by the value of one label."""
+    return {
+        sample.labels[label]: sample.value
+        for metric in registry.collect()
+        if metric.name == name
+        for sample in metric.samples
+    }
+
+
+def test_an_idle_pipeline_shows_nothing_waiting(configure: Configure, database_url: str) -> None:
+    """What the alerts watch, with nothing waiting; the heartbeat's age is the receiver's uptime
+    until a worker has run one, then the age of that one."""
     configure(DATABASE_URL=database_url, BROKER_URL=CLOSED_BROKER)
     registry = registry_of(PipelineCollector(cache_seconds=0, uptime=lambda: 42.0))
-
-    def sample(name: str, **labels: str) -> float | None:
-        return registry.get_sample_value(name, labels)
-
     idle = {
-        name: sample(name)
+        name: registry.get_sample_value(name)
         for name in (
             "grassroots_pending_event_oldest_age_seconds",
             "grassroots_dead_letters",
@@ -193,9 +198,23 @@ def test_what_the_alerts_watch_is_exported(configure: Configure, database_url: s
         "grassroots_worker_heartbeat_age_seconds": 42.0,
         "grassroots_heartbeat_max_age_seconds": 300.0,
     }
-    assert sample("grassroots_sync_problem_districts", problem="sync_failed") == 0
-    assert sample("grassroots_sync_problem_districts", problem="resync_needed") == 0
+    problems = labelled(registry, "grassroots_sync_problem_districts", "problem")
+    assert problems == {"sync_failed": 0, "resync_needed": 0}
+    assert labelled(registry, "grassroots_dead_letters_by_task", "task") == {}
+    with session_scope() as session:
+        heartbeat.record(session)
+    assert registry.get_sample_value("grassroots_worker_heartbeat_age_seconds") == pytest.approx(
+        0, abs=30
+    )
 
+
+def test_what_waits_for_an_operator_is_counted_and_aged(
+    configure: Configure, database_url: str
+) -> None:
+    """The oldest pending event's age, open dead letters by task and reason, stalled exits,
+    and districts whose sync failed or that need a resync."""
+    configure(DATABASE_URL=database_url, BROKER_URL=CLOSED_BROKER)
+    registry = registry_of(PipelineCollector(cache_seconds=0))
     now = utcnow()
     _store(("p-old", "users.deleted"), ("p-new", "users.deleted"))
     with session_scope() as session:
@@ -216,34 +235,24 @@ def test_what_the_alerts_watch_is_exported(configure: Configure, database_url: s
             (TaskName.PROCESS_EVENT, "error", 90),
             (TaskName.PROCESS_EVENT, "error", 10),
         ):
-            session.add(
-                DeadLetter(
-                    task=task,
-                    reason=reason,
-                    error="x",
-                    first_failed_at=now - timedelta(seconds=ago),
-                )
-            )
+            failed = now - timedelta(seconds=ago)
+            session.add(DeadLetter(task=task, reason=reason, error="x", first_failed_at=failed))
         session.add(DeadLetter(task="closed", reason="error", error="x", resolved_at=now))
         for sync_id, status, minutes in (("s-1", SyncStatus.DONE, 20), ("s-2", "failed", 10)):
+            started = now - timedelta(minutes=minutes)
             session.add(
                 RosterSync(
                     id=sync_id,
                     district_id="d-synced",
                     status=status,
                     trigger="test",
-                    started_at=now - timedelta(minutes=minutes),
+                    started_at=started,
                 )
             )
-        # One district more than get a series of their own: the newest goes to "other".
-        for n in range(POLL_DISTRICT_SERIES + 2):
-            session.add(
-                PollCursor(
-                    district_id=f"d-{n:03}",
-                    status=PollStatus.RESYNC_NEEDED if n == 0 else PollStatus.OK,
-                    last_success_at=now - timedelta(hours=100 - n),
-                )
-            )
+        session.add(PollCursor(district_id="d-missed", status=PollStatus.RESYNC_NEEDED))
+
+    def sample(name: str) -> float | None:
+        return registry.get_sample_value(name)
 
     assert sample("grassroots_pending_event_oldest_age_seconds") == pytest.approx(660, abs=30)
     assert sample("grassroots_district_exits_stalled") == 1
@@ -259,23 +268,35 @@ def test_what_the_alerts_watch_is_exported(configure: Configure, database_url: s
         ("grassroots.exit_unit", "retries_exhausted"): 1,
         ("grassroots.process_event", "error"): 2,
     }
-    assert sample("grassroots_sync_problem_districts", problem="sync_failed") == 1
-    assert sample("grassroots_sync_problem_districts", problem="resync_needed") == 1
-    ages = {
-        s.labels["district"]: s.value
-        for metric in registry.collect()
-        if metric.name == "grassroots_poll_cursor_age_seconds"
-        for s in metric.samples
-    }
+    problems = labelled(registry, "grassroots_sync_problem_districts", "problem")
+    assert problems == {"sync_failed": 1, "resync_needed": 1}
+
+
+def test_poll_cursor_ages_are_one_series_per_district_up_to_a_cap(
+    configure: Configure, database_url: str
+) -> None:
+    """The districts whose cursor moved longest ago each get a series; the others are one,
+    ``district="other"``, the oldest of them."""
+    configure(DATABASE_URL=database_url, BROKER_URL=CLOSED_BROKER)
+    registry = registry_of(PipelineCollector(cache_seconds=0))
+    now = utcnow()
+    with session_scope() as session:
+        for n in range(POLL_DISTRICT_SERIES + 2):
+            moved = now - timedelta(hours=100 - n)
+            session.add(PollCursor(district_id=f"d-{n:03}", last_success_at=moved))
+    ages = labelled(registry, "grassroots_poll_cursor_age_seconds", "district")
     assert len(ages) == POLL_DISTRICT_SERIES + 1
     assert ages["d-000"] == pytest.approx(100 * 3600, abs=30)
     assert f"d-{POLL_DISTRICT_SERIES - 1:03}" in ages
     assert f"d-{POLL_DISTRICT_SERIES:03}" not in ages
-    # The oldest of those without a series of their own.
     assert ages["other"] == pytest.approx((100 - POLL_DISTRICT_SERIES) * 3600, abs=30)
     with session_scope() as session:
-        heartbeat.record(session)
-    assert sample("grassroots_worker_heartbeat_age_seconds") == pytest.approx(0, abs=30)
+        session.execute(delete(PollCursor).where(PollCursor.district_id > "d-002"))
+    assert set(labelled(registry, "grassroots_poll_cursor_age_seconds", "district")) == {
+        "d-000",
+        "d-001",
+        "d-002",
+    }
 
 
 BOUNDED_TABLES = ("roster_events", "conversion_journal", "roster_syncs", "dead_letters")

@@ -16,7 +16,7 @@ from kombu import Queue as KombuQueue
 
 from tests.support.stack import RedisServer, spare_port
 from worker.broker import TRANSPORT
-from worker.celery_app import QUEUES, UnsafeConfiguration, app, check_safe
+from worker.celery_app import QUEUES, UnsafeConfiguration, app, build_config, check_safe
 from worker.names import ROUTES, TaskName
 from worker.settings import load_settings
 from worker.tasking import GrassrootsTask
@@ -65,16 +65,83 @@ def test_app_is_configured_for_at_least_once_delivery_with_json_only() -> None:
     assert timeout > load_settings().retry_backoff_max
 
 
-def test_check_refuses_a_visibility_timeout_shorter_than_the_longest_retry() -> None:
-    conf = app.conf.copy()
-    conf["broker_transport_options"] = {"visibility_timeout": 60}
+def test_a_task_stopped_at_its_time_limit_is_put_back_not_acknowledged() -> None:
+    conf = app.conf
     settings = load_settings()
-    try:
-        check_safe(conf, settings)
-    except UnsafeConfiguration as exc:
-        assert "visibility timeout" in str(exc)
-    else:
-        raise AssertionError("an unsafe visibility timeout was accepted")
+    assert conf.task_time_limit == settings.task_time_limit == 1800
+    assert conf.task_soft_time_limit == settings.task_time_limit - 30
+    assert conf.task_acks_on_timeout is False
+    app.loader.import_default_modules()
+    for name in TaskName:
+        task: Any = app.tasks[name]  # the stubs predate acks_on_timeout
+        assert task.acks_late and task.reject_on_worker_lost and task.acks_on_timeout is False
+        assert task.max_retries is None  # TASK_MAX_RETRIES, counted in SQL, is the only cap
+
+
+# Each way the guard refuses a configuration, by what it changes in the app's and what the
+# refusal must say; the shipped settings (RETRY_BACKOFF_MAX=600, TASK_TIME_LIMIT=1800).
+UNSAFE: dict[str, tuple[dict[str, Any], str]] = {
+    "early acks": ({"task_acks_late": False}, "task_acks_late must be on"),
+    "acks on a lost worker": (
+        {"task_reject_on_worker_lost": False},
+        "task_reject_on_worker_lost must be on",
+    ),
+    "prefetch": ({"worker_prefetch_multiplier": 4}, "worker_prefetch_multiplier must be 1"),
+    "pickle accepted": ({"accept_content": ["json", "pickle"]}, "only JSON"),
+    "pickle sent": ({"task_serializer": "pickle"}, "only JSON"),
+    "acks on timeout": ({"task_acks_on_timeout": True}, "task_acks_on_timeout must be off"),
+    "acks on timeout, Celery's fallback": (
+        {"task_acks_on_timeout": None, "task_acks_on_failure_or_timeout": True},
+        "task_acks_on_timeout must be off",
+    ),
+    "no time limit": ({"task_time_limit": None}, "task_time_limit must be set"),
+    "visibility under the longest retry": (
+        {"broker_transport_options": {"visibility_timeout": 600}},
+        "the broker visibility timeout (600 s) must be longer than the longest retry countdown"
+        " and the time limit together (RETRY_BACKOFF_MAX=600 s + TASK_TIME_LIMIT=1800 s)",
+    ),
+    "visibility exactly the countdown and the time limit": (
+        {"broker_transport_options": {"visibility_timeout": 2400}},
+        "the broker visibility timeout (2400 s)",
+    ),
+    "a time limit the visibility does not cover": (
+        {"task_time_limit": 3600, "broker_transport_options": {"visibility_timeout": 3600}},
+        "TASK_TIME_LIMIT=3600 s",
+    ),
+}
+
+
+@pytest.mark.parametrize(("changes", "says"), list(UNSAFE.values()), ids=list(UNSAFE))
+def test_the_guard_refuses_each_unsafe_configuration(changes: dict[str, Any], says: str) -> None:
+    conf = app.conf.copy()
+    conf.update(changes)
+    with pytest.raises(UnsafeConfiguration) as refused:
+        check_safe(conf, load_settings())
+    assert says in str(refused.value)
+    assert str(refused.value).count(";") == 0  # that problem alone
+
+
+def test_the_guard_accepts_the_shipped_configuration_and_a_visibility_just_long_enough() -> None:
+    settings = load_settings()
+    check_safe(app.conf, settings)
+    conf = app.conf.copy()
+    conf["broker_transport_options"] = {"visibility_timeout": 2401}
+    check_safe(conf, settings)
+
+
+@pytest.mark.parametrize(
+    ("backoff", "limit"), [(600, 1800), (600, 60), (3600, 1800), (600, 7200), (1, 86400)]
+)
+def test_the_default_visibility_timeout_covers_any_countdown_and_time_limit(
+    backoff: int, limit: float
+) -> None:
+    settings = load_settings().model_copy(
+        update={"retry_backoff_max": backoff, "task_time_limit": limit}
+    )
+    conf = app.conf.copy()
+    conf.update(build_config(settings))
+    check_safe(conf, settings)
+    assert settings.visibility_timeout >= 3600
 
 
 def test_worker_refuses_to_start_with_unsafe_settings(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 import structlog
-from celery.exceptions import Reject
+from celery.exceptions import Reject, SoftTimeLimitExceeded
 from sqlalchemy import select
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 
@@ -300,6 +300,30 @@ def test_only_task_max_retries_caps_the_retries_not_celerys_default(
     )
 
 
+def test_an_attempt_stopped_by_its_soft_time_limit_is_sent_again_then_dead_lettered(
+    inbox: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not tried again in the process the limit stopped (its hard limit is near): each attempt
+    ends and is sent again; the last is a ``time_limit`` dead letter."""
+    tried: list[int] = []
+
+    def hangs(session: Any, event_id: str, limits: Any) -> None:
+        tried.append(1)
+        raise SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(events, "process_event", hangs)
+    jobs.process_event.apply(args=(inbox,), task_id="msg-hangs")
+    assert event_row(inbox) == ("dead", 3)  # TASK_MAX_RETRIES=2
+    assert len(tried) == 3
+    with session_scope() as session:
+        letter = session.scalars(select(DeadLetter)).one()
+    assert (letter.reason, letter.exception, letter.attempts) == (
+        "time_limit",
+        "SoftTimeLimitExceeded",
+        3,
+    )
+
+
 def test_a_retry_the_broker_does_not_take_is_put_back_not_dropped(inbox: str) -> None:
     """Celery rejects a message whose retry cannot be sent, for good (``requeue=False``): its
     work would be lost. The base class puts it back instead, to be delivered again."""
@@ -307,7 +331,7 @@ def test_a_retry_the_broker_does_not_take_is_put_back_not_dropped(inbox: str) ->
     task.push_request(id="msg-1", retries=0, is_eager=False, called_directly=False)
     try:
         with pytest.raises(Reject) as refused:
-            task._retry_if_transient(LOCK_TIMEOUT, 1)
+            task._send_again(LOCK_TIMEOUT, 1)
     finally:
         task.pop_request()
     assert refused.value.args[1:] == (True,)  # requeue

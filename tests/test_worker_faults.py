@@ -1,6 +1,6 @@
 """The task base class (``worker.tasking.GrassrootsTask``) under real faults, with real processes: a
-redis-server, PostgreSQL and ``grassroots worker`` processes, no eager mode. A warm shutdown, a
-task that outlives the visibility timeout, a task that kills its worker every time, a PostgreSQL
+redis-server, PostgreSQL and ``grassroots worker`` processes, no eager mode. A warm shutdown, two
+copies of one task at once, a task that kills its worker every time, a PostgreSQL
 restart, a Redis connection drop and a permanent error: each ends with every event applied once,
 or dead-lettered with what an operator needs."""
 
@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 import psycopg
 import pytest
 import redis
+from celery import Celery
 
 from tests.support import scenario
 from tests.support.databases import PgDatabases
@@ -38,6 +40,7 @@ from tests.support.faults import (
 from tests.support.scenario import Copy
 from tests.support.stack import Stack, running_stack, spare_port, wait_until
 from worker.migrate import upgrade
+from worker.names import Queue, TaskName
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +80,12 @@ def test_sigterm_mid_task_finishes_the_task_then_exits(
     for the visibility timeout (five minutes here) and nothing is left unacknowledged."""
     url = pg_databases.new()
     with running_stack(
-        tmp_path, url, workers=0, LOCK_TIMEOUT_MS="60000", BROKER_VISIBILITY_TIMEOUT="300"
+        tmp_path,
+        url,
+        workers=0,
+        LOCK_TIMEOUT_MS="60000",
+        BROKER_VISIBILITY_TIMEOUT="300",
+        TASK_TIME_LIMIT="120",  # the visibility timeout must cover it
     ) as stack:
         worker = stack.start_worker("first", concurrency=1)
         copy = seed_copy(stack, "a001")
@@ -126,35 +134,36 @@ def test_sigterm_mid_task_finishes_the_task_then_exits(
 
 
 # --------------------------------------------------------------------------------------------
-# 2. A task outliving the visibility timeout
+# 2. Two copies of one task at once
 
 
-def test_task_outliving_the_visibility_timeout_runs_twice_and_the_second_run_does_nothing(
+def test_a_second_copy_of_a_running_task_runs_beside_it_and_does_nothing(
     tmp_path: Path, pg_databases: PgDatabases
 ) -> None:
-    """With a 3 s visibility timeout, kombu restores the message of a conversion held on a lock
-    past it, and the other worker takes it: two copies of the task run at once. The second
-    waits for the first's event row, finds the event done and does nothing."""
+    """A second message for a conversion still held on a lock (as the relay sends when it
+    misjudges a task lost, or kombu redelivers one it thinks abandoned), taken by the other
+    worker: two copies of the task run at once. The second waits for the first's event row,
+    finds the event done and does nothing. (A copy restored past the visibility timeout while
+    the first still runs cannot happen: the worker refuses a visibility timeout that does not
+    cover TASK_TIME_LIMIT.)"""
     url = pg_databases.new()
-    with running_stack(
-        tmp_path,
-        url,
-        workers=0,
-        LOCK_TIMEOUT_MS="60000",
-        BROKER_VISIBILITY_TIMEOUT="3",
-        RETRY_BACKOFF_MAX="1",
-    ) as stack:
+    with running_stack(tmp_path, url, workers=0, LOCK_TIMEOUT_MS="60000") as stack:
         stack.start_worker("first", concurrency=1)
         stack.start_worker("second", concurrency=1)
         copy = seed_copy(stack, "a002")
+        sender = Celery("duplicate", broker=stack.redis.url)
         with blocked_conversion(stack, url, copy, "visibility") as (steve, event):
             task_id = scalar(url, "SELECT task_id FROM roster_events WHERE id = %s", event["id"])
             assert task_id
-            # The restored copy runs on the other worker, and waits too.
+            # The same message again, as a redelivery is.
+            sender.send_task(
+                TaskName.PROCESS_EVENT, (event["id"],), queue=Queue.EVENTS, task_id=task_id
+            )
+            # The second copy runs on the other worker, and waits too.
             wait_until(
                 lambda: lock_waiters(url) == 2,
                 timeout=30,
-                what="the redelivered copy to run beside the first",
+                what="the second copy to run beside the first",
             )
             assert all(task_ids_received(stack.log(w), task_id) for w in ("first", "second"))
         wait_until(
@@ -167,8 +176,7 @@ def test_task_outliving_the_visibility_timeout_runs_twice_and_the_second_run_doe
         # The second copy found the event done: it counted no attempt and changed nothing.
         assert detail["attempts"] == 1, detail
         runs = outcomes(stack.log("first"), task_id) + outcomes(stack.log("second"), task_id)
-        # Two runs at least (a copy restored once more meanwhile would be a third); one did it.
-        assert len(runs) >= 2 and runs.count("'done'") == 1 and set(runs) == {"'done'", "None"}
+        assert sorted(runs) == ["'done'", "None"]
         assert stack.account(steve)["kind"] == "grassroots"
         assert journal_entries(url, steve) == 1
         assert dead_letters(url) == []
@@ -558,3 +566,67 @@ def test_permanent_error_is_dead_lettered_at_once_without_retries(
         assert "retrying" not in log and "Retry in" not in log
         # Nothing left in flight: not retried later either.
         assert stack.wait_idle(timeout=10)["unacked"] == 0
+
+
+# --------------------------------------------------------------------------------------------
+# 7. Time limits
+
+
+def test_tasks_stopped_at_their_time_limits_are_sent_again_and_finish(
+    tmp_path: Path, pg_databases: PgDatabases
+) -> None:
+    """TASK_TIME_LIMIT=60 (its least), the retries at their defaults, lock waits long enough to
+    outlast the limit. A conversion blocked on a row lock for 75 s: its soft limit (30 s before
+    the hard one) ends each attempt, which is sent again; it is done soon after the lock is
+    gone. Another, whose pool child hangs (stopped: the soft limit cannot reach it): at the hard
+    limit the child is ended and the message put back, not acknowledged, and the next attempt
+    converts. Each attempt is counted; nothing is dead-lettered."""
+    url = pg_databases.new()
+    with running_stack(
+        tmp_path,
+        url,
+        workers=0,
+        TASK_TIME_LIMIT="60",
+        RETRY_BACKOFF_MAX="600",
+        LOCK_TIMEOUT_MS="600000",
+    ) as stack:
+        worker = stack.start_worker("worker", concurrency=2)
+        copy = seed_copy(stack, "a007")
+        with blocked_conversion(stack, url, copy, "hung", scenario.MARIA) as (maria, hung):
+            (child,) = lock_waiting_processes(url, children(worker.pid))
+            os.kill(child, signal.SIGSTOP)
+        hung_at = time.monotonic()
+        with blocked_conversion(stack, url, copy, "blocked", scenario.STEVE) as (steve, blocked):
+            wait_until(
+                lambda: "Hard time limit (60" in stack.log("worker"),
+                timeout=90,
+                what="the hung child's hard time limit",
+            )
+            assert time.monotonic() - hung_at >= 55
+            wait_until(
+                lambda: stack.event(hung["id"])["status"] == "done",
+                timeout=30,
+                what="the hung conversion, sent again, to be done",
+            )
+            # Blocked for 75 s, longer than the time limit.
+            time.sleep(max(0.0, 75 - (time.monotonic() - hung_at)))
+            assert stack.event(blocked["id"])["status"] == "processing"
+            log = stack.log("worker")
+            assert "Soft time limit (30" in log
+            # Ended and sent again, not tried again in the process the limit stopped.
+            assert "SoftTimeLimitExceeded" in log and "retrying grassroots.process_event" in log
+        released = time.monotonic()
+        wait_until(
+            lambda: stack.event(blocked["id"])["status"] == "done",
+            timeout=30,
+            what="the blocked conversion to be done once its lock is gone",
+        )
+        assert time.monotonic() - released < 15
+        assert stack.event(hung["id"])["attempts"] == 2
+        assert 2 <= stack.event(blocked["id"])["attempts"] <= 4
+        for student in (maria, steve):
+            assert stack.account(student)["kind"] == "grassroots"
+            assert journal_entries(url, student) == 1
+        assert dead_letters(url) == []
+        assert stack.wait_idle(timeout=15)["unacked"] == 0
+        assert worker.poll() is None

@@ -75,10 +75,13 @@ def build_config(settings: Settings) -> dict[str, Any]:
         "task_ignore_result": True,
         "task_track_started": False,
         "worker_prefetch_multiplier": 1,
-        # No task holds a pool slot for good: the soft limit raises in the task (which retries
-        # it), the hard one ends its process (the message is redelivered, its attempt counted).
+        # No task holds a pool slot for good. The soft limit raises in the task, which ends the
+        # attempt and sends the task again (``worker.tasking``); the hard one, for a task the
+        # soft one could not interrupt, ends its process. Its message is then put back, not
+        # acknowledged (Celery's default): delivered again, its attempt counted in SQL.
         "task_time_limit": settings.task_time_limit,
         "task_soft_time_limit": settings.task_time_limit - 30,
+        "task_acks_on_timeout": False,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         # Task events cost the worker's main process a Redis round trip each, three per task,
         # paid one task at a time in a district exit. Flower turns them on while it watches
@@ -145,14 +148,31 @@ def check_safe(conf: Any, settings: Settings) -> None:
         problems.append("worker_prefetch_multiplier must be 1")
     if set(conf.accept_content or []) != {"json"} or conf.task_serializer != "json":
         problems.append("only JSON serialization is allowed")
+    if conf.task_acks_late and _acks_on_timeout(conf):
+        problems.append(
+            "task_acks_on_timeout must be off (a task stopped at its time limit would be"
+            " acknowledged as finished)"
+        )
     timeout = (conf.broker_transport_options or {}).get("visibility_timeout", 3600)
-    if timeout <= settings.retry_backoff_max:
+    limit = conf.task_time_limit
+    if not limit:
+        problems.append("task_time_limit must be set (a hung task would hold its slot for good)")
+    elif timeout <= settings.retry_backoff_max + limit:
+        # A delivered message is the worker's through its retry countdown and then its run:
+        # restored before both are over, it would run twice at once.
         problems.append(
             f"the broker visibility timeout ({timeout} s) must be longer than the longest retry"
-            f" countdown (RETRY_BACKOFF_MAX={settings.retry_backoff_max} s)"
+            " countdown and the time limit together"
+            f" (RETRY_BACKOFF_MAX={settings.retry_backoff_max} s + TASK_TIME_LIMIT={limit:g} s)"
         )
     if problems:
         raise UnsafeConfiguration("unsafe Celery configuration: " + "; ".join(problems))
+
+
+def _acks_on_timeout(conf: Any) -> bool:
+    # Celery's own fallback: the older setting that covers failures and timeouts both.
+    own = conf.task_acks_on_timeout
+    return bool(conf.task_acks_on_failure_or_timeout if own is None else own)
 
 
 def create_app() -> Celery:

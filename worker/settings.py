@@ -84,7 +84,7 @@ class Settings(BaseSettings):
     task_max_retries: Annotated[int, _env("TASK_MAX_RETRIES"), Field(ge=0)] = 8
     retry_backoff_max: Annotated[int, _env("RETRY_BACKOFF_MAX"), Field(ge=1)] = 600
     flower_basic_auth: Annotated[str | None, _env("FLOWER_BASIC_AUTH")] = None
-    # Empty: long enough for any retry countdown (``visibility_timeout``).
+    # Empty: long enough for any retry countdown and the run after it (``visibility_timeout``).
     broker_visibility_timeout: Annotated[
         int | None, _env("BROKER_VISIBILITY_TIMEOUT"), Field(ge=1)
     ] = None
@@ -193,10 +193,11 @@ class Settings(BaseSettings):
     @property
     def visibility_timeout(self) -> int:
         """Seconds before Redis hands an unacknowledged task to another worker: longer than any
-        retry countdown, or a task waiting out its countdown would run twice."""
+        retry countdown and the run after it, or a task waiting out its countdown, or still
+        running, would run twice."""
         if self.broker_visibility_timeout is not None:
             return self.broker_visibility_timeout
-        return max(3600, 2 * self.retry_backoff_max + 600)
+        return max(3600, 2 * self.retry_backoff_max + int(self.task_time_limit) + 600)
 
 
 def _variable(field: str) -> str:

@@ -49,18 +49,19 @@ def is_transient(exc: BaseException) -> bool:
     deadlock was broken. Anything else (a missing row, bad data, an invariant) is permanent."""
     if isinstance(
         exc,
-        OperationalError
-        | BrokerError
-        | RedisConnectionError
-        | ConnectionError
-        | WaitForRoster
-        # The task outlived TASK_TIME_LIMIT's soft limit (a hung query or service).
-        | SoftTimeLimitExceeded,
+        OperationalError | BrokerError | RedisConnectionError | ConnectionError | WaitForRoster,
     ):
         return True
     if isinstance(exc, IntegrityError) and _sqlstate(exc) in RACES:
         return True
     return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+def is_stopped(exc: BaseException) -> bool:
+    """The attempt outlived TASK_TIME_LIMIT's soft limit (a hung query or service). Not tried
+    again in the same process (its hard limit is 30 s away): the attempt ends and the task is
+    sent again, or dead-lettered as ``time_limit`` if it was the last."""
+    return isinstance(exc, SoftTimeLimitExceeded)
 
 
 # Integrity errors that another transaction's concurrent write can cause: a unique key inserted
@@ -195,7 +196,7 @@ class GrassrootsTask(Task):  # type: ignore[type-arg]
             # The count cannot be written (the database is away longer than the short retries):
             # nothing was attempted, so nothing is counted against the cap. Sent again until the
             # database answers, or the message would be acknowledged with its work undone.
-            self._retry_if_transient(exc, None)
+            self._send_again(exc, None)
             raise
         if attempts is None:
             return None  # already done, held, dead or gone: a redelivery has nothing to do
@@ -213,12 +214,14 @@ class GrassrootsTask(Task):  # type: ignore[type-arg]
                 raise tried.error
             return short_retries(lambda: self._work(args, kwargs), SHORT_TRIES - 1)
         except Exception as exc:
-            self._retry_if_transient(exc, attempts)
+            self._send_again(exc, attempts)
             if is_bad_input(exc) and self._reject(ledger, exc):
                 return None
             reason = (
                 InvariantViolation.reason
                 if isinstance(exc, InvariantViolation)
+                else "time_limit"
+                if is_stopped(exc)
                 else "retries_exhausted"
                 if is_transient(exc)
                 else "error"
@@ -226,11 +229,12 @@ class GrassrootsTask(Task):  # type: ignore[type-arg]
             self._dead_letter(ledger, args, kwargs, exc, reason, attempts)
             return None
 
-    def _retry_if_transient(self, exc: Exception, attempts: int | None) -> None:
-        """Send a transient failure again, with exponential backoff and jitter, while attempts
-        remain: ``attempts`` (counted in SQL; None if they could not be counted) below
-        TASK_MAX_RETRIES + 1. Otherwise return: the caller dead-letters it."""
-        if not is_transient(exc):
+    def _send_again(self, exc: Exception, attempts: int | None) -> None:
+        """Send a transient failure, or an attempt stopped by its soft time limit, again with
+        exponential backoff and jitter, while attempts remain: ``attempts`` (counted in SQL;
+        None if they could not be counted) below TASK_MAX_RETRIES + 1. Otherwise return: the
+        caller dead-letters it."""
+        if not (is_transient(exc) or is_stopped(exc)):
             return
         settings = get_settings()
         if attempts is not None and attempts > settings.task_max_retries:
@@ -268,6 +272,9 @@ class GrassrootsTask(Task):  # type: ignore[type-arg]
             token = _session.set(session)
             try:
                 yield
+            except SoftTimeLimitExceeded:
+                _abandon_statement(session)
+                raise
             finally:
                 _session.reset(token)
 
@@ -347,6 +354,24 @@ class GrassrootsTask(Task):  # type: ignore[type-arg]
             if isinstance(value, str | int) and not isinstance(value, bool)
         }
         return MessageLedger(self.name, task_id, ids)
+
+
+def _abandon_statement(session: Session) -> None:
+    """The soft time limit interrupted the session's statement while the server still runs it
+    (a lock wait, a long query): cancel it there, so it gives up its place in the lock queue,
+    and drop the connection, which still waits for that statement's answer (the rollback that
+    follows then has nothing to send)."""
+    if not session.in_transaction():
+        return
+    connection = session.connection()
+    dbapi = connection.connection.dbapi_connection
+    cancel = getattr(dbapi, "cancel_safe", None)  # psycopg's; SQLite runs nothing apart
+    if cancel is not None:
+        try:
+            cancel(timeout=5)
+        except Exception as exc:
+            log.warning("cancelling a stopped statement failed: %s", type(exc).__name__)
+    connection.invalidate()
 
 
 def _bump(ledger: Ledger, task_id: str | None) -> Callable[[], int | None]:

@@ -865,12 +865,16 @@ def test_prometheus_loads_the_alert_rules_and_scrapes_the_receivers_metrics() ->
     assert job.get("metrics_path", "/metrics") == "/metrics"
     ((target,),) = [static["targets"] for static in job["static_configs"]]
     host, port = target.rsplit(":", 1)
-    # The target is a listener of ours that serves /metrics, on the port it listens on.
+    # The target is a listener of ours that serves /metrics: the ops listener where `serve` has
+    # one (--ops-port), else its one listener, if that serves the ops routes.
     path, options = split_command(command(host))
     assert path == ["serve"], f"{target} is not a grassroots listener"
     served = dict(zip(options[::2], options[1::2], strict=False))
-    assert served["--port"] == port
-    assert served.get("--routes", "all") in ("all", "ops")
+    if "--ops-port" in served:
+        assert served["--ops-port"] == port, f"/metrics is on {served['--ops-port']}, not {port}"
+    else:
+        assert served["--port"] == port
+        assert served.get("--routes", "all") in ("all", "ops")
     assert host in service("prometheus")["depends_on"]
 
 

@@ -15,6 +15,9 @@ from tests.support.databases import PgDatabases, fresh_sqlite
 from worker.db import make_engine
 from worker.migrate import upgrade
 
+# A failing test prints the tail of each process log it started.
+pytest_plugins = ["tests.support.process_logs"]
+
 
 @pytest.fixture(scope="session")
 def pg_databases() -> Iterator[PgDatabases]:

@@ -42,6 +42,7 @@ from pydantic import (
     model_validator,
 )
 
+from tests.support.process_logs import register
 from tests.support.stack import BIN, FLOWER_BASIC_AUTH, OPS_TOKEN, SECRET, spare_port, wait_until
 from worker.celery_app import build_config, check_safe
 from worker.cli import main as cli
@@ -360,6 +361,7 @@ def receiver(tmp_path: Path) -> Iterator[int]:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+    register("grassroots serve", tmp_path / "serve.log", proc)
     try:
         wait_until(lambda: _answers(port) or proc.poll() is not None, timeout=30, what="serve")
         assert proc.poll() is None, (tmp_path / "serve.log").read_text()

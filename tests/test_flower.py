@@ -14,6 +14,7 @@ import httpx
 import pytest
 import redis
 
+from tests.support.process_logs import register
 from tests.support.stack import (
     BIN,
     FLOWER_BASIC_AUTH,
@@ -91,6 +92,7 @@ def flower(broker: RedisServer, workdir: Path) -> Iterator[Flower]:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+    register("grassroots flower", log, proc)
     running = Flower(f"http://127.0.0.1:{port}", broker, proc.pid)
 
     def up() -> bool:

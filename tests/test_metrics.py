@@ -37,6 +37,7 @@ from tasks.inbox import inbox_row, store
 from tasks.roster import load_snapshot
 from tests.support.app_env import CLOSED_BROKER, CLOSED_DATABASE, Configure
 from tests.support.databases import PgDatabases
+from tests.support.process_logs import register
 from tests.support.scenario import DISTRICT, KIM, STEVE, example
 from tests.support.stack import BIN, OPS_TOKEN, SECRET, spare_port, wait_until
 from worker import api
@@ -428,14 +429,17 @@ def test_serve_routes_picks_what_its_listener_serves(
         "OPS_TOKEN": OPS_TOKEN,
         "WEBHOOK_SECRETS": SECRET,
     }
-    proc = subprocess.Popen(
-        [str(BIN), "serve", "--port", str(port), "--routes", routes],
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    log = tmp_path / f"serve-{routes}.log"
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [str(BIN), "serve", "--port", str(port), "--routes", routes],
+            env=env,
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    register(f"grassroots serve --routes {routes}", log, proc)
     base = f"http://127.0.0.1:{port}"
 
     def up() -> bool:

@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from tests.support.cli import no_stack, tree
+from tests.support.process_logs import register
 from tests.support.stack import RedisServer, spare_port, wait_until
 from worker.settings import ENVIRONMENT_VARIABLES
 
@@ -55,6 +56,7 @@ class Run:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        register("grassroots run", self.log, self.proc)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")

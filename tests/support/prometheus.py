@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import yaml
 
+from tests.support.process_logs import register
 from tests.support.stack import OPS_TOKEN, spare_port, terminate_group, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -128,6 +129,7 @@ class Prometheus:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        register("prometheus", self.directory / "prometheus.log", self.proc)
         wait_until(self._scraped, timeout=60, what=f"Prometheus to scrape {self.target}")
 
     def log(self) -> str:

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import httpx
 
+from tests.support.process_logs import register
 from worker.run import redis_server_argv
 from worker.signing import signed_headers
 
@@ -75,11 +76,14 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            redis_server_argv(self.port, self.directory, persistent=False),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        log = self.directory / f"redis-{self.port}.log"
+        with log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                redis_server_argv(self.port, self.directory, persistent=False),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        register(f"redis-server :{self.port}", log, self.proc)
         wait_until(self.ping, timeout=10, what=f"redis on {self.port}")
 
     def ping(self) -> bool:
@@ -128,7 +132,8 @@ class Stack:
     # processes ------------------------------------------------------------------------------
 
     def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        with (self.tmp / f"{name}.log").open("ab") as log:
+        path = self.tmp / f"{name}.log"
+        with path.open("ab") as log:
             proc = subprocess.Popen(
                 [str(BIN), *args],
                 env=self.env,
@@ -138,6 +143,7 @@ class Stack:
                 start_new_session=True,
             )
         self.procs[name] = proc
+        register(f"grassroots {name}", path, proc)
         return proc
 
     def log(self, name: str) -> str:

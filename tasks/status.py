@@ -202,20 +202,20 @@ def poll_cursor_ages(session: Session, *, now: datetime, limit: int) -> list[tup
     return [(district, max(0.0, (now - at).total_seconds())) for district, at in rows]
 
 
-def exits_stalled(session: Session) -> int:
-    """Exits ``tasks.exits.progress`` calls stalled: running, not restored, with a dead unit
-    (through the units' status index: dead units are few)."""
+def stalled_districts(session: Session) -> list[str]:
+    """The districts whose exit ``tasks.exits.progress`` calls stalled: running, not restored,
+    with a dead unit (through the units' status index: dead units are few)."""
     dead = select(ExitUnit.exit_id).where(ExitUnit.status == UnitStatus.DEAD).distinct()
-    return int(
-        session.scalar(
-            select(func.count())
-            .select_from(DistrictExit)
+    return list(
+        session.scalars(
+            select(DistrictExit.district_id)
             .join(JournalEntry, JournalEntry.id == DistrictExit.id)
             .where(
                 DistrictExit.id.in_(dead),
                 DistrictExit.status == ExitStatus.RUNNING,
                 JournalEntry.restored_at.is_(None),
             )
+            .distinct()
+            .order_by(DistrictExit.district_id)
         )
-        or 0
     )

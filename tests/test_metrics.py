@@ -42,7 +42,7 @@ from tests.support.scenario import DISTRICT, KIM, STEVE, example
 from tests.support.stack import BIN, OPS_TOKEN, SECRET, spare_port, wait_until
 from worker import api
 from worker.db import get_engine, session_scope
-from worker.metrics import POLL_DISTRICT_SERIES, PipelineCollector
+from worker.metrics import DISTRICT_SERIES, PipelineCollector
 from worker.names import TaskName
 from worker.signing import signed_headers
 
@@ -186,7 +186,6 @@ def test_an_idle_pipeline_shows_nothing_waiting(configure: Configure, database_u
             "grassroots_pending_event_oldest_age_seconds",
             "grassroots_dead_letters",
             "grassroots_dead_letter_oldest_age_seconds",
-            "grassroots_district_exits_stalled",
             "grassroots_worker_heartbeat_age_seconds",
             "grassroots_heartbeat_max_age_seconds",
         )
@@ -195,13 +194,17 @@ def test_an_idle_pipeline_shows_nothing_waiting(configure: Configure, database_u
         "grassroots_pending_event_oldest_age_seconds": 0,
         "grassroots_dead_letters": 0,
         "grassroots_dead_letter_oldest_age_seconds": 0,
-        "grassroots_district_exits_stalled": 0,
         "grassroots_worker_heartbeat_age_seconds": 42.0,
         "grassroots_heartbeat_max_age_seconds": 300.0,
     }
-    problems = labelled(registry, "grassroots_sync_problem_districts", "problem")
-    assert problems == {"sync_failed": 0, "resync_needed": 0}
-    assert labelled(registry, "grassroots_dead_letters_by_task", "task") == {}
+    # Nothing stalled, failing or dead: no series (their families are exported all the same).
+    by_group = (
+        "grassroots_district_exits_stalled",
+        "grassroots_district_sync_problems",
+        "grassroots_dead_letters_by_task",
+    )
+    families = {metric.name: metric.samples for metric in registry.collect()}
+    assert {name: len(families[name]) for name in by_group} == dict.fromkeys(by_group, 0)
     with session_scope() as session:
         heartbeat.record(session)
     assert registry.get_sample_value("grassroots_worker_heartbeat_age_seconds") == pytest.approx(
@@ -256,7 +259,7 @@ def test_what_waits_for_an_operator_is_counted_and_aged(
         return registry.get_sample_value(name)
 
     assert sample("grassroots_pending_event_oldest_age_seconds") == pytest.approx(660, abs=30)
-    assert sample("grassroots_district_exits_stalled") == 1
+    assert labelled(registry, "grassroots_district_exits_stalled", "district") == {DISTRICT: 1}
     assert sample("grassroots_dead_letters") == 3
     assert sample("grassroots_dead_letter_oldest_age_seconds") == pytest.approx(90, abs=30)
     by_task = {
@@ -269,28 +272,39 @@ def test_what_waits_for_an_operator_is_counted_and_aged(
         ("grassroots.exit_unit", "retries_exhausted"): 1,
         ("grassroots.process_event", "error"): 2,
     }
-    problems = labelled(registry, "grassroots_sync_problem_districts", "problem")
-    assert problems == {"sync_failed": 1, "resync_needed": 1}
+    problems = {
+        (s.labels["district"], s.labels["problem"]): s.value
+        for metric in registry.collect()
+        if metric.name == "grassroots_district_sync_problems"
+        for s in metric.samples
+    }
+    assert problems == {("d-synced", "sync_failed"): 1, ("d-missed", "resync_needed"): 1}
 
 
-def test_poll_cursor_ages_are_one_series_per_district_up_to_a_cap(
+def test_a_metric_by_district_has_a_series_for_each_up_to_a_cap(
     configure: Configure, database_url: str
 ) -> None:
     """The districts whose cursor moved longest ago each get a series; the others are one,
-    ``district="other"``, the oldest of them."""
+    ``district="other"``, the oldest of them. Districts with a problem: ``other`` counts them."""
     configure(DATABASE_URL=database_url, BROKER_URL=CLOSED_BROKER)
     registry = registry_of(PipelineCollector(cache_seconds=0))
     now = utcnow()
     with session_scope() as session:
-        for n in range(POLL_DISTRICT_SERIES + 2):
+        for n in range(DISTRICT_SERIES + 2):
             moved = now - timedelta(hours=100 - n)
             session.add(PollCursor(district_id=f"d-{n:03}", last_success_at=moved))
+            session.add(
+                RosterSync(id=f"s-{n:03}", district_id=f"d-{n:03}", status="failed", trigger="test")
+            )
     ages = labelled(registry, "grassroots_poll_cursor_age_seconds", "district")
-    assert len(ages) == POLL_DISTRICT_SERIES + 1
+    assert len(ages) == DISTRICT_SERIES + 1
     assert ages["d-000"] == pytest.approx(100 * 3600, abs=30)
-    assert f"d-{POLL_DISTRICT_SERIES - 1:03}" in ages
-    assert f"d-{POLL_DISTRICT_SERIES:03}" not in ages
-    assert ages["other"] == pytest.approx((100 - POLL_DISTRICT_SERIES) * 3600, abs=30)
+    assert f"d-{DISTRICT_SERIES - 1:03}" in ages
+    assert f"d-{DISTRICT_SERIES:03}" not in ages
+    assert ages["other"] == pytest.approx((100 - DISTRICT_SERIES) * 3600, abs=30)
+    failed = labelled(registry, "grassroots_district_sync_problems", "district")
+    assert len(failed) == DISTRICT_SERIES + 1
+    assert failed["other"] == 2 and failed["d-000"] == 1
     with session_scope() as session:
         session.execute(delete(PollCursor).where(PollCursor.district_id > "d-002"))
     assert set(labelled(registry, "grassroots_poll_cursor_age_seconds", "district")) == {

@@ -33,10 +33,10 @@ from tasks import heartbeat, tallies
 from tasks.status import (
     backlog,
     districts_needing_attention,
-    exits_stalled,
     oldest_pending,
     open_dead_letters,
     poll_cursor_ages,
+    stalled_districts,
 )
 from worker import rejections
 from worker.broker import broker_client, queue_depths
@@ -52,11 +52,12 @@ WINDOW = timedelta(hours=24)
 # none found is reported +Inf seconds ago.
 SYNC_LOOKBACK = timedelta(days=30)
 SCRAPE_CACHE_SECONDS = 5.0
-# The poll cursor's age is one series per district for at most this many districts (those whose
-# cursor moved longest ago); the rest are one series, ``district="other"``, the oldest of them.
-# A deployment polls the districts of CLEVER_DISTRICT_TOKENS, a handful to hundreds: the cap keeps
-# a scrape's size, and Prometheus' series, bounded whatever that list grows to.
-POLL_DISTRICT_SERIES = 50
+# A metric by district has a series for at most this many districts (for the poll cursor's age,
+# those whose cursor moved longest ago; for stalled exits and sync problems, the first by id); the
+# rest are one series, ``district="other"`` (the oldest of them; how many they are). A deployment
+# has a handful to hundreds of districts: the cap keeps a scrape's size, and Prometheus' series,
+# bounded whatever their number grows to.
+DISTRICT_SERIES = 50
 OTHER_DISTRICTS = "other"
 # Statuses an event leaves only through a worker, an operator or the end of a pause: few rows
 # whatever the inbox's size, counted through the status index.
@@ -298,47 +299,61 @@ def _heartbeat(
 
 
 def _stuck(session: Session, now: datetime) -> list[GaugeMetricFamily]:
-    """What waits too long: the oldest pending event, stalled exits, districts whose sync needs
-    an operator, and how long ago each district's poll cursor moved."""
-    attention = districts_needing_attention(session, since=now - SYNC_LOOKBACK)
-    districts = GaugeMetricFamily(
-        "grassroots_sync_problem_districts",
-        "Districts whose last roster sync (in 30 days) failed, or whose poll cursor needs a"
-        " resync (events were missed)",
-        labels=["problem"],
+    """What waits too long: the oldest pending event, stalled exits and districts whose sync
+    needs an operator (by district, for the alerts to name them), and how long ago each
+    district's poll cursor moved."""
+    stalled = GaugeMetricFamily(
+        "grassroots_district_exits_stalled",
+        "District exits stalled: running with a dead unit, waiting for `district resume`, by"
+        f' district (beyond {DISTRICT_SERIES}: district="{OTHER_DISTRICTS}", how many)',
+        labels=["district"],
     )
+    _by_district(stalled, stalled_districts(session))
+    problems = GaugeMetricFamily(
+        "grassroots_district_sync_problems",
+        "Districts whose last roster sync (in 30 days) failed (sync_failed), or whose poll cursor"
+        f" needs a resync (resync_needed): 1 each (beyond {DISTRICT_SERIES} of a problem:"
+        f' district="{OTHER_DISTRICTS}", how many)',
+        labels=["district", "problem"],
+    )
+    attention = districts_needing_attention(session, since=now - SYNC_LOOKBACK)
     for problem in ("sync_failed", "resync_needed"):
-        districts.add_metric([problem], len(attention[problem]))
+        _by_district(problems, attention[problem], problem)
     return [
         GaugeMetricFamily(
             "grassroots_pending_event_oldest_age_seconds",
             "Age of the oldest roster event waiting for a worker or being worked on (0: none)",
             value=_age(now, oldest_pending(session)),
         ),
-        GaugeMetricFamily(
-            "grassroots_district_exits_stalled",
-            "District exits stalled: running with a dead unit, waiting for `district resume`",
-            value=exits_stalled(session),
-        ),
-        districts,
+        stalled,
+        problems,
         _poll_ages(session, now),
     ]
+
+
+def _by_district(family: GaugeMetricFamily, districts: list[str], *labels: str) -> None:
+    """1 for each of the first ``DISTRICT_SERIES`` districts; the others' count as one
+    ``district="other"`` series."""
+    for district in districts[:DISTRICT_SERIES]:
+        family.add_metric([district, *labels], 1)
+    if len(districts) > DISTRICT_SERIES:
+        family.add_metric([OTHER_DISTRICTS, *labels], len(districts) - DISTRICT_SERIES)
 
 
 def _poll_ages(session: Session, now: datetime) -> GaugeMetricFamily:
     ages = GaugeMetricFamily(
         "grassroots_poll_cursor_age_seconds",
         "Seconds since the district's poll cursor last moved (a successful pass), for the"
-        f" {POLL_DISTRICT_SERIES} districts whose cursor moved longest ago; the others as"
+        f" {DISTRICT_SERIES} districts whose cursor moved longest ago; the others as"
         f' district="{OTHER_DISTRICTS}", the oldest of them',
         labels=["district"],
     )
     # One more than the cap: the first beyond it is the oldest of the others.
-    found = poll_cursor_ages(session, now=now, limit=POLL_DISTRICT_SERIES + 1)
-    for district, age in found[:POLL_DISTRICT_SERIES]:
+    found = poll_cursor_ages(session, now=now, limit=DISTRICT_SERIES + 1)
+    for district, age in found[:DISTRICT_SERIES]:
         ages.add_metric([district], age)
-    if len(found) > POLL_DISTRICT_SERIES:
-        ages.add_metric([OTHER_DISTRICTS], found[POLL_DISTRICT_SERIES][1])
+    if len(found) > DISTRICT_SERIES:
+        ages.add_metric([OTHER_DISTRICTS], found[DISTRICT_SERIES][1])
     return ages
 
 

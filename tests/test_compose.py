@@ -874,6 +874,8 @@ def test_prometheus_loads_the_alert_rules_and_scrapes_the_receivers_metrics() ->
     served = dict(zip(options[::2], options[1::2], strict=False))
     if "--ops-port" in served:
         assert served["--ops-port"] == port, f"/metrics is on {served['--ops-port']}, not {port}"
+        # Prometheus runs in its own container: a listener on loopback is out of its reach.
+        assert served.get("--ops-host") == EVERY_INTERFACE, "the ops listener is on loopback"
     else:
         assert served["--port"] == port
         assert served.get("--routes", "all") in ("all", "ops")

@@ -284,6 +284,39 @@ def test_the_demo_refuses_a_stack_that_does_not_answer_before_seeding_anything(
         assert session.scalar(select(func.count()).select_from(Account)) == 0
 
 
+# --- empty listings ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["events", "list"], "no events"),
+        (["events", "list", "--status", "dead"], "no dead events"),
+        (
+            ["events", "list", "--status", "held", "--type", "users.deleted"],
+            "no held users.deleted events",
+        ),
+        (["held", "list"], "no held removals"),
+        (["held", "list", "--district", "d1"], "no held removals in district d1"),
+        (["pause", "list"], "no pauses"),
+        (
+            ["operator", "list"],
+            "no operators: add one with `grassroots operator add NAME --role operator`",
+        ),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else None,
+)
+def test_an_empty_listing_says_so(
+    database_url: str, configure: Configure, args: list[str], said: str
+) -> None:
+    configure(DATABASE_URL=database_url, BROKER_URL=CLOSED_BROKER)
+
+    result = CliRunner().invoke(main, args)
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout == said + "\n"
+
+
 # --- JSON errors -------------------------------------------------------------------------------
 
 

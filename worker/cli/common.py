@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
@@ -21,6 +21,7 @@ from worker.settings import HOME_SECRETS, ConfigError, get_settings
 if TYPE_CHECKING:
     from worker.clever import DistrictToken
 
+T = TypeVar("T")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_LEVEL_OPTION = click.option(
     "--loglevel",
@@ -88,6 +89,14 @@ def district_tokens(
 
 def emit(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
+
+
+def echo_rows(rows: Sequence[T], line: Callable[[T], str], *, empty: str) -> None:
+    """A listing, one line a row; an empty one says so (a blank screen says nothing)."""
+    if not rows:
+        click.echo(empty)
+    for row in rows:
+        click.echo(line(row))
 
 
 def webhook_secret() -> str:

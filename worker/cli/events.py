@@ -12,7 +12,7 @@ import click
 
 from models import EventStatus
 from tasks.errors import NotFound
-from worker.cli.common import emit, refusals, unit_of_work
+from worker.cli.common import echo_rows, emit, refusals, unit_of_work
 
 
 @click.group()
@@ -34,11 +34,14 @@ def events_list(status: str | None, type_: str | None, limit: int, as_json: bool
     if as_json:
         emit(rows)
         return
-    for r in rows:
-        click.echo(
+    echo_rows(
+        rows,
+        lambda r: (
             f"{r['received_at']}  {r['status']:<10} {r['type']:<18} {r['id']}"
             f"  attempts={r['attempts']}" + (f"  {r['error']}" if r["error"] else "")
-        )
+        ),
+        empty=" ".join(["no", *filter(None, [status, type_]), "events"]),
+    )
 
 
 @events.command("show")
@@ -122,9 +125,13 @@ def held_list(district: str | None, as_json: bool) -> None:
     if as_json:
         emit(rows)
         return
-    for r in rows:
-        click.echo(f"{r['id']}  {r['type']}  account={r['account']}  district={r['district']}")
-    click.echo(f"{len(rows)} held")
+    echo_rows(
+        rows,
+        lambda r: f"{r['id']}  {r['type']}  account={r['account']}  district={r['district']}",
+        empty="no held removals" + (f" in district {district}" if district else ""),
+    )
+    if rows:
+        click.echo(f"{len(rows)} held")
 
 
 def _one_or_district(event_id: str | None, district: str | None) -> None:

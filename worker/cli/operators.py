@@ -8,7 +8,7 @@ from __future__ import annotations
 import click
 
 from models import OperatorRole
-from worker.cli.common import emit, unit_of_work
+from worker.cli.common import echo_rows, emit, unit_of_work
 
 # Made or removed from a shell: the audit log says so.
 BY = "cli"
@@ -47,11 +47,14 @@ def operator_list(as_json: bool) -> None:
     if as_json:
         emit(rows)
         return
-    for r in rows:
-        click.echo(
+    echo_rows(
+        rows,
+        lambda r: (
             f"{r['name']:<24} {r['role']:<9} created {r['created_at']}"
             f"  last seen {r['last_seen_at'] or 'never'}"
-        )
+        ),
+        empty="no operators: add one with `grassroots operator add NAME --role operator`",
+    )
 
 
 @operator.command("remove")

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from worker.cli.common import emit, refusals
+from worker.cli.common import echo_rows, emit, refusals
 
 
 class Instant(click.ParamType[datetime, Any]):
@@ -91,9 +91,13 @@ def pause_list(as_json: bool) -> None:
     if as_json:
         emit(rows)
         return
-    for row in rows:
-        click.echo(f"{row['id']:>4}  {_line(row)}  deferred={row['deferred']}")
-    click.echo(f"{len(rows)} pause(s)")
+    echo_rows(
+        rows,
+        lambda row: f"{row['id']:>4}  {_line(row)}  deferred={row['deferred']}",
+        empty="no pauses",
+    )
+    if rows:
+        click.echo(f"{len(rows)} pause(s)")
 
 
 @pause.command("remove")

@@ -151,6 +151,11 @@ def test_run_starts_everything_and_the_demo_converts_through_it(stack: Run) -> N
     assert httpx.get(f"{flower}/api/workers", timeout=10).status_code == 401
     assert httpx.get(f"{flower}/api/workers", auth=(user, password), timeout=10).status_code == 200
     assert f"find this stack by themselves (from elsewhere: --home {home})" in stack.output()
+    # No noise on every start: Celery's warning to a root worker about pickle (ours takes JSON
+    # only; these tests run as root in CI's containers) and Flower's complaint that no worker
+    # answered its first questions (the worker starts beside it).
+    assert "superuser privileges" not in stack.output()
+    assert "Inspect method" not in stack.output()
     assert "starting a private redis-server" in stack.output()
 
     # A second run beside it: refused before it makes or starts anything.

@@ -8,7 +8,9 @@ Only ids are ever bound or logged (event, account, district, task): never emails
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import warnings
 
 import structlog
 
@@ -47,3 +49,34 @@ def configure(process: str) -> None:
     root.setLevel(get_settings().log_level)
     for noisy in NOISY:
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def quiet_root_warning() -> None:
+    """Celery warns, on every start of a worker run as root, that a root worker accepting pickle
+    can be made to run any code. Ours accepts JSON only (``celery_app.check_safe`` refuses to
+    start otherwise), so that one warning says nothing here: it alone is silenced, and only for
+    root (a container's default user; the image runs as an unprivileged one)."""
+    if os.geteuid() != 0:
+        return
+    from celery.exceptions import SecurityWarning
+
+    warnings.filterwarnings(
+        "ignore",
+        message="You're running the worker with superuser privileges",
+        category=SecurityWarning,
+    )
+
+
+class _NoReplyIsNoError(logging.Filter):
+    """Flower asks the workers about themselves when it starts (and when a page refreshes its
+    list), and logs "Inspect method … failed" for every question no worker answered within its
+    timeout: on every `make run`, where Flower starts beside a worker that is not up yet. That no
+    worker answers is what Flower's own pages show; a failure to reach the broker is still logged
+    (it carries its exception), as are Flower's errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == "Inspect method %s failed" and len(record.args or ()) == 1)
+
+
+def quiet_flower_no_reply() -> None:
+    logging.getLogger("flower.inspector").addFilter(_NoReplyIsNoError())

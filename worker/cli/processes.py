@@ -100,6 +100,7 @@ def worker(
     from celery.utils.nodenames import default_nodename, host_format
 
     from worker.celery_app import QUEUES, UnsafeConfiguration, app, check_safe
+    from worker.logs import quiet_root_warning
 
     # With no stack here, refused now rather than in every task (the receiver starts anyway:
     # its /healthz needs no database).
@@ -115,6 +116,7 @@ def worker(
     # Started as ``celery worker`` would start it, without going through Celery's command line:
     # that imports every Celery subcommand and plugin (Flower's among them, with Tornado and
     # prometheus_client), about 12 MB that the worker and each of its pool children would hold.
+    quiet_root_warning()
     instance = app.Worker(
         # Celery's default, celery@<host>, is the same for every worker on a machine: their
         # control replies and heartbeats would be taken for one worker's.
@@ -163,6 +165,7 @@ def flower(address: str, port: int) -> None:
             " FLOWER_BASIC_AUTH (user:password)"
         )
     from worker.celery_app import app
+    from worker.logs import quiet_flower_no_reply
 
     # With the Redis broker Flower reads each named queue's depth from Redis itself, choosing its
     # reader by the scheme of the broker URL kombu gives back: it needs kombu's own transport
@@ -173,6 +176,7 @@ def flower(address: str, port: int) -> None:
     # API without them.
     os.environ["FLOWER_BASIC_AUTH"] = auth
     os.environ.pop("FLOWER_UNAUTHENTICATED_API", None)
+    quiet_flower_no_reply()
     app.start(["flower", f"--address={address}", f"--port={port}", "--purge_offline_workers=60"])
 
 

@@ -18,6 +18,10 @@ class RosterEvent(Base):
         CheckConstraint(sql_in("status", EventStatus), name="status"),
         CheckConstraint("attempts >= 0", name="attempts_non_negative"),
         Index(None, "object_type", "object_id"),
+        # What waits (accepted, processing, held, deferred, dead) is found, counted and paged in
+        # order without reading the final events of the inbox's whole history: every read of a
+        # status goes through this index (status, then a received_at range or order).
+        Index(None, "status", "received_at"),
     )
 
     id: Mapped[str] = mapped_column(String(200), primary_key=True)
@@ -29,7 +33,7 @@ class RosterEvent(Base):
     # Clever's own `created` time of the event: the ordering fence compares it.
     occurred_at: Mapped[datetime | None]
     payload: Mapped[dict[str, Any]]
-    status: Mapped[str] = mapped_column(String(16), default=EventStatus.ACCEPTED, index=True)
+    status: Mapped[str] = mapped_column(String(16), default=EventStatus.ACCEPTED)
     attempts: Mapped[int] = mapped_column(default=0)
     # The Celery task whose attempt was counted last: the relay does not send the event again
     # while the broker holds that task for a worker.

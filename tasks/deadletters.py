@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import traceback
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, literal, select, tuple_, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from models import AuditRecord, DeadLetter, DistrictExit, EventStatus, RosterEvent, utcnow
 from tasks.attempts import Ledger, unit_subject
 from tasks.errors import NotFound
+from tasks.sql import in_ids
 
 UNIT_PREFIX = unit_subject(0, "").split(":")[0] + ":"
 TRACEBACK_CHARS = 20000
@@ -126,50 +128,104 @@ DEFERRED = EventStatus.DEFERRED
 IN_FLIGHT = "in_flight"
 
 
+# Dead events sent round again per transaction by ``replay --status dead``: a page's statements
+# and locks stay small however many are dead.
+REPLAY_PAGE = 500
+
+
 def mark_replay(session: Session, event_id: str, *, by: str) -> str:
     """Send a dead event round again by the same id; say what became of the request."""
+    if _replay(session, [event_id], by=by):
+        return REPLAYED
+    status = session.scalar(select(RosterEvent.status).where(RosterEvent.id == event_id))
+    if status is None:
+        raise NotFound(f"no event {event_id}")
+    if status in EventStatus.final():
+        return ALREADY_FINAL
+    if status in (HELD, DEFERRED):
+        return str(status)
+    return IN_FLIGHT
+
+
+def _replay(session: Session, event_ids: Sequence[str], *, by: str) -> list[str]:
+    """Send those of ``event_ids`` that are dead round again; their ids."""
     # One statement decides, on either backend (SQLite takes no row locks): of replays at once,
     # one finds the event dead. A fresh budget of attempts; the dead letter is closed, and a new
     # failure reopens it with its count raised.
-    replayed = session.execute(
-        update(RosterEvent)
-        .where(RosterEvent.id == event_id, RosterEvent.status == EventStatus.DEAD)
-        .values(status=EventStatus.ACCEPTED, attempts=0, updated_at=utcnow())
-        .returning(RosterEvent.id)
-    ).first()
-    if replayed is None:
-        status = session.scalar(select(RosterEvent.status).where(RosterEvent.id == event_id))
-        if status is None:
-            raise NotFound(f"no event {event_id}")
-        if status in EventStatus.final():
-            return ALREADY_FINAL
-        if status in (HELD, DEFERRED):
-            return str(status)
-        return IN_FLIGHT
-    session.execute(
-        update(DeadLetter)
-        .where(DeadLetter.event_id == event_id, DeadLetter.resolved_at.is_(None))
-        .values(resolved_at=utcnow())
-    )
-    session.add(
-        AuditRecord(
-            action="replay",
-            trigger=by,
-            subject_type="event",
-            subject_id=event_id[:64],
-            details={"was": EventStatus.DEAD},
+    now = utcnow()
+    taken = set(
+        session.scalars(
+            update(RosterEvent)
+            .where(in_ids(RosterEvent.id, event_ids), RosterEvent.status == EventStatus.DEAD)
+            .values(status=EventStatus.ACCEPTED, attempts=0, updated_at=now)
+            .returning(RosterEvent.id)
         )
     )
-    return REPLAYED
+    # In the order asked (RETURNING keeps none): sent oldest first.
+    replayed = [event_id for event_id in event_ids if event_id in taken]
+    if not replayed:
+        return []
+    session.execute(
+        update(DeadLetter)
+        .where(in_ids(DeadLetter.event_id, replayed), DeadLetter.resolved_at.is_(None))
+        .values(resolved_at=now)
+    )
+    session.execute(
+        insert(AuditRecord),
+        [
+            {
+                "action": "replay",
+                "trigger": by,
+                "subject_type": "event",
+                "subject_id": event_id[:64],
+                "details": {"was": EventStatus.DEAD},
+            }
+            for event_id in replayed
+        ],
+    )
+    return replayed
 
 
-def dead_events(session: Session, *, type_: str | None = None) -> Sequence[str]:
-    """The ids of the dead events (of one type), oldest first: what ``replay --status dead``
-    sends round again."""
-    query = select(RosterEvent.id).where(RosterEvent.status == EventStatus.DEAD)
+# Where a page of dead events ended, in the order they were received: (received_at, id).
+PageKey = tuple[datetime, str]
+
+
+def replay_dead_page(
+    session: Session,
+    *,
+    by: str,
+    after: PageKey | None = None,
+    type_: str | None = None,
+    district_id: str | None = None,
+    limit: int = REPLAY_PAGE,
+) -> tuple[list[str], PageKey | None]:
+    """Send round again the next ``limit`` dead events (of one type, of one district) received
+    after ``after``, oldest first: the ids replayed, and the key the next page starts after
+    (None: there is none). Keyset pages through the (status, received_at) index: a page costs
+    the same however long the inbox's history, and an event that dies again while the pages go
+    on is not picked up twice."""
+    query = select(RosterEvent.id, RosterEvent.received_at).where(
+        RosterEvent.status == EventStatus.DEAD
+    )
     if type_:
         query = query.where(RosterEvent.type == type_)
-    return session.scalars(query.order_by(RosterEvent.received_at)).all()
+    if district_id:
+        query = query.where(RosterEvent.district_id == district_id)
+    if after is not None:
+        query = query.where(
+            tuple_(RosterEvent.received_at, RosterEvent.id)
+            > tuple_(literal(after[0]), literal(after[1]))
+        )
+    rows = (
+        session.execute(query.order_by(RosterEvent.received_at, RosterEvent.id).limit(limit))
+        .tuples()
+        .all()
+    )
+    if not rows:
+        return [], None
+    replayed = _replay(session, [event_id for event_id, _ in rows], by=by)
+    last_id, last_at = rows[-1]
+    return replayed, (last_at, last_id) if len(rows) == limit else None
 
 
 def _error_class() -> Any:

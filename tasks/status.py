@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
@@ -59,9 +59,20 @@ def districts_needing_attention(
     return {"resync_needed": list(resync), "sync_failed": list(dict.fromkeys(failed))}
 
 
+# Statuses an event leaves only through a worker, an operator or the end of a pause: few rows
+# whatever the inbox's size, counted through the (status, received_at) index. The final statuses
+# are the inbox's history: they are counted only over a window (``FINAL_WINDOW``).
+OPEN = tuple(sorted(EventStatus.in_flight() | EventStatus.waiting()))
+# What the windowed figures count (``grassroots status``'s final events, ``/metrics``'
+# ``_last_24h``): events received, accounts converted, syncs started within it.
+FINAL_WINDOW = timedelta(hours=24)
+# A district's syncs are looked at this far back (its last one failed, its last success).
+SYNC_LOOKBACK = timedelta(days=30)
+
+
 @dataclass(frozen=True)
 class Backlog:
-    events: dict[str, int]  # by status
+    events: dict[str, int]  # by open status (``OPEN``)
     units_pending: int
     units_dead: int  # waiting for an operator's ``district resume``
     exits_running: int
@@ -74,15 +85,20 @@ class Backlog:
         return sum(self.events.get(status, 0) for status in EventStatus.in_flight())
 
 
-def backlog(session: Session, *, statuses: Iterable[str] | None = None) -> Backlog:
-    """What is still open. ``statuses``: the only event statuses to count (few rows whatever the
-    inbox's size, through the status index); None counts every status."""
+def backlog(session: Session) -> Backlog:
+    """What is still open, each count through an index to the open rows only: its cost follows
+    the backlog, never the inbox's or the exits' history."""
     running = DistrictExit.status == ExitStatus.RUNNING
-    events = select(RosterEvent.status, func.count()).group_by(RosterEvent.status)
-    if statuses is not None:
-        events = events.where(RosterEvent.status.in_(list(statuses)))
     return Backlog(
-        events=dict(session.execute(events).tuples().all()),
+        events=dict(
+            session.execute(
+                select(RosterEvent.status, func.count())
+                .where(RosterEvent.status.in_(OPEN))
+                .group_by(RosterEvent.status)
+            )
+            .tuples()
+            .all()
+        ),
         units_pending=count(session, ExitUnit, ExitUnit.status == UnitStatus.PENDING),
         units_dead=count(session, ExitUnit, ExitUnit.status == UnitStatus.DEAD),
         exits_running=count(session, DistrictExit, running),
@@ -90,6 +106,20 @@ def backlog(session: Session, *, statuses: Iterable[str] | None = None) -> Backl
             session, DistrictExit, running, DistrictExit.units_done >= DistrictExit.units_total
         ),
         dead_letters_open=count(session, DeadLetter, DeadLetter.resolved_at.is_(None)),
+    )
+
+
+def final_since(session: Session, since: datetime) -> dict[str, int]:
+    """The events received since ``since`` that are final, by status (the received_at range of
+    the index: a window's worth of rows, not the history)."""
+    return dict(
+        session.execute(
+            select(RosterEvent.status, func.count())
+            .where(RosterEvent.status.in_(EventStatus.final()), RosterEvent.received_at >= since)
+            .group_by(RosterEvent.status)
+        )
+        .tuples()
+        .all()
     )
 
 

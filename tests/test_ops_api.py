@@ -6,7 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import re
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -765,6 +765,40 @@ def test_status_counts_pending_dead_and_held_events(inbox: TestClient) -> None:
     assert body["events_dead"] == 1
     assert body["queues"] == dict.fromkeys(QUEUES, 0)
     assert body["broker"].startswith("unavailable")
+
+
+def test_status_counts_what_waits_however_old_and_final_events_of_the_last_day(
+    client: TestClient,
+) -> None:
+    # Its cost follows what is open, not the inbox's history: final events count only while
+    # received within the last 24 h.
+    now = utcnow()
+    with db.session_scope() as session:
+        for event_id, status, age in (
+            ("old-done", "done", timedelta(days=2)),
+            ("old-dead", "dead", timedelta(days=40)),
+            ("old-accepted", "accepted", timedelta(days=3)),
+            ("new-done", "done", timedelta(hours=1)),
+            ("new-ignored", "ignored", timedelta(hours=23)),
+        ):
+            at = now - age
+            session.add(
+                RosterEvent(
+                    id=event_id,
+                    type="users.updated",
+                    payload={},
+                    status=status,
+                    received_at=at,
+                    updated_at=at,
+                )
+            )
+
+    body = get(client, "/ops/status").json()
+
+    assert body["events"] == {"accepted": 1, "dead": 1, "done": 1, "ignored": 1}
+    assert body["events_dead"] == 1 and body["pending"] == 1
+    since = datetime.fromisoformat(body["events_final_since"])
+    assert timedelta(hours=23, minutes=59) < now - since < timedelta(hours=24, minutes=1)
 
 
 def test_status_reads_queue_depths_from_a_live_broker(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import redis
@@ -31,6 +31,9 @@ from models import (
 )
 from tasks import heartbeat, tallies
 from tasks.status import (
+    FINAL_WINDOW,
+    OPEN,
+    SYNC_LOOKBACK,
     backlog,
     districts_needing_attention,
     oldest_pending,
@@ -45,12 +48,9 @@ from worker.clever import parse_tokens
 from worker.db import session_scope
 from worker.settings import get_settings
 
-# What the windowed metrics (``_last_24h``) count: events received, accounts converted, syncs
-# started within it.
-WINDOW = timedelta(hours=24)
-# A district's last successful sync is looked for this far back; a district with a token and
-# none found is reported +Inf seconds ago.
-SYNC_LOOKBACK = timedelta(days=30)
+# The windowed metrics (``_last_24h``); a district with a token and no successful sync within
+# ``SYNC_LOOKBACK`` is reported +Inf seconds ago.
+WINDOW = FINAL_WINDOW
 SCRAPE_CACHE_SECONDS = 5.0
 # A metric by district has a series for at most this many districts (for the poll cursor's age,
 # those whose cursor moved longest ago; for stalled exits and sync problems, the first by id); the
@@ -59,9 +59,7 @@ SCRAPE_CACHE_SECONDS = 5.0
 # bounded whatever their number grows to.
 DISTRICT_SERIES = 50
 OTHER_DISTRICTS = "other"
-# Statuses an event leaves only through a worker, an operator or the end of a pause: few rows
-# whatever the inbox's size, counted through the status index.
-BACKLOG = tuple(sorted(EventStatus.in_flight() | EventStatus.waiting()))
+BACKLOG = OPEN
 
 
 class PipelineCollector(Collector):
@@ -128,7 +126,7 @@ class PipelineCollector(Collector):
     def _database(self) -> Iterator[Any]:
         now = utcnow()
         with session_scope() as session:
-            found = backlog(session, statuses=BACKLOG)
+            found = backlog(session)
             families = [
                 *_events(session, now - WINDOW),
                 _conversions(session, now - WINDOW),

@@ -8,8 +8,14 @@ from typing import Any
 import redis
 from sqlalchemy.orm import Session
 
-from models import EventStatus
-from tasks.status import backlog, districts_needing_attention
+from models import EventStatus, utcnow
+from tasks.status import (
+    FINAL_WINDOW,
+    SYNC_LOOKBACK,
+    backlog,
+    districts_needing_attention,
+    final_since,
+)
 from worker.broker import broker_client, count_task, queue_depths, unacked_in
 from worker.celery_app import QUEUES
 from worker.names import Queue, TaskName
@@ -17,9 +23,16 @@ from worker.names import Queue, TaskName
 
 def pipeline_status(session: Session, *, with_broker: bool = True) -> dict[str, Any]:
     """``pending`` is 0 only when nothing is in flight: no event waiting or being processed, no
-    exit unit left, no task queued or running."""
+    exit unit left, no task queued or running.
+
+    Its cost follows what is open, not the history: ``events`` counts each open status over the
+    whole inbox, and each final one over the events received within the last 24 h
+    (``events_final_since``); a district's syncs are looked at over the last 30 days."""
+    now = utcnow()
     found = backlog(session)
-    attention = districts_needing_attention(session)
+    final_from = now - FINAL_WINDOW
+    finals = final_since(session, final_from)
+    attention = districts_needing_attention(session, since=now - SYNC_LOOKBACK)
     queues: dict[str, int] = dict.fromkeys(QUEUES, 0)
     unacked = housekeeping = 0
     broker = "unchecked"
@@ -53,7 +66,8 @@ def pipeline_status(session: Session, *, with_broker: bool = True) -> dict[str, 
         "deferred": found.events.get(EventStatus.DEFERRED, 0),
         "queues": queues,
         "unacked": unacked,
-        "events": {status: found.events[status] for status in sorted(found.events)},
+        "events": {status: n for status, n in sorted({**finals, **found.events}.items())},
+        "events_final_since": final_from.isoformat(),
         "exit_units_pending": found.units_pending,
         "exits_running": found.exits_running,
         "dead_letters_open": found.dead_letters_open,

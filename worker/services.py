@@ -45,11 +45,20 @@ def replay(event_ids: Sequence[str], *, by: str) -> Replayed:
     return result
 
 
-def replay_dead(*, type_: str | None = None, by: str) -> Replayed:
-    """Send every dead event (of one type) round again, oldest first."""
-    with session_scope() as session:
-        ids = deadletters.dead_events(session, type_=type_)
-    return replay(ids, by=by)
+def replay_dead(*, type_: str | None = None, district_id: str | None = None, by: str) -> Replayed:
+    """Send every dead event (of one type, of one district) round again, oldest first, a page
+    at a time: each page committed, then sent (what the broker does not take, the relay sends)."""
+    result = Replayed()
+    after: deadletters.PageKey | None = None
+    while True:
+        with session_scope() as session:
+            ids, after = deadletters.replay_dead_page(
+                session, by=by, after=after, type_=type_, district_id=district_id
+            )
+        result.outcomes.update(dict.fromkeys(ids, deadletters.REPLAYED))
+        result.sent += dispatch.enqueue_events(ids)
+        if after is None:
+            return result
 
 
 def replay_group(*, task: str, error: str, up_to: int, by: str) -> Replayed:

@@ -65,20 +65,23 @@ def events_show(event_id: str) -> None:
     help="Replay every event in this status.",
 )
 @click.option("--type", "type_", help="With --status: only events of this type.")
-def events_replay(event_id: str | None, status: str | None, type_: str | None) -> None:
+@click.option("--district", help="With --status: only events of this district.")
+def events_replay(
+    event_id: str | None, status: str | None, type_: str | None, district: str | None
+) -> None:
     """Run a dead-lettered event again, by the same event id."""
     from tasks import deadletters
     from worker import services
 
     if (event_id is None) == (status is None):
         raise click.UsageError("give an event id or --status dead")
-    if type_ and not status:
-        raise click.UsageError("--type goes with --status")
+    if (type_ or district) and not status:
+        raise click.UsageError("--type and --district go with --status")
     with refusals():
         if event_id is not None:
             result = services.replay([event_id], by="cli:replay")
         else:
-            result = services.replay_dead(type_=type_, by="cli:replay")
+            result = services.replay_dead(type_=type_, district_id=district, by="cli:replay")
     queued = result.replayed
     if event_id is not None and not queued:
         why = {

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock run test test-fast lint format typecheck bench bench-exit bench-intake bench-seed bench-sync clean
+.PHONY: help install lock run test test-fast lint format typecheck bench bench-exit bench-intake bench-seed bench-sync soak clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -60,6 +60,9 @@ bench-seed: install ## Seeding the 100,000-student district, and its exit in one
 
 bench-sync: install ## Roster syncs of the 100,000-student district from a Clever-shaped API
 	$(BIN)/python bench/sync.py
+
+soak: install ## Events through a real stack while workers, Redis, Postgres connections, receiver and beat fail (minutes)
+	$(BIN)/python bench/soak.py
 
 clean: ## Remove the virtualenv and local state
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -5,7 +5,6 @@ exactly the rows its confirmation saw."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import timedelta
 
 import pytest
 from fastapi.testclient import TestClient
@@ -15,33 +14,12 @@ from sqlalchemy.orm import Session
 from models import DeadLetter, District, DistrictExit, JournalEntry, RosterEvent, utcnow
 from tasks import deadletters
 from tests.support.app_env import CLOSED_BROKER, Configure
+from tests.support.dead import EVENT_TASK, dead_event
 from tests.support.stack import OPS_TOKEN
 from worker import db
 from worker.api import app
 
-EVENT_TASK = "grassroots.process_event"
 UNIT_TASK = "grassroots.exit_unit"
-
-
-def dead_event(session: Session, event_id: str, exception: str, minutes_ago: int) -> DeadLetter:
-    at = utcnow() - timedelta(minutes=minutes_ago)
-    session.add(
-        RosterEvent(id=event_id, type="users.deleted", payload={}, status="dead", attempts=8)
-    )
-    session.flush()
-    letter = DeadLetter(
-        event_id=event_id,
-        task=EVENT_TASK,
-        reason="retries_exhausted",
-        exception=exception,
-        error="it broke",
-        attempts=8,
-        first_failed_at=at,
-        last_failed_at=at + timedelta(seconds=30),
-    )
-    session.add(letter)
-    session.flush()
-    return letter
 
 
 def dead_unit(session: Session, exit_id: int, key: str) -> None:

@@ -1,10 +1,11 @@
 """The HTTP app (``grassroots serve``): the Clever webhook receiver (``worker.receiver``), the
-operations API (``worker.ops_api``), health and metrics.
+operations API (``worker.ops_api``), the operators' console (``worker.console``), health and
+metrics.
 
 One app per set of routes (``Routes``): ``app`` serves everything; ``webhooks_app`` the webhook
-and health only, for the listener Clever reaches; ``ops_app`` the ops API, metrics and health,
-for a listener only operators and Prometheus reach. ``/metrics`` needs the ops token wherever it
-is served.
+and health only, for the listener Clever reaches; ``ops_app`` the ops API, the console, metrics
+and health, for a listener only operators and Prometheus reach. ``/metrics`` needs the ops token
+wherever it is served.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from enum import StrEnum
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from sqlalchemy.exc import OperationalError
 
@@ -25,6 +27,9 @@ from tasks import heartbeat
 from tasks.errors import GrassrootsError, NotFound
 from worker import intake, ops_api, receiver, rejections
 from worker.broker import broker_client
+from worker.console import STATIC
+from worker.console import errors as console_errors
+from worker.console import pages as console_pages
 from worker.db import NoStack
 from worker.http import BodyTooLarge, InputGuard, body_too_large, db, error
 from worker.intake import DatabaseUnavailable
@@ -92,11 +97,19 @@ async def _no_stack(request: Request, exc: NoStack) -> JSONResponse:
     return error(503, "not_configured", str(exc))
 
 
-async def _not_found(request: Request, exc: NotFound) -> JSONResponse:
+def _on_console(request: Request) -> bool:
+    return request.url.path.startswith("/console/")
+
+
+async def _not_found(request: Request, exc: NotFound) -> Response:
+    if _on_console(request):
+        return console_errors.page(request, 404, "Not found", str(exc))
     return error(404, "not_found", str(exc))
 
 
-async def _refused(request: Request, exc: GrassrootsError) -> JSONResponse:
+async def _refused(request: Request, exc: GrassrootsError) -> Response:
+    if _on_console(request):
+        return console_errors.page(request, 409, "Refused", str(exc))
     return error(409, "refused", str(exc))
 
 
@@ -162,6 +175,7 @@ def create_app(routes: Routes = Routes.ALL) -> FastAPI:
     served.add_exception_handler(ops_api.Forbidden, _forbidden)  # type: ignore[arg-type]
     served.add_exception_handler(BodyTooLarge, body_too_large)
     served.add_middleware(InputGuard)
+    console_errors.install(served)
     if routes in (Routes.ALL, Routes.WEBHOOKS):
         # A plain Starlette route: the handler reads the request itself, so FastAPI's
         # per-request dependency and parameter machinery would be pure overhead on the busiest
@@ -172,6 +186,8 @@ def create_app(routes: Routes = Routes.ALL) -> FastAPI:
         )
     if routes in (Routes.ALL, Routes.OPS):
         served.include_router(ops_api.router)
+        served.include_router(console_pages.router)
+        served.mount("/console/static", StaticFiles(directory=STATIC), name="console-static")
         # Behind the ops token: what it tells (event types, districts, volumes) is the
         # operators', and an open scrape would let anyone make the database work.
         served.add_api_route(

@@ -1,0 +1,40 @@
+"""Dead events as a worker leaves them: the inbox row dead, and its open dead letter."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy.orm import Session
+
+from models import DeadLetter, RosterEvent, utcnow
+
+EVENT_TASK = "grassroots.process_event"
+
+
+def dead_event(
+    session: Session,
+    event_id: str,
+    exception: str,
+    *,
+    minutes_ago: int = 0,
+    error: str = "it broke",
+) -> DeadLetter:
+    at = utcnow() - timedelta(minutes=minutes_ago)
+    session.add(
+        RosterEvent(id=event_id, type="users.deleted", payload={}, status="dead", attempts=8)
+    )
+    session.flush()
+    letter = DeadLetter(
+        event_id=event_id,
+        task=EVENT_TASK,
+        reason="retries_exhausted",
+        exception=exception,
+        error=error,
+        traceback=f"Traceback (most recent call last):\n{exception}: {error}",
+        attempts=8,
+        first_failed_at=at,
+        last_failed_at=at + timedelta(seconds=30),
+    )
+    session.add(letter)
+    session.flush()
+    return letter

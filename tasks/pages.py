@@ -26,7 +26,7 @@ from models import (
     UnitStatus,
 )
 from tasks import brake, deadletters, exits, operators, pauses, policy, status, view
-from tasks import sync as reconciling
+from tasks import reconcile as reconciling
 from tasks.errors import NotFound
 
 PAGE = 50

@@ -32,8 +32,8 @@ from worker.console.auth import (
     set_cookie,
 )
 from worker.http import db
+from worker.pipeline import pipeline_status
 from worker.settings import get_settings
-from worker.status import pipeline_status
 
 FLASH = "grassroots_flash"
 FLOWER_PORT = 5555

@@ -13,7 +13,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -28,7 +27,7 @@ from tests.support.prometheus import (
     dashboard_queries,
     metric_names,
 )
-from tests.support.stack import OPS_TOKEN, running_stack
+from tests.support.stack import running_stack
 
 # What Prometheus itself records of every scrape.
 PROMETHEUS_OWN = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
@@ -104,9 +103,8 @@ def test_every_rule_and_dashboard_query_names_only_exported_metrics(
     tmp_path: Path, pg_databases: PgDatabases
 ) -> None:
     with running_stack(tmp_path, pg_databases.new(), workers=0) as stack:
-        scraped = httpx.get(
-            f"{stack.base}/metrics", headers={"authorization": f"Bearer {OPS_TOKEN}"}, timeout=30
-        )
+        # With the ops token, on the listener that serves the ops API.
+        scraped = stack.ops("GET", "/metrics")
     assert scraped.status_code == 200, scraped.text
     exported = set()
     for family in text_string_to_metric_families(scraped.text):

@@ -23,6 +23,8 @@ from models.enums import (
     Mastery,
     OperatorRole,
     PollStatus,
+    RequestKind,
+    RequestStatus,
     Role,
     SyncStatus,
     UnitKind,
@@ -36,6 +38,7 @@ from models.journal import JournalEntry
 from models.klass import Class
 from models.object_version import ObjectVersion
 from models.operator import Operator
+from models.operator_request import OperatorRequest
 from models.pause import Pause
 from models.poll_cursor import PollCursor
 from models.report_access import ReportAccess
@@ -74,11 +77,14 @@ __all__ = [
     "Mastery",
     "ObjectVersion",
     "Operator",
+    "OperatorRequest",
     "OperatorRole",
     "Pause",
     "PollCursor",
     "PollStatus",
     "ReportAccess",
+    "RequestKind",
+    "RequestStatus",
     "Role",
     "RosterEvent",
     "RosterSync",

@@ -152,6 +152,28 @@ class SyncStatus(StrEnum):
     FAILED = "failed"
 
 
+class RequestKind(StrEnum):
+    """An operator request that starts work no row yet describes (SPEC §6): it is a row of
+    ``operator_requests`` before anything is sent to the broker."""
+
+    EXIT = "exit"  # a district exit's start: plans its units
+    SYNC = "sync"  # a district's roster sync
+
+
+class RequestStatus(StrEnum):
+    ASKED = "asked"  # written, and sent or to be sent again by the relay
+    TAKEN = "taken"  # a worker has counted an attempt at it: the broker took it
+    DONE = "done"
+    DEAD = "dead"  # dead-lettered
+    # The broker could not take it when it was asked, and the operator was told so: never sent.
+    WITHDRAWN = "withdrawn"
+
+    @classmethod
+    def open(cls) -> frozenset[RequestStatus]:
+        """A worker may still act on it."""
+        return frozenset({cls.ASKED, cls.TAKEN})
+
+
 class Mastery(StrEnum):
     ATTEMPTED = "attempted"
     FAMILIAR = "familiar"

@@ -8,7 +8,8 @@ Removed rows are hard-deleted once their journal entry is older than the window
 - a dead letter an operator resolved that long ago (an open one stays whole until an operator
   acts on it: it is the way back, and its event keeps its payload for the replay);
 - the details of audit rows that old: the rows stay, as who did what to which id and why;
-- the attempt counts of task messages first seen that long ago.
+- the attempt counts of task messages first seen that long ago, and the requests (an exit's
+  start, a sync) that finished that long ago.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from sqlalchemy import Text, cast, delete, update
 from sqlalchemy.orm import Session
 
 from models import AuditRecord, DeadLetter, EventStatus, RosterEvent, utcnow
+from tasks import operator_requests
 from tasks.attempts import forget_messages
 from tasks.conversion import purge as purge_removed
 
@@ -36,6 +38,7 @@ class Purged:
     dead_letters: int
     audit_details: int
     task_attempts: int
+    operator_requests: int
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -75,7 +78,8 @@ def purge(session: Session, *, retention_days: int, now: datetime | None = None)
         )
     )
     attempts = forget_messages(session, before=cutoff)
-    return Purged(journal, payloads, letters, details, attempts)
+    requests = operator_requests.forget(session, before=cutoff)
+    return Purged(journal, payloads, letters, details, attempts, requests)
 
 
 def _rowcount(result: Any) -> int:

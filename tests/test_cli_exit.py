@@ -12,8 +12,9 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import select
 
-from models import Account, DeadLetter, ExitUnit
+from models import Account, DeadLetter, ExitUnit, OperatorRequest, RequestKind
 from tasks import conversion, exits
+from tasks.operator_requests import RequestLedger
 from tasks.roster import load_snapshot
 from tests.support.app_env import CLOSED_BROKER, Configure
 from tests.support.scenario import DISTRICT, STEVE, example
@@ -40,16 +41,16 @@ def _run_pending_units(exit_id: int) -> None:
 
 
 class Sending:
-    """Celery's ``send_task`` played: records each district exit's arguments, and answers with a
-    task id as Celery does."""
+    """Celery's ``send_task`` played: records each district exit's arguments (the district and
+    its request's id), and answers as Celery does."""
 
     def __init__(self) -> None:
         self.sent: list[tuple[Any, ...]] = []
 
-    def __call__(self, name: str, args: tuple[Any, ...]) -> SimpleNamespace:
+    def __call__(self, name: str, args: tuple[Any, ...], task_id: str) -> SimpleNamespace:
         assert name == "grassroots.district_exit"
         self.sent.append(args)
-        return SimpleNamespace(id=f"task-{len(self.sent)}")
+        return SimpleNamespace(id=task_id)
 
     def districts(self) -> list[str]:
         return [args[0] for args in self.sent]
@@ -121,7 +122,16 @@ def test_exit_wait_of_an_exited_district_ends_with_its_exit(
     result = CliRunner().invoke(main, ["district", "exit", DISTRICT, "--wait"])
 
     assert result.exit_code == 0, result.output
-    assert sending.sent == [(DISTRICT, "cli:district-exit")]
+    ((district, request_id),) = sending.sent
+    with session_scope() as session:
+        asked = session.get(OperatorRequest, request_id)
+        assert asked is not None
+        assert (district, asked.kind, asked.district_id, asked.by) == (
+            DISTRICT,
+            "exit",
+            DISTRICT,
+            "cli:district-exit",
+        )
     assert f"district {DISTRICT} exited in" in result.output
 
 
@@ -161,18 +171,14 @@ def test_exit_wait_ends_with_status_1_when_the_exits_start_is_dead_lettered(
     monkeypatch.setattr(celery_app, "send_task", sending)
 
     def pause(seconds: float) -> None:
-        # The worker gives up on the start task (its dead letter names it by its task id); a
-        # second pause would be a wait that never ends.
+        # The worker gives up on the start task, and marks its request dead (as its ledger
+        # does with the dead letter); a second pause would be a wait that never ends.
         assert not looks, "the wait went on after the start was dead-lettered"
         looks.append(seconds)
+        ((_, request_id),) = sending.sent
         with session_scope() as session:
-            session.add(
-                DeadLetter(
-                    task="grassroots.district_exit",
-                    subject="grassroots.district_exit:task-1",
-                    reason="too_many_attempts",
-                    error="started 3 times without finishing",
-                )
+            assert RequestLedger(RequestKind.EXIT, DISTRICT, request_id).mark_dead(
+                session, "started 3 times without finishing"
             )
 
     monkeypatch.setattr(time, "sleep", pause)

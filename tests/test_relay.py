@@ -31,7 +31,7 @@ from tests.support.stack import RedisServer, Stack, clever_event, running_stack,
 from worker.db import session_scope
 from worker.relay import RelayLoop, relay_pass
 
-IDLE = {"events": 0, "exits": 0, "restored": 0}
+IDLE = {"events": 0, "exits": 0, "requests": 0, "restored": 0}
 T0 = "2025-09-03T14:05:21.900Z"
 
 
@@ -85,7 +85,9 @@ def test_idle_passes_log_nothing_above_debug_and_keep_the_interval(
 
 def test_a_pass_that_relays_says_what_it_did_with_counts(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="grassroots.relay"):
-        run_loop(Passes({"events": 3, "exits": 1, "restored": 2}, IDLE, {**IDLE, "exits": 4}))
+        run_loop(
+            Passes({**IDLE, "events": 3, "exits": 1, "restored": 2}, IDLE, {**IDLE, "exits": 4})
+        )
     assert relay_records(caplog, logging.INFO) == [
         (
             "WARNING",
@@ -95,7 +97,7 @@ def test_a_pass_that_relays_says_what_it_did_with_counts(caplog: pytest.LogCaptu
         ("WARNING", "relayed: resumed 4 stalled exit(s)"),
     ]
     first = next(r for r in caplog.records if r.name == "grassroots.relay")
-    assert first.__dict__["relayed"] == {"events": 3, "exits": 1, "restored": 2}
+    assert first.__dict__["relayed"] == {**IDLE, "events": 3, "exits": 1, "restored": 2}
 
 
 def test_failures_are_logged_once_per_streak_and_never_end_the_loop(
@@ -173,7 +175,7 @@ def test_a_pass_sends_what_waited_too_long_once_and_leaves_what_is_recent(
             .values(progressed_at=utcnow() - timedelta(minutes=5))
         )
 
-    assert relay_pass() == {"events": 1, "exits": 1, "restored": 0}
+    assert relay_pass() == {**IDLE, "events": 1, "exits": 1}
     assert _queued(broker, "events") == ["('evt-old',)"]
     units = _queued(broker, "fanout")
     assert units and all(args.startswith(f"({exit_id}, ") for args in units)

@@ -14,7 +14,17 @@ from click.testing import CliRunner
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models import AuditRecord, DeadLetter, EventStatus, RosterEvent, TaskAttempt, utcnow
+from models import (
+    AuditRecord,
+    DeadLetter,
+    EventStatus,
+    OperatorRequest,
+    RequestKind,
+    RequestStatus,
+    RosterEvent,
+    TaskAttempt,
+    utcnow,
+)
 from tasks import retention
 from tests.support.app_env import CLOSED_BROKER, Configure
 from tests.support.cli import grassroots
@@ -102,6 +112,24 @@ def _filled(session: Session) -> None:
             last_at=utcnow(),
         )
     )
+    for request_id, status, finished in (
+        ("r-old", RequestStatus.DONE, utcnow() - OLD),
+        ("r-recent", RequestStatus.DONE, utcnow() - RECENT),
+        # Still to be taken by a worker: the relay sends it, however old.
+        ("r-open", RequestStatus.ASKED, None),
+    ):
+        session.add(
+            OperatorRequest(
+                id=request_id,
+                kind=RequestKind.EXIT,
+                district_id="d1",
+                by="test",
+                task_id=request_id,
+                status=status,
+                created_at=utcnow() - OLD,
+                finished_at=finished,
+            )
+        )
     session.flush()
 
 
@@ -125,6 +153,7 @@ def test_purge_strips_final_events_old_letters_and_audit_details_and_keeps_the_r
         "dead_letters": 1,
         "audit_details": 1,
         "task_attempts": 1,
+        "operator_requests": 1,
     }
     events = _events(session)
     assert events["done-old"] == (EventStatus.DONE, {}, None)
@@ -143,6 +172,7 @@ def test_purge_strips_final_events_old_letters_and_audit_details_and_keeps_the_r
         "a-recent": {"rule": "teacher_left"},
     }
     assert list(session.scalars(select(TaskAttempt.task_id))) == ["t-new"]
+    assert sorted(session.scalars(select(OperatorRequest.id))) == ["r-open", "r-recent"]
 
     # Nothing is left to strip: a second purge changes nothing.
     assert set(retention.purge(session, retention_days=30).as_dict().values()) == {0}
@@ -162,7 +192,7 @@ def test_grassroots_purge_prints_what_it_purged(database_url: str, configure: Co
     assert again.exit_code == 0, again.output
     assert again.output == (
         "purged 0 journal entries, 0 event payloads, 0 dead letters, 0 audit details,"
-        " 0 task attempts\n"
+        " 0 task attempts, 0 operator requests\n"
     )
     with session_scope() as session:
         row = session.get(RosterEvent, "done-old")

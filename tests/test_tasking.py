@@ -11,11 +11,11 @@ import psycopg
 import pytest
 import structlog
 from celery.exceptions import Reject, SoftTimeLimitExceeded
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 
-from models import DeadLetter, RosterEvent, TaskAttempt, utcnow
-from tasks import events, exits
+from models import DeadLetter, OperatorRequest, RequestKind, RosterEvent, TaskAttempt, utcnow
+from tasks import events, exits, operator_requests
 from tasks.attempts import EventLedger, UnitLedger
 from tasks.inbox import ingest
 from tests.support.app_env import CLOSED_BROKER, Configure
@@ -205,16 +205,14 @@ def test_a_late_copy_that_fails_after_another_finished_the_work_leaves_it_finish
         assert session.scalars(select(DeadLetter)).all() == []
 
 
-@pytest.mark.parametrize("task", [jobs.district_exit, jobs.finish_exit], ids=lambda t: t.name)
 def test_a_task_with_no_row_of_its_own_is_capped_by_its_message_id(
-    inbox: str, task: Any, monkeypatch: pytest.MonkeyPatch
+    inbox: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A start or finish of an exit whose worker dies every time: the message keeps its id across
+    """An exit's finish whose worker dies every time: the message keeps its id across
     redeliveries, and the attempts counted on it stop it after TASK_MAX_RETRIES + 1."""
     ran: list[str] = []
-    monkeypatch.setattr(exits, "start_exit", lambda *a, **k: ran.append("start"))
     monkeypatch.setattr(exits, "finish", lambda *a, **k: ran.append("finish"))
-    args = ("d1", "test") if task is jobs.district_exit else (7,)
+    task, args = jobs.finish_exit, (7,)
     with session_scope() as session:
         # Three deliveries began and never ended (their worker was killed each time).
         session.add(
@@ -237,6 +235,72 @@ def test_a_task_with_no_row_of_its_own_is_capped_by_its_message_id(
         f"{task.name}:msg-1",
         4,
     )
+
+
+def _exit_request(district_id: str) -> str:
+    with session_scope() as session:
+        return operator_requests.ask(session, RequestKind.EXIT, district_id, by="test").id
+
+
+def test_an_exit_start_is_capped_on_its_request_row_across_messages(
+    inbox: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exit's start whose worker dies every time, sent again by the relay under new task ids:
+    its attempts are counted on its request, which is dead-lettered after TASK_MAX_RETRIES + 1."""
+    ran: list[str] = []
+    monkeypatch.setattr(exits, "start_exit", lambda *a, **k: ran.append("start"))
+    request_id = _exit_request("d1")
+    with session_scope() as session:
+        # Three deliveries began and never ended (their worker was killed each time).
+        session.execute(
+            update(OperatorRequest).where(OperatorRequest.id == request_id).values(attempts=3)
+        )
+
+    jobs.district_exit.apply(args=("d1", request_id), task_id="relayed-again")
+
+    assert ran == []
+    with session_scope() as session:
+        letter = session.scalars(select(DeadLetter)).one()
+        asked = session.get(OperatorRequest, request_id)
+        assert asked is not None and (asked.status, asked.attempts) == ("dead", 4)
+    assert (letter.reason, letter.subject, letter.attempts, letter.args) == (
+        "too_many_attempts",
+        f"request:{request_id}",
+        4,
+        {"district_id": "d1", "request_id": request_id},
+    )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("d1", "ops"),  # the shape the start had before it was a request
+        ("d1", "0" * 32),  # a request id no row has
+        ("d2", "request of d1"),  # replaced below by d1's request: another district's
+        ("d1", "d1's, done"),  # replaced below by d1's request, done already
+    ],
+    ids=["old shape", "no such request", "another district's", "done"],
+)
+def test_an_exit_start_acts_only_on_an_open_request_of_its_district(
+    inbox: str, args: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ran: list[str] = []
+    monkeypatch.setattr(exits, "start_exit", lambda *a, **k: ran.append("start"))
+    request_id = _exit_request("d1")
+    if args[1] == "request of d1":
+        args = ("d2", request_id)
+    if args[1] == "d1's, done":
+        args = ("d1", request_id)
+        with session_scope() as session:
+            operator_requests.finish(session, request_id)
+
+    assert jobs.district_exit.apply(args=args).get() is None
+
+    assert ran == []
+    with session_scope() as session:
+        assert session.scalars(select(DeadLetter)).all() == []
+        asked = session.get(OperatorRequest, request_id)
+        assert asked is not None and asked.attempts == 0
 
 
 def test_what_a_task_sends_after_commit_is_sent_once_its_work_committed(

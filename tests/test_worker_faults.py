@@ -190,7 +190,7 @@ def test_task_killing_its_worker_every_time_is_capped_and_dead_lettered(
     tmp_path: Path, pg_databases: PgDatabases
 ) -> None:
     """``grassroots district exit``'s start task, SIGKILLed with its pool child each time it
-    runs: its attempts, counted in ``task_attempts`` before the work starts, reach
+    runs: its attempts, counted on its request before the work starts, reach
     TASK_MAX_RETRIES + 1, and the next delivery dead-letters it without working
     (``too_many_attempts``). Meanwhile the same worker processes an event of another district."""
     url = pg_databases.new()
@@ -203,10 +203,7 @@ def test_task_killing_its_worker_every_time_is_capped_and_dead_lettered(
         later = deleted(other, "meanwhile", scenario.STEVE)
 
         def attempts() -> int:
-            found = scalar(
-                url,
-                "SELECT attempts FROM task_attempts WHERE task = 'grassroots.district_exit'",
-            )
+            found = scalar(url, "SELECT attempts FROM operator_requests WHERE kind = 'exit'")
             return int(found or 0)
 
         with row_lock(url, "districts", district):
@@ -235,13 +232,12 @@ def test_task_killing_its_worker_every_time_is_capped_and_dead_lettered(
             # on: Postgres notices a client gone only when it next writes to it.)
             assert lock_waiting_processes(url, children(worker.pid)) == []
         (letter,) = letters
-        task_id = scalar(
-            url, "SELECT task_id FROM task_attempts WHERE task = 'grassroots.district_exit'"
-        )
+        request_id = scalar(url, "SELECT id FROM operator_requests WHERE kind = 'exit'")
         assert letter["task"] == "grassroots.district_exit"
-        assert letter["subject"] == f"grassroots.district_exit:{task_id}"
+        assert letter["subject"] == f"request:{request_id}"
         assert letter["event_id"] is None
-        assert letter["args"]["district_id"] == district
+        assert letter["args"] == {"district_id": district, "request_id": request_id}
+        assert scalar(url, "SELECT status FROM operator_requests") == "dead"
         assert letter["reason"] == "too_many_attempts"
         assert letter["exception"] == "RuntimeError"
         assert letter["error"] == "started 3 times without finishing"

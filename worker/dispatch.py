@@ -14,8 +14,9 @@ from kombu.exceptions import BatchPublishError  # type: ignore[attr-defined]  # 
 from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from models import UnitKind
+from models import RequestKind, UnitKind
 from tasks.exits import dispatch_pending
+from tasks.operator_requests import Asked
 from tasks.sql import chunks
 from worker.celery_app import app
 from worker.db import session_scope
@@ -51,16 +52,15 @@ def enqueue_events(event_ids: Iterable[str]) -> int:
     return len(ids)
 
 
-def start_exit(district_id: str, trigger: str) -> str:
-    """Send a district exit's start; its task id. Raises what the broker raises: nothing is
-    recorded yet, so the caller must say the exit did not start."""
-    return str(app.send_task(TaskName.DISTRICT_EXIT, (district_id, trigger)).id)
+# The task each kind of request is sent as. Its message carries the district and the request's
+# id; the task reads what it asks for from the row (``tasks.operator_requests.RequestLedger``).
+REQUEST_TASKS = {RequestKind.EXIT: TaskName.DISTRICT_EXIT, RequestKind.SYNC: TaskName.SYNC}
 
 
-def start_sync(district_id: str, sync_id: str, *, dry_run: bool, trigger: str) -> None:
-    """Send a district's roster sync, whose record ``sync_id`` is committed. Raises what the
-    broker raises."""
-    app.send_task(TaskName.SYNC, (district_id, sync_id, dry_run, trigger))
+def send_request(asked: Asked) -> None:
+    """Send a request whose row is committed, under its task id. Raises what the broker raises:
+    the caller says whether the request stands (the relay sends it) or is withdrawn."""
+    app.send_task(REQUEST_TASKS[asked.kind], (asked.district_id, asked.id), task_id=asked.task_id)
 
 
 def finish_exit(exit_id: int) -> None:

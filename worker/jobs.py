@@ -11,12 +11,13 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from models import SyncStatus, utcnow
-from tasks import events, exits, pauses, retention
+from models import RequestKind, SyncStatus, utcnow
+from tasks import events, exits, operator_requests, pauses, retention
 from tasks import reconcile as reconciling
 from tasks.attempts import EventLedger, UnitLedger
 from tasks.heartbeat import HeartbeatLedger
 from tasks.heartbeat import record as record_heartbeat
+from tasks.operator_requests import RequestLedger
 from worker import dispatch, sync
 from worker.celery_app import app
 from worker.clever import DistrictToken, parse_tokens
@@ -44,11 +45,19 @@ def process_event(self: GrassrootsTask, event_id: str) -> str | None:
     return routed.status
 
 
-@app.task(bind=True, base=GrassrootsTask, name=TaskName.DISTRICT_EXIT)
-def district_exit(self: GrassrootsTask, district_id: str, trigger: str = "ops") -> int:
+@app.task(
+    bind=True,
+    base=GrassrootsTask,
+    name=TaskName.DISTRICT_EXIT,
+    ledger=RequestLedger.of(RequestKind.EXIT),
+)
+def district_exit(self: GrassrootsTask, district_id: str, request_id: str) -> int:
+    """The start of the exit that request ``request_id`` asks for: its trigger is the row's."""
+    asked = operator_requests.found(self.session, request_id)
     plan = exits.start_exit(
-        self.session, district_id, trigger=trigger, batch_size=get_settings().exit_batch_size
+        self.session, district_id, trigger=asked.by, batch_size=get_settings().exit_batch_size
     )
+    operator_requests.finish(self.session, request_id)
     after_commit(dispatch.dispatch_exit, plan.exit_id)
     return plan.exit_id
 
@@ -133,25 +142,34 @@ def _token(district_id: str) -> DistrictToken | None:
     return next((t for t in tokens if t.district_id == district_id), None)
 
 
-@app.task(bind=True, base=GrassrootsTask, name=TaskName.SYNC, session_scoped=False)
-def sync_district(
-    self: GrassrootsTask, district_id: str, sync_id: str, dry_run: bool, trigger: str
-) -> str:
-    """One district's roster sync, whose record ``sync_id`` is made. The token is read from the
-    worker's environment: it never travels through the broker."""
+@app.task(
+    bind=True,
+    base=GrassrootsTask,
+    name=TaskName.SYNC,
+    ledger=RequestLedger.of(RequestKind.SYNC),
+    session_scoped=False,
+)
+def sync_district(self: GrassrootsTask, district_id: str, request_id: str) -> str:
+    """The roster sync that request ``request_id`` asks for (its id is the sync's). The token
+    is read from the worker's environment: it never travels through the broker."""
+    with session_scope() as session:
+        asked = operator_requests.found(session, request_id)
     token = _token(district_id)
     if token is None:
+        status: str = SyncStatus.FAILED
         with session_scope() as session:
-            reconciling.fail(session, sync_id, "CLEVER_DISTRICT_TOKENS has no token for it")
-        return SyncStatus.FAILED
-    report = sync.sync_district(
-        token,
-        sync.SyncOptions.from_settings(get_settings()),
-        dry_run=dry_run,
-        trigger=trigger,
-        sync_id=sync_id,
-    )
-    return report.status
+            reconciling.fail(session, request_id, "CLEVER_DISTRICT_TOKENS has no token for it")
+    else:
+        status = sync.sync_district(
+            token,
+            sync.SyncOptions.from_settings(get_settings()),
+            dry_run=asked.dry_run,
+            trigger=asked.by,
+            sync_id=request_id,
+        ).status
+    with session_scope() as session:
+        operator_requests.finish(session, request_id)
+    return status
 
 
 @app.task(bind=True, base=GrassrootsTask, name=TaskName.SYNC_ALL, session_scoped=False)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import warnings
+from typing import Any
 
 import structlog
 
@@ -18,6 +20,31 @@ from worker.settings import get_settings
 
 # Libraries that log every request at INFO.
 NOISY = ("uvicorn.access", "httpx", "httpcore")
+
+
+# Celery logs a task's arguments (as its message's sender wrote them) when it receives and ends
+# it. Ours are ids; a message put on the broker by hand may hold anything, an email included.
+_QUOTED = re.compile(r"'([^'\\]*)'")
+_ID = re.compile(r"[\w.:-]*")
+_REST = re.compile(r"(?:[\d\s()\[\]{},.:-]|True|False|None)*")
+WITHHELD = "(withheld: not ids)"
+
+
+def only_ids(text: str) -> str:
+    """A task's logged arguments if they are ids and numbers only, else ``WITHHELD``."""
+    quoted = _QUOTED.findall(text)
+    if all(_ID.fullmatch(q) for q in quoted) and _REST.fullmatch(_QUOTED.sub("", text)):
+        return text
+    return WITHHELD
+
+
+def _arguments_as_ids(_: object, __: str, event: Any) -> Any:
+    data = event.get("data")
+    if isinstance(data, dict) and ("args" in data or "kwargs" in data):
+        event["data"] = {
+            k: only_ids(str(v)) if k in ("args", "kwargs") else v for k, v in data.items()
+        }
+    return event
 
 
 def configure(process: str) -> None:
@@ -32,6 +59,7 @@ def configure(process: str) -> None:
             structlog.stdlib.add_logger_name,
             structlog.stdlib.ExtraAdder(),
             structlog.contextvars.merge_contextvars,
+            _arguments_as_ids,
         ],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,

@@ -10,6 +10,7 @@ once at its start and once at its end.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -18,13 +19,15 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from models import utcnow
+from tasks import operator_requests
 from tasks.exits import stalled_exits
 from tasks.inbox import unsent_events
+from tasks.operator_requests import Asked
 from worker.broker import broker_client, held_task_ids, queue_depths, restore_orphans
 from worker.celery_app import QUEUES, app
 from worker.db import session_scope
-from worker.dispatch import dispatch_exit, enqueue_events
-from worker.names import Queue
+from worker.dispatch import REQUEST_TASKS, dispatch_exit, enqueue_events, send_request
+from worker.names import ROUTES, Queue
 from worker.settings import get_settings
 
 log = logging.getLogger("grassroots.relay")
@@ -34,9 +37,10 @@ def relay_pass() -> dict[str, int]:
     """Put back the messages of killed workers (``worker.broker.restore_orphans``), then send
     again what the database says is unfinished but the broker no longer holds: events accepted
     while the broker was down or stuck in processing past the retry window with no worker
-    holding their task, and the units of exits that stopped progressing. Only when the queues
-    are drained, so work merely waiting its turn is not sent twice (a second copy would be
-    harmless, only wasteful). Returns how many of each it sent or put back."""
+    holding their task, the units of exits that stopped progressing, and the requests (an
+    exit's start, a sync) no worker has taken. Only when their queues are drained, so work
+    merely waiting its turn is not sent twice (a second copy would be harmless, only wasteful).
+    Returns how many of each it sent or put back."""
     settings = get_settings()
     orphans = restore_orphans(app, older_than=settings.relay_after_seconds)
     client = broker_client()
@@ -47,20 +51,29 @@ def relay_pass() -> dict[str, int]:
     stuck = now - timedelta(seconds=settings.retry_backoff_max + settings.relay_after_seconds)
     waiting: list[str] = []
     exit_ids: list[int] = []
+    asked: list[Asked] = []
+    held = functools.cache(lambda: held_task_ids(client))
+    drained = [kind for kind, task in REQUEST_TASKS.items() if depths[ROUTES[task]["queue"]] == 0]
     with session_scope() as session:
         if depths[Queue.EVENTS] == 0:
             waiting = unsent_events(
-                session,
-                accepted_before=quiet,
-                processing_before=stuck,
-                held=held_task_ids(client),
+                session, accepted_before=quiet, processing_before=stuck, held=held()
             )
         if depths[Queue.FANOUT] == 0 and depths[Queue.CONVERSIONS] == 0:
             exit_ids = stalled_exits(session, since=quiet)
+        if drained:
+            asked = operator_requests.unsent(session, kinds=drained, sent_before=quiet, held=held())
     sent = enqueue_events(waiting)
     for exit_id in exit_ids:
         dispatch_exit(exit_id)
-    return {"events": sent, "exits": len(exit_ids), "restored": len(orphans)}
+    for request in asked:
+        send_request(request)
+    return {
+        "events": sent,
+        "exits": len(exit_ids),
+        "requests": len(asked),
+        "restored": len(orphans),
+    }
 
 
 @dataclass
@@ -98,6 +111,7 @@ class RelayLoop:
                     ("restored", "put back %d task(s) a lost worker had taken"),
                     ("events", "sent %d event(s) again"),
                     ("exits", "resumed %d stalled exit(s)"),
+                    ("requests", "sent %d request(s) no worker had taken"),
                 )
                 if counts[key]
             ]

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from models import District, utcnow
-from tasks import brake, deadletters, exits, pauses
+from models import District, RequestKind, utcnow
+from tasks import brake, deadletters, exits, operator_requests, pauses
 from tasks.errors import NotFound
 from worker import dispatch
 from worker.db import session_scope
@@ -132,17 +132,23 @@ def remove_pause(pause_id: int, *, by: str) -> dict[str, Any]:
 
 
 def start_exit(district_id: str, *, by: str) -> str:
-    """Start a district's exit (contract end) on the workers; the start task's id (its dead
-    letter, if it fails for good, names it: ``tasks.attempts.task_subject``)."""
+    """Start a district's exit (contract end) on the workers: its request is committed, then
+    sent (the relay sends it again if the broker loses it). The request's id: its row says
+    whether the start was done or dead-lettered (``operator_requests.status_of``)."""
     with session_scope() as session:
         if session.get(District, district_id) is None:
             raise NotFound(f"no district {district_id}")
+        asked = operator_requests.ask(session, RequestKind.EXIT, district_id, by=by)
     try:
-        return dispatch.start_exit(district_id, by)
+        dispatch.send_request(asked)
     except dispatch.SEND_ERRORS as exc:
+        with session_scope() as session:
+            if not operator_requests.withdraw(session, asked.id):
+                return asked.id  # a worker took it all the same: the exit is under way
         raise BrokerUnavailable(
             f"the broker is unreachable ({type(exc).__name__}): the exit was not started"
         ) from exc
+    return asked.id
 
 
 def resume_exit(district_id: str, *, by: str) -> exits.Resumed:

@@ -10,7 +10,6 @@ there. A pull that did not complete applies nothing.
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -20,8 +19,8 @@ from urllib.parse import urlencode
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from models import RosterSync, SyncStatus, utcnow
-from tasks import cursors
+from models import RequestKind, RosterSync, SyncStatus, utcnow
+from tasks import cursors, operator_requests
 from tasks import reconcile as reconciling
 from tasks.errors import GrassrootsError
 from tasks.roster import CleverSection, CleverUser
@@ -62,10 +61,6 @@ class SyncOptions(ClientOptions):
         return cls(base_url=settings.clever_api_base, brake_percent=settings.removal_brake_percent)
 
 
-def new_sync_id() -> str:
-    return uuid.uuid4().hex
-
-
 def sync_district(
     token: DistrictToken,
     options: SyncOptions,
@@ -77,7 +72,7 @@ def sync_district(
     """Sync one district; its report, ``failed`` with the reason if the pull did not complete.
     ``sync_id``: the sync's record, if the caller made it already (the ops API answers with it
     before the sync runs)."""
-    sync_id = sync_id or new_sync_id()
+    sync_id = sync_id or operator_requests.new_id()
     district_id = token.district_id
     with session_scope() as session:
         if session.get(RosterSync, sync_id) is None:
@@ -117,18 +112,23 @@ RESYNC_EVERY = timedelta(minutes=10)
 
 
 def start(district_id: str, *, dry_run: bool = False, trigger: str) -> str:
-    """Record a district's sync and send it to the workers; its id. Raises what the broker
-    raises (the record then ends as failed)."""
-    sync_id = new_sync_id()
+    """Record a district's sync and its request, then send it to the workers; its id. Raises
+    what the broker raises (the request is then withdrawn and the sync's record ends as failed,
+    unless a worker took it all the same)."""
     with session_scope() as session:
-        reconciling.begin(session, district_id, sync_id, trigger=trigger, dry_run=dry_run)
+        asked = operator_requests.ask(
+            session, RequestKind.SYNC, district_id, by=trigger, dry_run=dry_run
+        )
+        reconciling.begin(session, district_id, asked.id, trigger=trigger, dry_run=dry_run)
     try:
-        dispatch.start_sync(district_id, sync_id, dry_run=dry_run, trigger=trigger)
+        dispatch.send_request(asked)
     except dispatch.SEND_ERRORS as exc:
         with session_scope() as session:
-            reconciling.fail(session, sync_id, f"not sent to the workers: {type(exc).__name__}")
+            if not operator_requests.withdraw(session, asked.id):
+                return asked.id
+            reconciling.fail(session, asked.id, f"not sent to the workers: {type(exc).__name__}")
         raise
-    return sync_id
+    return asked.id
 
 
 def request(district_id: str, *, dry_run: bool, trigger: str) -> str:

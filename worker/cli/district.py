@@ -9,13 +9,16 @@ without them, and an exit's end-to-end time includes this command's start-up.
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import click
 from sqlalchemy.orm import Session
 
-from models import AdminRemoval, District, DistrictStatus, ExitStatus
+from models import AdminRemoval, District, DistrictStatus, ExitStatus, RequestStatus
 from worker.cli.common import emit, fail, refusals, unit_of_work
+
+if TYPE_CHECKING:
+    from tasks.exits import ExitProgress
 
 TRIGGER = "cli:district-exit"
 # What ``district preview`` prints, in this order, after the accounts by role.
@@ -59,17 +62,33 @@ def district_preview(district_id: str, as_json: bool) -> None:
         click.echo(f"  {key.replace('_', ' ')}: {preview[key]}")
 
 
+# How long ``--wait`` waits at most: a district of 100,000 accounts exits in minutes.
+WAIT_TIMEOUT = 3600.0
+_WAIT = click.option(
+    "--wait", is_flag=True, help="Wait for the exit to finish, with a progress bar."
+)
+_TIMEOUT = click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=WAIT_TIMEOUT,
+    show_default=True,
+    help="With --wait: seconds to wait at most, then exit status 1 (the exit goes on).",
+)
+
+
 @district.command("exit")
 @click.argument("district_id")
-@click.option("--wait", is_flag=True, help="Wait for the exit to finish, with a progress bar.")
+@_WAIT
+@_TIMEOUT
 @click.option(
     "--in-process",
     is_flag=True,
     help="Run the whole exit here in one transaction, without workers.",
 )
-def district_exit(district_id: str, wait: bool, in_process: bool) -> None:
+def district_exit(district_id: str, wait: bool, timeout: float, in_process: bool) -> None:
     """Exit a district from the program (contract end): convert every account. With --wait,
-    ends with status 1 as soon as the exit cannot finish without an operator."""
+    ends with status 1 as soon as the exit cannot finish without an operator, or after
+    --timeout seconds."""
     if in_process:
         _exit_in_process(district_id)
         return
@@ -79,18 +98,19 @@ def district_exit(district_id: str, wait: bool, in_process: bool) -> None:
         earlier = _undone_exit(session, district_id)
     with refusals():
         try:
-            task_id = services.start_exit(district_id, by=TRIGGER)
+            request_id = services.start_exit(district_id, by=TRIGGER)
         except services.BrokerUnavailable as exc:
             fail(str(exc))
     click.echo(f"district {district_id}: exit started")
     if wait:
-        _wait_for_exit(district_id, after=earlier, start=task_id)
+        _wait_for_exit(district_id, after=earlier, start=request_id, timeout=timeout)
 
 
 @district.command("resume")
 @click.argument("district_id")
-@click.option("--wait", is_flag=True, help="Wait for the exit to finish, with a progress bar.")
-def district_resume(district_id: str, wait: bool) -> None:
+@_WAIT
+@_TIMEOUT
+def district_resume(district_id: str, wait: bool, timeout: float) -> None:
     """Send the dead and stalled units of a district's exit again, by the same keys."""
     from worker import services
 
@@ -102,7 +122,7 @@ def district_resume(district_id: str, wait: bool) -> None:
     dead = ", ".join(resumed.units) or "none dead"
     click.echo(f"district {district_id}: exit {resumed.exit_id} resumed ({dead})")
     if wait:
-        _wait_for_exit(district_id, after=None, start=None)
+        _wait_for_exit(district_id, after=None, start=None, timeout=timeout)
 
 
 def _exit_in_process(district_id: str) -> None:
@@ -128,32 +148,29 @@ def _undone_exit(session: Session, district_id: str) -> int | None:
     return latest.exit_id if latest is not None else None
 
 
-def _wait_for_exit(district_id: str, *, after: int | None, start: str | None) -> None:
+def _wait_for_exit(
+    district_id: str, *, after: int | None, start: str | None, timeout: float
+) -> None:
     """Until the district's latest exit, if newer than exit ``after``, is done; status 1 as
-    soon as it cannot be without an operator: its start task (``start``) or a unit is dead,
-    or a restore undid it."""
-    from tasks.attempts import task_subject
-    from tasks.deadletters import open_letter
+    soon as it cannot be without an operator (its start, request ``start``, or a unit is dead,
+    or a restore undid it), or after ``timeout`` seconds, naming what it waited for."""
     from tasks.exits import RESTORED, STALLED, progress
-    from worker.names import TaskName
+    from tasks.operator_requests import status_of
 
     started = time.monotonic()
     with click.progressbar(length=1, label="exiting", show_pos=True) as bar:
         while True:
             with unit_of_work() as session:
                 p = progress(session, district_id)
-                not_begun = p is None or (after is not None and p.exit_id <= after)
-                start_failed = (
-                    start is not None
-                    and not_begun
-                    and open_letter(session, task_subject(TaskName.DISTRICT_EXIT, start))
-                )
-            if start_failed:
+                begun = p is not None and (after is None or p.exit_id > after)
+                asked = status_of(session, start) if start is not None and not begun else None
+            if asked == RequestStatus.DEAD:
                 fail(
                     f"district {district_id}: the exit's start failed for good: see `grassroots"
-                    " events list --status dead` and `grassroots status`, then start it again"
+                    " status` and its dead letter (`grassroots events list --status dead`), then"
+                    " start it again"
                 )
-            if p is not None and (after is None or p.exit_id > after):
+            if p is not None and begun:
                 bar.length = max(p.units_total, 1)
                 bar.update(p.units_done - bar.pos)
                 if p.status == ExitStatus.DONE:
@@ -166,8 +183,26 @@ def _wait_for_exit(district_id: str, *, after: int | None, start: str | None) ->
                         f" {', '.join(p.units_dead)}; `grassroots district resume {district_id}`"
                         " sends them again"
                     )
+            if time.monotonic() - started >= timeout:
+                fail(_gave_up(district_id, p if begun else None, asked, timeout))
             time.sleep(0.5)
     click.echo(f"district {district_id} exited in {time.monotonic() - started:.1f}s")
+
+
+def _gave_up(district_id: str, p: ExitProgress | None, asked: str | None, timeout: float) -> str:
+    """What ``--wait`` waited for when its time ran out; the exit goes on without it."""
+    waited = f"district {district_id}: gave up waiting after {timeout:g}s for"
+    if p is not None:
+        return (
+            f"{waited} exit {p.exit_id} to finish ({p.units_done} of {p.units_total} units"
+            " done); it goes on: `grassroots status` follows it"
+        )
+    why = (
+        "a worker took it and has not finished starting it"
+        if asked == RequestStatus.TAKEN
+        else "no worker has taken it: is one running?"
+    )
+    return f"{waited} the exit to start ({why}); it starts without this command"
 
 
 @district.command("policy")

@@ -35,5 +35,6 @@ class OperatorRequest(Base):
     attempts: Mapped[int] = mapped_column(default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     sent_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # When a worker last counted an attempt at it.
     taken_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]

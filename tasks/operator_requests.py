@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
@@ -118,20 +118,29 @@ def unsent(
     *,
     kinds: Collection[RequestKind],
     sent_before: datetime,
+    taken_before: datetime,
     held: Collection[str] = (),
     limit: int = 500,
 ) -> list[Asked]:
-    """Requests (of ``kinds``) the broker did not take: asked, last sent before
-    ``sent_before``, and their message not held by a worker (taken from the queue, not yet
-    counted). Each is given a new task id and stamped sent now: send them once this commits."""
+    """Requests (of ``kinds``) the broker no longer holds: asked and last sent before
+    ``sent_before`` (never taken: lost before a worker got it), or taken by a worker and not
+    tried since ``taken_before`` (lost with the worker, or with a broker that lost its data),
+    whose message no worker holds (``held``: taken from the queue, running, or waiting out a
+    retry). Each is given a new task id and stamped now: send them once this commits."""
     if not kinds:
         return []
     rows = session.scalars(
         select(OperatorRequest)
         .where(
-            OperatorRequest.status == RequestStatus.ASKED,
-            OperatorRequest.sent_at < sent_before,
             OperatorRequest.kind.in_(kinds),
+            (
+                (OperatorRequest.status == RequestStatus.ASKED)
+                & (OperatorRequest.sent_at < sent_before)
+            )
+            | (
+                (OperatorRequest.status == RequestStatus.TAKEN)
+                & (OperatorRequest.taken_at < taken_before)
+            ),
         )
         .order_by(OperatorRequest.sent_at)
         .limit(limit)
@@ -143,6 +152,8 @@ def unsent(
         if row.task_id in held:
             continue
         row.task_id, row.sent_at = new_id(), now
+        if row.status == RequestStatus.TAKEN:
+            row.taken_at = now  # left alone for as long again
         again.append(_asked(row))
     return again
 
@@ -199,7 +210,7 @@ class RequestLedger:
                 .values(
                     attempts=OperatorRequest.attempts + 1,
                     status=RequestStatus.TAKEN,
-                    taken_at=func.coalesce(OperatorRequest.taken_at, utcnow()),
+                    taken_at=utcnow(),
                 )
                 .returning(OperatorRequest.attempts)
             )

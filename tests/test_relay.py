@@ -20,8 +20,8 @@ import redis
 from kombu.transport.redis import Channel
 from sqlalchemy import update
 
-from models import DistrictExit, EventStatus, RosterEvent, utcnow
-from tasks import exits
+from models import DistrictExit, EventStatus, OperatorRequest, RequestKind, RosterEvent, utcnow
+from tasks import exits, operator_requests
 from tasks.inbox import inbox_row, store
 from tasks.roster import load_snapshot
 from tests.support.app_env import Configure
@@ -213,6 +213,43 @@ def test_a_pass_leaves_an_event_whose_task_a_worker_still_holds(broker: redis.Re
     with session_scope() as session:
         held = session.get(RosterEvent, "evt-held")
         assert held is not None and held.attempts == 0
+
+
+def _request(status: str, *, ago: timedelta, task_id: str) -> str:
+    """An exit's request, last sent (and, if taken, last tried by a worker) ``ago``."""
+    with session_scope() as session:
+        asked = operator_requests.ask(session, RequestKind.EXIT, DISTRICT, by="test")
+        session.execute(
+            update(OperatorRequest)
+            .where(OperatorRequest.id == asked.id)
+            .values(
+                status=status,
+                task_id=task_id,
+                sent_at=utcnow() - ago,
+                taken_at=None if status == "asked" else utcnow() - ago,
+            )
+        )
+    return asked.id
+
+
+def test_a_pass_sends_again_the_requests_the_broker_lost_and_no_others(
+    broker: redis.Redis,
+) -> None:
+    lost = _request("asked", ago=timedelta(minutes=5), task_id="t-lost")
+    lost_with_a_worker = _request("taken", ago=timedelta(hours=2), task_id="t-gone")
+    _request("asked", ago=timedelta(seconds=1), task_id="t-new")  # still on its way
+    _request("taken", ago=timedelta(minutes=5), task_id="t-retrying")  # may wait out a retry
+    _request("taken", ago=timedelta(hours=2), task_id="t-held")  # a worker still holds it
+    _request("done", ago=timedelta(hours=2), task_id="t-done")
+    message = {"headers": {"id": "t-held", "task": "grassroots.district_exit"}}
+    broker.hset(Channel.unacked_key, "tag-1", json.dumps([message, "", "fanout"]))
+    broker.zadd(Channel.unacked_index_key, {"tag-1": time.time()})
+
+    assert relay_pass() == {**IDLE, "requests": 2}
+    sent = sorted(_queued(broker, "fanout"))
+    assert sent == sorted(f"('{DISTRICT}', '{r}')" for r in (lost, lost_with_a_worker))
+    # Queued already: the next pass sends nothing twice.
+    assert relay_pass() == IDLE
 
 
 # --------------------------------------------------------------------------------------------

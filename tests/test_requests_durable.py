@@ -61,7 +61,7 @@ def test_an_exit_whose_start_message_is_lost_runs_to_done_and_wait_gives_up_nami
         stack.start_worker("worker0")
         wait_until(lambda: exit_status(stack) == "done", timeout=120, what="the exit to be done")
         assert stack.account(STEVE)["kind"] == "grassroots"
-        assert "sent 1 request(s) no worker had taken" in stack.log("beat")
+        assert "sent 1 request(s) again" in stack.log("beat")
 
 
 def test_a_sync_whose_message_is_lost_runs_to_done(

@@ -38,8 +38,9 @@ def relay_pass() -> dict[str, int]:
     again what the database says is unfinished but the broker no longer holds: events accepted
     while the broker was down or stuck in processing past the retry window with no worker
     holding their task, the units of exits that stopped progressing, and the requests (an
-    exit's start, a sync) no worker has taken. Only when their queues are drained, so work
-    merely waiting its turn is not sent twice (a second copy would be harmless, only wasteful).
+    exit's start, a sync) whose message never reached a worker or was lost with one. Only when
+    their queues are drained, so work merely waiting its turn is not sent twice (a second copy
+    would be harmless, only wasteful).
     Returns how many of each it sent or put back."""
     settings = get_settings()
     orphans = restore_orphans(app, older_than=settings.relay_after_seconds)
@@ -62,7 +63,9 @@ def relay_pass() -> dict[str, int]:
         if depths[Queue.FANOUT] == 0 and depths[Queue.CONVERSIONS] == 0:
             exit_ids = stalled_exits(session, since=quiet)
         if drained:
-            asked = operator_requests.unsent(session, kinds=drained, sent_before=quiet, held=held())
+            asked = operator_requests.unsent(
+                session, kinds=drained, sent_before=quiet, taken_before=stuck, held=held()
+            )
     sent = enqueue_events(waiting)
     for exit_id in exit_ids:
         dispatch_exit(exit_id)
@@ -111,7 +114,7 @@ class RelayLoop:
                     ("restored", "put back %d task(s) a lost worker had taken"),
                     ("events", "sent %d event(s) again"),
                     ("exits", "resumed %d stalled exit(s)"),
-                    ("requests", "sent %d request(s) no worker had taken"),
+                    ("requests", "sent %d request(s) again"),
                 )
                 if counts[key]
             ]

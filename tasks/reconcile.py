@@ -35,6 +35,8 @@ from models import (
     DistrictStatus,
     Enrollment,
     EventStatus,
+    JournalEntry,
+    JournalKind,
     Role,
     RosterSync,
     RosterUser,
@@ -45,6 +47,7 @@ from models import (
     utcnow,
 )
 from tasks import brake
+from tasks.conversion.rules import LOST
 from tasks.inbox import inbox_row, store
 from tasks.roster import (
     CleverName,
@@ -227,10 +230,13 @@ class _Held:
 
 @dataclass
 class _Members:
-    """One kind of a class's members (teachers, or students): every link, live or removed."""
+    """One kind of a class's members (teachers, or students): every link, live or removed, but
+    those a member's own role loss removed (``regained``), which a pull that lists the member
+    there gives back with the role, as ``seed`` does (``conversion.give_back_regained``)."""
 
     every: dict[str, list[str]]
     removed: set[tuple[str, str]]
+    regained: set[tuple[str, str]] = field(default_factory=set)
 
     def all(self, class_id: str) -> set[str]:
         return set(self.every.get(class_id, ()))
@@ -361,6 +367,7 @@ def _read_mirror(session: Session, pull: Pull) -> _Mirror:
             classes[cid] = name
         else:
             removed.add(cid)
+    role_losses = _role_losses(session, district_id)
     return _Mirror(
         session.get(District, district_id),
         roster,
@@ -368,8 +375,8 @@ def _read_mirror(session: Session, pull: Pull) -> _Mirror:
         converted,
         classes,
         removed,
-        _members(session, district_id, ClassTeacher, ClassTeacher.teacher_id),
-        _members(session, district_id, Enrollment, Enrollment.student_id),
+        _members(session, district_id, ClassTeacher, ClassTeacher.teacher_id, role_losses),
+        _members(session, district_id, Enrollment, Enrollment.student_id, role_losses),
     )
 
 
@@ -377,8 +384,24 @@ def _stream(session: Session, statement: Any) -> Iterator[Any]:
     return iter(session.execute(statement.execution_options(yield_per=READ_CHUNK)).tuples())
 
 
-def _members(session: Session, district_id: str, link: Any, who: Any) -> _Members:
-    """Every link of one kind to the district's classes."""
+def _role_losses(session: Session, district_id: str) -> dict[int, str]:
+    """The journal entries of the district's role losses not restored, and whose each is."""
+    rows = session.execute(
+        select(JournalEntry.id, JournalEntry.account_id).where(
+            JournalEntry.kind == JournalKind.ACCOUNT,
+            JournalEntry.district_id == district_id,
+            JournalEntry.rule.startswith(f"{LOST}:"),
+            JournalEntry.restored_at.is_(None),
+        )
+    ).tuples()
+    return {entry: account for entry, account in rows if account is not None}
+
+
+def _members(
+    session: Session, district_id: str, link: Any, who: Any, role_losses: dict[int, str]
+) -> _Members:
+    """Every link of one kind to the district's classes. ``role_losses``: the journal entries
+    of the district's role losses, by the account each is of."""
     found = _Members(defaultdict(list), set())
     for cid, member, removed_by in _stream(
         session,
@@ -387,6 +410,9 @@ def _members(session: Session, district_id: str, link: Any, who: Any) -> _Member
         .where(Class.district_id == district_id, Class.district_synced.is_(True)),
     ):
         cid, member = sys.intern(cid), sys.intern(member)
+        if removed_by is not None and role_losses.get(removed_by) == member:
+            found.regained.add((cid, member))
+            continue
         found.every[cid].append(member)
         if removed_by is not None:
             found.removed.add((cid, member))
@@ -461,7 +487,12 @@ class _Plan:
         mirror = self.mirror
         for sid, section in self.pull.sections.items():
             if sid in mirror.removed_classes:
-                continue  # removed by a rule already; Clever listing it changes nothing
+                # Removed by a rule already: Clever listing it changes nothing, unless its
+                # teacher's role loss removed it, and the teacher is listed there again.
+                if any((sid, t) in mirror.teachers.regained for t in section.teachers):
+                    self.sections_upsert.append(section)
+                    self.changes["sections_updated"] += 1
+                continue
             if sid not in mirror.classes:
                 # A class needs a teacher we can link; Clever may list a section without one.
                 if self.eligible(section.teachers):

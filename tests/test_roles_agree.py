@@ -22,7 +22,7 @@ from tasks.errors import RestoreRefused
 from tasks.inbox import ingest
 from tasks.roster import CleverSection, CleverUser, load_snapshot
 from tasks.view import account_view, find_account, reports_allowed
-from tests.support.scenario import DISTRICT, RIVERA, example
+from tests.support.scenario import DISTRICT, LEO, PEOPLE, RIVERA, example
 from tests.support.strategies import section, snapshot, user
 
 LIMITS = events.Limits(brake_percent=100.0)
@@ -114,6 +114,49 @@ def test_a_sync_listing_the_role_again_gives_district_reports_back(session: Sess
     )
     assert report.changes["users_updated"] == 1 and report.events == []
     assert_admin_with_reports(session, RIVERA)
+
+
+def rivera_loses_teacher(session: Session) -> None:
+    """Rivera stays an admin, without ``teacher``: out of the co-taught section, and the section
+    she taught alone dropped (its last teacher left), with its students' enrollments."""
+    ingest(
+        session,
+        {
+            "id": "rivera-loses-teacher",
+            "type": "users.updated",
+            "created": "2026-10-01T00:00:00Z",
+            "data": {
+                "object": {"id": RIVERA, "district": DISTRICT, "roles": {"district_admin": {}}},
+                "previous_attributes": {"roles": {"teacher": {}, "district_admin": {}}},
+            },
+        },
+        source="webhook",
+    )
+    events.process_event(session, "rivera-loses-teacher", LIMITS)
+    view = account_view(session, RIVERA)
+    assert view["roles"] == ["admin"] and view["classes"] == [] and view["students"] == []
+
+
+def test_seeding_again_after_a_teacher_role_loss_gives_the_classes_back_whole(
+    session: Session,
+) -> None:
+    load_snapshot(session, example())
+    before = {p: account_view(session, p) for p in PEOPLE}
+    rivera_loses_teacher(session)
+    assert account_view(session, LEO)["classes"] == []
+    load_snapshot(session, example())
+    assert {p: account_view(session, p) for p in PEOPLE} == before
+
+
+def test_a_sync_listing_the_teacher_again_gives_the_classes_back_whole(session: Session) -> None:
+    load_snapshot(session, example())
+    before = {p: account_view(session, p) for p in PEOPLE}
+    rivera_loses_teacher(session)
+    report = reconcile.reconcile(
+        session, pull_of(example(), DISTRICT), "s-1", dry_run=False, brake_percent=10
+    )
+    assert report.events == []
+    assert {p: account_view(session, p) for p in PEOPLE} == before
 
 
 # --------------------------------------------------------------------------------------------

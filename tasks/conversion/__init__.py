@@ -21,7 +21,7 @@ from tasks.conversion.apply import apply_plans, convert_account, convert_account
 from tasks.conversion.classes import drop_class, drop_classes, shrink_section
 from tasks.conversion.invariant import learner_checksums
 from tasks.conversion.outcome import Outcome, RestoreResult
-from tasks.conversion.restore import purge, restore
+from tasks.conversion.restore import give_back_regained, purge, restore
 from tasks.conversion.rules import AccountState, Plan, full_conversion, role_loss
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "drop_class",
     "drop_classes",
     "full_conversion",
+    "give_back_regained",
     "learner_checksums",
     "lose_roles",
     "purge",

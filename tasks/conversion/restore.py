@@ -3,7 +3,7 @@ conversions removed once the window has passed (SPEC §3: removal is soft first)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -26,7 +26,7 @@ from models import (
 from tasks.conversion.classes import LAST_TEACHER_LEFT
 from tasks.conversion.journal import REMOVABLE, audit, open_exit_root, restamp
 from tasks.conversion.outcome import RestoreResult
-from tasks.conversion.rules import AccountState
+from tasks.conversion.rules import LOST, AccountState
 from tasks.errors import InvariantViolation, NotFound, RestoreRefused
 from tasks.sql import chunks, in_ids
 
@@ -77,6 +77,57 @@ def restore(
     )
     session.expire_all()
     return result
+
+
+def give_back_regained(
+    session: Session,
+    teachers: Iterable[tuple[str, str]],
+    students: Iterable[tuple[str, str]],
+    *,
+    now: datetime | None = None,
+) -> int:
+    """The roster lists these (class, member) links again: those that their member's own role
+    loss removed come back once the member holds that role again (SPEC §5.1: a role the roster
+    lists again is given back whole), and with them a class that loss dropped (its last teacher
+    left) and what the drop removed. Returns how many links came back."""
+    now = now or utcnow()
+    back = 0
+    role_links: tuple[tuple[Any, Any, Any, Iterable[tuple[str, str]]], ...] = (
+        (ClassTeacher, ClassTeacher.teacher_id, Account.is_teacher, teachers),
+        (Enrollment, Enrollment.student_id, Account.is_student, students),
+    )
+    for link, who, holds, pairs in role_links:
+        # Removed links only (a partial index): a snapshot's many live ones are not read, and
+        # what it lists is looked at only when one of them may come back.
+        lost = session.execute(
+            select(link.class_id, who)
+            .join(JournalEntry, JournalEntry.id == link.removed_by)
+            .join(Account, Account.id == who)
+            .where(
+                link.removed_by.is_not(None),
+                JournalEntry.kind == JournalKind.ACCOUNT,
+                JournalEntry.account_id == who,
+                JournalEntry.rule.startswith(f"{LOST}:"),
+                holds.is_(True),
+                Account.kind == AccountKind.DISTRICT,
+                Account.status == AccountStatus.ACTIVE,
+            )
+        ).all()
+        if not lost:
+            continue
+        listed = set(pairs)
+        for class_id, member in [(c, m) for c, m in lost if (c, m) in listed]:
+            session.execute(
+                update(link)
+                .where(link.class_id == class_id, who == member)
+                .values(removed_by=None)
+                .execution_options(synchronize_session=False)
+            )
+            back += 1
+    if back:
+        back += _reconcile_classes(session, now)
+        back -= _rehide_links_of_people_who_left(session)
+    return back
 
 
 def _account_roots(session: Session, ref: str) -> tuple[str, list[int]]:

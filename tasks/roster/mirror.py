@@ -49,6 +49,7 @@ from models import (
     SkillProgress,
     utcnow,
 )
+from tasks.conversion import give_back_regained
 from tasks.roster.shapes import (
     ClassItem,
     CleverSection,
@@ -355,7 +356,8 @@ def _grant_reports(session: Session, admins: Sequence[CleverUser], now: datetime
 
 def upsert_sections(session: Session, sections: Sequence[CleverSection]) -> None:
     """Create or rename district classes and add the teachers and students they list. Links that
-    a conversion removed stay removed."""
+    a conversion removed stay removed, but for those its member's own role loss removed, which
+    come back with the role (``give_back_regained``)."""
     now = utcnow()
     stmt = dialect_insert(session, Class)
     stmt = stmt.on_conflict_do_update(
@@ -382,6 +384,12 @@ def upsert_sections(session: Session, sections: Sequence[CleverSection]) -> None
             for s in sections
             for st in dict.fromkeys(s.students)
         ),
+    )
+    give_back_regained(
+        session,
+        teachers=((s.id, t) for s in sections for t in s.all_teachers),
+        students=((s.id, st) for s in sections for st in s.students),
+        now=now,
     )
 
 

@@ -10,15 +10,17 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import redis
 
 from tests.support.databases import PgDatabases
 from tests.support.fake_clever import FakeClever
 from tests.support.scenario import DISTRICT, STEVE, example
-from tests.support.stack import Stack, running_stack, wait_until
+from tests.support.stack import Stack, clever_event, running_stack, wait_until
 
 TOKEN = "district-token-1"
+T0 = "2025-09-03T14:05:21.900Z"
 REFUSED = "refused a message that no exit request asks for; nothing done"
 
 pytestmark = pytest.mark.slow
@@ -101,6 +103,35 @@ def test_a_sync_whose_message_is_lost_runs_to_done(
                 timeout=60,
                 what="the removal the sync recorded, applied",
             )
+
+
+def test_a_replay_whose_message_is_lost_runs_to_done(
+    tmp_path: Path, pg_databases: PgDatabases
+) -> None:
+    url = pg_databases.new()
+    with running_stack(tmp_path, url, seed=roster_file(tmp_path), workers=0) as stack:
+        removal = clever_event(
+            "replay-1", "users.deleted", {"id": STEVE, "district": DISTRICT}, created=T0
+        )
+        assert stack.post(removal).status_code == 202
+        # It died (as if its retries ran out) before any worker ran it: its message is gone.
+        with psycopg.connect(url) as conn:
+            conn.execute("UPDATE roster_events SET status = 'dead' WHERE id = 'replay-1'")
+        with redis.Redis.from_url(stack.redis.url) as client:
+            wait_until(lambda: client.llen("events") == 1, what="the receiver's send")
+            client.flushall()
+
+        stack.cli("events", "replay", "replay-1")
+        lose_what_is_queued(stack, "events")
+
+        stack.start_beat()
+        stack.start_worker("worker0")
+        wait_until(
+            lambda: stack.event("replay-1")["status"] == "done",
+            timeout=120,
+            what="the replayed event to be done",
+        )
+        assert stack.account(STEVE)["kind"] == "grassroots"
 
 
 def forge(client: redis.Redis, queue: str, task: str, args: list[Any]) -> str:

@@ -174,6 +174,44 @@ class RequestStatus(StrEnum):
         return frozenset({cls.ASKED, cls.TAKEN})
 
 
+class DeadLetterReason(StrEnum):
+    """Why a task was dead-lettered (``DeadLetter.reason``)."""
+
+    ERROR = "error"  # not transient: it would fail the same way again
+    RETRIES_EXHAUSTED = "retries_exhausted"  # transient, but still failing after every retry
+    # Started more than TASK_MAX_RETRIES + 1 times without finishing (its worker died each time).
+    TOO_MANY_ATTEMPTS = "too_many_attempts"
+    # Outlived TASK_TIME_LIMIT's soft limit on its last attempt (a hung query or service).
+    TIME_LIMIT = "time_limit"
+    # The learner-data checksum would have changed: the work was rolled back (SPEC §3).
+    INVARIANT_VIOLATED = "invariant_violated"
+
+
+class AuditAction(StrEnum):
+    """What an audit record (``AuditRecord.action``) says was done."""
+
+    # Conversions (``tasks.conversion``) and the district exit
+    CONVERT = "convert"
+    REMOVE_CLASS = "remove_class"
+    SHRINK_SECTION = "shrink_section"
+    RESTORE = "restore"
+    DISTRICT_EXIT = "district_exit"
+    # Roster events (``tasks.events``)
+    APPLY_EVENT = "apply_event"
+    HOLD = "hold"
+    DEFER = "defer"
+    # An operator's word, or a pause's end
+    RELEASE = "release"
+    DISCARD = "discard"
+    REPLAY = "replay"
+    RESUME_EXIT = "resume_exit"
+    POLICY = "policy"
+    PAUSE = "pause"
+    PAUSE_REMOVE = "pause_remove"
+    OPERATOR_ADD = "operator-add"
+    OPERATOR_REMOVE = "operator-remove"
+
+
 class Mastery(StrEnum):
     ATTEMPTED = "attempted"
     FAMILIAR = "familiar"

@@ -17,6 +17,7 @@ from models import (
     Account,
     AccountKind,
     AccountStatus,
+    AuditAction,
     AuditRecord,
     District,
     EventStatus,
@@ -198,7 +199,7 @@ def _settle(
         ev.updated_at = utcnow()
         session.add(
             AuditRecord(
-                action="release" if release else "discard",
+                action=AuditAction.RELEASE if release else AuditAction.DISCARD,
                 trigger=by,
                 subject_type="event",
                 subject_id=ev.id[:64],

@@ -15,7 +15,15 @@ from sqlalchemy import func, insert, literal, select, tuple_, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from models import AuditRecord, DeadLetter, DistrictExit, EventStatus, RosterEvent, utcnow
+from models import (
+    AuditAction,
+    AuditRecord,
+    DeadLetter,
+    DistrictExit,
+    EventStatus,
+    RosterEvent,
+    utcnow,
+)
 from tasks.attempts import Ledger, unit_subject
 from tasks.errors import NotFound
 from tasks.sql import in_ids
@@ -174,7 +182,7 @@ def _replay(session: Session, event_ids: Sequence[str], *, by: str) -> list[str]
         insert(AuditRecord),
         [
             {
-                "action": "replay",
+                "action": AuditAction.REPLAY,
                 "trigger": by,
                 "subject_type": "event",
                 "subject_id": event_id[:64],

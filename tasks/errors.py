@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from models import DeadLetterReason
+
 
 class GrassrootsError(Exception):
     """A request we cannot carry out; the message is safe to show an operator."""
@@ -28,7 +30,7 @@ class InvalidInput(GrassrootsError):
 class InvariantViolation(GrassrootsError):
     """Learner-owned data changed during a conversion: the whole conversion is rolled back."""
 
-    reason = "invariant_violated"
+    reason = DeadLetterReason.INVARIANT_VIOLATED
 
     def __init__(self, account_ids: list[str]) -> None:
         self.account_ids = account_ids

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from models import (
     Account,
     AccountKind,
+    AuditAction,
     AuditRecord,
     Class,
     District,
@@ -276,7 +277,11 @@ def _route(session: Session, ev: RosterEvent, limits: Limits) -> Routed:
 
 
 # What the audit log calls each outcome it records.
-AUDITED = {DONE: "apply_event", EventStatus.HELD: "hold", EventStatus.DEFERRED: "defer"}
+AUDITED = {
+    DONE: AuditAction.APPLY_EVENT,
+    EventStatus.HELD: AuditAction.HOLD,
+    EventStatus.DEFERRED: AuditAction.DEFER,
+}
 
 
 def process_event(session: Session, event_id: str, limits: Limits) -> Routed | None:

@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session
 from models import (
     Account,
     AccountKind,
+    AuditAction,
     Class,
     ClassTeacher,
     District,
@@ -143,18 +144,14 @@ def _begin(session: Session, district_id: str, *, trigger: str) -> int:
     session.add(entry)
     district.status = DistrictStatus.EXITED
     session.flush()
-    audit(
-        session,
-        [
-            {
-                "action": "district_exit",
-                "trigger": trigger,
-                "subject_type": "district",
-                "subject_id": district_id,
-                "details": {"journal": entry.id},
-            }
-        ],
-    )
+    record = {
+        "action": AuditAction.DISTRICT_EXIT,
+        "trigger": trigger,
+        "subject_type": "district",
+        "subject_id": district_id,
+        "details": {"journal": entry.id},
+    }
+    audit(session, [record])
     return entry.id
 
 
@@ -448,11 +445,8 @@ def finish(session: Session, exit_id: int) -> Outcome | None:
         select(Class.id).where(Class.district_id == district_id, Class.removed_by.is_(None))
     ).all()
     out = drop_classes(session, leftover, trigger=trigger, rule=EXIT_RULE, under=exit_id)
-    out.merge(
-        convert_accounts(
-            session, _account_ids(session, district_id), trigger=trigger, parent_id=exit_id
-        )
-    )
+    accounts = _account_ids(session, district_id)
+    out.merge(convert_accounts(session, accounts, trigger=trigger, parent_id=exit_id))
     district_exit.status = ExitStatus.DONE
     district_exit.finished_at = utcnow()
     return out
@@ -589,16 +583,12 @@ def resume(session: Session, district_id: str, *, by: str) -> Resumed:
     )
     row.progressed_at = utcnow()
     deadletters.resolve(session, [unit_subject(row.id, key) for key in found.units_dead])
-    audit(
-        session,
-        [
-            {
-                "action": "resume_exit",
-                "trigger": by,
-                "subject_type": "district",
-                "subject_id": district_id,
-                "details": {"exit": row.id, "units": found.units_dead},
-            }
-        ],
-    )
+    record = {
+        "action": AuditAction.RESUME_EXIT,
+        "trigger": by,
+        "subject_type": "district",
+        "subject_id": district_id,
+        "details": {"exit": row.id, "units": found.units_dead},
+    }
+    audit(session, [record])
     return Resumed(row.id, found.units_dead)

@@ -24,7 +24,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from models import AuditRecord, ConsoleSession, Operator, OperatorRole, utcnow
+from models import AuditAction, AuditRecord, ConsoleSession, Operator, OperatorRole, utcnow
 from models.operator import NAME_LENGTH
 from tasks.errors import InvalidInput, NotFound, Refused
 
@@ -47,7 +47,7 @@ def check_name(name: str) -> str:
     return name
 
 
-def _audit(session: Session, action: str, name: str, by: str, **details: Any) -> None:
+def _audit(session: Session, action: AuditAction, name: str, by: str, **details: Any) -> None:
     session.add(
         AuditRecord(
             action=action, trigger=by, subject_type="operator", subject_id=name, details=details
@@ -65,7 +65,7 @@ def add(session: Session, name: str, role: OperatorRole, *, by: str) -> str:
             session.add(Operator(name=name, role=role, key=key, token_hash=_hasher.hash(token)))
     except IntegrityError:
         raise Refused(f"there is already an operator named {name}") from None
-    _audit(session, "operator-add", name, by, role=str(role))
+    _audit(session, AuditAction.OPERATOR_ADD, name, by, role=str(role))
     return token
 
 
@@ -89,7 +89,7 @@ def remove(session: Session, name: str, *, by: str) -> None:
         raise NotFound(f"no operator {name}")
     session.execute(delete(ConsoleSession).where(ConsoleSession.operator_id == found.id))
     session.delete(found)
-    _audit(session, "operator-remove", name, by)
+    _audit(session, AuditAction.OPERATOR_REMOVE, name, by)
 
 
 # Tokens that matched their stored hash lately: argon2 is slow on purpose, and a script's every

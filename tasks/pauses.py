@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 from models import (
     Account,
     AccountKind,
+    AuditAction,
     AuditRecord,
     Class,
     District,
@@ -187,7 +188,7 @@ def release_due(session: Session, *, now: datetime) -> list[str]:
         [
             {
                 "at": now,
-                "action": "release",
+                "action": AuditAction.RELEASE,
                 "trigger": f"pause:{pause_id}" if pause_id is not None else "pause",
                 "subject_type": "event",
                 "subject_id": event_id[:64],
@@ -246,7 +247,7 @@ def add(
     )
     session.add(pause)
     session.flush()
-    _audit(session, "pause", pause, by)
+    _audit(session, AuditAction.PAUSE, pause, by)
     return describe(pause, deferred=0)
 
 
@@ -278,7 +279,7 @@ def remove(session: Session, pause_id: int, *, by: str, now: datetime) -> dict[s
         raise NotFound(f"no pause {pause_id}")
     deferred = _deferred_by(session, pause.id)
     pause.removed_at, pause.removed_by, pause.updated_at = now, by[:100], now
-    _audit(session, "pause_remove", pause, by)
+    _audit(session, AuditAction.PAUSE_REMOVE, pause, by)
     return describe(pause, deferred=deferred)
 
 
@@ -310,7 +311,7 @@ def discard(session: Session, event_id: str, *, by: str) -> str:
     ev.status, ev.updated_at = EventStatus.DISCARDED, utcnow()
     session.add(
         AuditRecord(
-            action="discard",
+            action=AuditAction.DISCARD,
             trigger=by,
             subject_type="event",
             subject_id=ev.id[:64],
@@ -331,7 +332,7 @@ def _deferred_by(session: Session, pause_id: int) -> int:
     )
 
 
-def _audit(session: Session, action: str, pause: Pause, by: str) -> None:
+def _audit(session: Session, action: AuditAction, pause: Pause, by: str) -> None:
     session.add(
         AuditRecord(
             action=action,

@@ -9,7 +9,7 @@ from typing import Any, Final, Literal
 
 from sqlalchemy.orm import Session
 
-from models import AdminRemoval, AuditRecord, District
+from models import AdminRemoval, AuditAction, AuditRecord, District
 from tasks.errors import InvalidInput, NotFound
 
 # ``brake_percent=DEFAULT_BRAKE``: the district follows REMOVAL_BRAKE_PERCENT again.
@@ -50,7 +50,7 @@ def set_policy(
     if after != before:
         session.add(
             AuditRecord(
-                action="policy",
+                action=AuditAction.POLICY,
                 trigger=by,
                 subject_type="district",
                 subject_id=district_id,

@@ -30,6 +30,7 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalErr
 from sqlalchemy.orm import Session
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
+from models import DeadLetterReason
 from tasks import deadletters
 from tasks.attempts import Ledger, MessageLedger
 from tasks.errors import InvariantViolation, WaitForRoster
@@ -202,7 +203,9 @@ class GrassrootsTask(Task):  # type: ignore[type-arg]
             return None  # already done, held, dead or gone: a redelivery has nothing to do
         if attempts > most:
             error = RuntimeError(f"started {attempts - 1} times without finishing")
-            self._dead_letter(ledger, args, kwargs, error, "too_many_attempts", attempts)
+            self._dead_letter(
+                ledger, args, kwargs, error, DeadLetterReason.TOO_MANY_ATTEMPTS, attempts
+            )
             return None
         try:
             if tried is None:
@@ -220,11 +223,11 @@ class GrassrootsTask(Task):  # type: ignore[type-arg]
             reason = (
                 InvariantViolation.reason
                 if isinstance(exc, InvariantViolation)
-                else "time_limit"
+                else DeadLetterReason.TIME_LIMIT
                 if is_stopped(exc)
-                else "retries_exhausted"
+                else DeadLetterReason.RETRIES_EXHAUSTED
                 if is_transient(exc)
-                else "error"
+                else DeadLetterReason.ERROR
             )
             self._dead_letter(ledger, args, kwargs, exc, reason, attempts)
             return None

@@ -17,6 +17,7 @@ from models import (
     ROLE_COLUMNS,
     Account,
     AdminRemoval,
+    AuditAction,
     Class,
     ClassTeacher,
     District,
@@ -179,7 +180,7 @@ def apply_plans(
         session,
         [
             {
-                "action": "convert",
+                "action": AuditAction.CONVERT,
                 "trigger": trigger,
                 "subject_type": "account",
                 "subject_id": p.account_id,

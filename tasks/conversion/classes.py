@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import exists, select, update
 from sqlalchemy.orm import Session
 
-from models import Class, ClassTeacher, Enrollment, JournalEntry, JournalKind
+from models import AuditAction, Class, ClassTeacher, Enrollment, JournalEntry, JournalKind
 from tasks.conversion.journal import CLASS_CHILDREN, audit, mark, new_batch, write_entries
 from tasks.conversion.outcome import Outcome
 from tasks.errors import NotFound
@@ -76,7 +76,7 @@ def drop_classes(
         session,
         [
             {
-                "action": "remove_class",
+                "action": AuditAction.REMOVE_CLASS,
                 "trigger": trigger,
                 "subject_type": "class",
                 "subject_id": cid,
@@ -220,7 +220,7 @@ def shrink_section(
         session,
         [
             {
-                "action": "shrink_section",
+                "action": AuditAction.SHRINK_SECTION,
                 "trigger": trigger,
                 "subject_type": "class",
                 "subject_id": class_id,

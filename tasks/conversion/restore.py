@@ -14,6 +14,7 @@ from models import (
     Account,
     AccountKind,
     AccountStatus,
+    AuditAction,
     Class,
     ClassTeacher,
     District,
@@ -67,7 +68,7 @@ def restore(
         session,
         [
             {
-                "action": "restore",
+                "action": AuditAction.RESTORE,
                 "trigger": trigger,
                 "subject_type": "district" if district is not None else "account",
                 "subject_id": ref,

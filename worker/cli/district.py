@@ -15,7 +15,9 @@ import click
 from sqlalchemy.orm import Session
 
 from models import AdminRemoval, District, DistrictStatus, ExitStatus, RequestStatus
+from tasks.errors import InvalidInput
 from worker.cli.common import emit, fail, refusals, unit_of_work
+from worker.settings import get_settings
 
 if TYPE_CHECKING:
     from tasks.exits import ExitProgress
@@ -42,6 +44,7 @@ def district() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def district_preview(district_id: str, as_json: bool) -> None:
     """What an exit of the district would change. Changes nothing."""
+    # Imported here: each command loads only the work it runs (CLI start-up).
     from tasks.view import preview_exit
 
     with unit_of_work(as_json=as_json) as session:
@@ -92,6 +95,7 @@ def district_exit(district_id: str, wait: bool, timeout: float, in_process: bool
     if in_process:
         _exit_in_process(district_id)
         return
+    # Imported here: the Celery app (worker.services) would slow every command's start.
     from worker import services
 
     with unit_of_work() as session:
@@ -112,6 +116,7 @@ def district_exit(district_id: str, wait: bool, timeout: float, in_process: bool
 @_TIMEOUT
 def district_resume(district_id: str, wait: bool, timeout: float) -> None:
     """Send the dead and stalled units of a district's exit again, by the same keys."""
+    # Imported here: the Celery app (worker.services) would slow every command's start.
     from worker import services
 
     with refusals():
@@ -126,6 +131,7 @@ def district_resume(district_id: str, wait: bool, timeout: float) -> None:
 
 
 def _exit_in_process(district_id: str) -> None:
+    # Imported here: each command loads only the work it runs (CLI start-up).
     from tasks.exits import run_in_process
 
     with unit_of_work() as session:
@@ -139,6 +145,7 @@ def _exit_in_process(district_id: str) -> None:
 def _undone_exit(session: Session, district_id: str) -> int | None:
     """The exit not to wait for: an active district's latest exit, which a restore has undone.
     An exited district's own exit (under way, or done already) is the one to wait for."""
+    # Imported here: each command loads only the work it runs (CLI start-up).
     from tasks.exits import progress
 
     district = session.get(District, district_id)
@@ -154,6 +161,7 @@ def _wait_for_exit(
     """Until the district's latest exit, if newer than exit ``after``, is done; status 1 as
     soon as it cannot be without an operator (its start, request ``start``, or a unit is dead,
     or a restore undid it), or after ``timeout`` seconds, naming what it waited for."""
+    # Imported here: each command loads only the work it runs (CLI start-up).
     from tasks.exits import RESTORED, STALLED, progress
     from tasks.operator_requests import status_of
 
@@ -226,8 +234,8 @@ def policy(
     as_json: bool,
 ) -> None:
     """Show or set a district's policy."""
+    # Imported here: each command loads only the work it runs (CLI start-up).
     from tasks.policy import set_policy
-    from worker.settings import get_settings
 
     with unit_of_work(as_json=as_json) as session:
         now = set_policy(
@@ -250,7 +258,7 @@ def policy(
 
 def _brake_percent(value: str | None) -> float | Literal["default"] | None:
     """``--brake-percent``: a number above 0 and at most 100, or ``default``; else misuse."""
-    from tasks.errors import InvalidInput
+    # Imported here: each command loads only the work it runs (CLI start-up).
     from tasks.policy import DEFAULT_BRAKE, check_brake_percent
 
     if value is None:

@@ -27,6 +27,7 @@ def events() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def events_list(status: str | None, type_: str | None, limit: int, as_json: bool) -> None:
     """List events, newest first."""
+    # Imported here: each command loads only the work it runs (CLI start-up).
     from tasks.status import list_events
 
     with unit_of_work(as_json=as_json) as session:
@@ -48,6 +49,7 @@ def events_list(status: str | None, type_: str | None, limit: int, as_json: bool
 @click.argument("event_id")
 def events_show(event_id: str) -> None:
     """Show one event with its dead letters (JSON)."""
+    # Imported here: each command loads only the work it runs (CLI start-up).
     from tasks.status import event_detail
 
     with unit_of_work(as_json=True) as session:
@@ -70,6 +72,7 @@ def events_replay(
     event_id: str | None, status: str | None, type_: str | None, district: str | None
 ) -> None:
     """Run a dead-lettered event again, by the same event id."""
+    # Imported here: the Celery app (worker.services) would slow every command's start.
     from tasks import deadletters
     from worker import services
 
@@ -102,6 +105,7 @@ def events_replay(
 @click.argument("event_id")
 def events_discard(event_id: str) -> None:
     """Drop a held or deferred event for good: what it would remove stays."""
+    # Imported here: the Celery app (worker.services) would slow every command's start.
     from worker import services
 
     with refusals():
@@ -118,6 +122,7 @@ def held() -> None:
 @click.option("--district")
 @click.option("--json", "as_json", is_flag=True)
 def held_list(district: str | None, as_json: bool) -> None:
+    # Imported here: each command loads only the work it runs (CLI start-up).
     from tasks.brake import held_events
 
     with unit_of_work(as_json=as_json) as session:
@@ -147,6 +152,7 @@ def _one_or_district(event_id: str | None, district: str | None) -> None:
 @click.option("--district")
 def held_release(event_id: str | None, district: str | None) -> None:
     """Apply held removals after all."""
+    # Imported here: the Celery app (worker.services) would slow every command's start.
     from worker import services
 
     _one_or_district(event_id, district)
@@ -160,6 +166,7 @@ def held_release(event_id: str | None, district: str | None) -> None:
 @click.option("--district")
 def held_discard(event_id: str | None, district: str | None) -> None:
     """Drop held removals: the accounts stay as they are."""
+    # Imported here: the Celery app (worker.services) would slow every command's start.
     from worker import services
 
     _one_or_district(event_id, district)
@@ -172,6 +179,7 @@ def held_discard(event_id: str | None, district: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def status(as_json: bool) -> None:
     """Pipeline status: pending work (0 = idle), dead letters, held removals, queue depths."""
+    # Imported here: the broker's side (Celery) would slow every command's start.
     from worker.pipeline import pipeline_status
 
     with unit_of_work(as_json=as_json) as session:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import click
 
 from models import OperatorRole
+from tasks.errors import InvalidInput
 from worker.cli.common import echo_rows, emit, unit_of_work
 
 # Made or removed from a shell: the audit log says so.
@@ -24,8 +25,8 @@ def operator() -> None:
 @click.option("--role", required=True, type=click.Choice([str(r) for r in OperatorRole]))
 def operator_add(name: str, role: str) -> None:
     """Add an operator; print its token, once (only a hash of it is kept)."""
+    # Imported here: each command loads only the work it runs (CLI start-up).
     from tasks import operators
-    from tasks.errors import InvalidInput
 
     try:
         operators.check_name(name)
@@ -40,6 +41,7 @@ def operator_add(name: str, role: str) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def operator_list(as_json: bool) -> None:
     """List the operators, by name."""
+    # Imported here: each command loads only the work it runs (CLI start-up).
     from tasks import operators
 
     with unit_of_work(as_json=as_json) as session:
@@ -61,6 +63,7 @@ def operator_list(as_json: bool) -> None:
 @click.argument("name")
 def operator_remove(name: str) -> None:
     """Remove an operator: its token and its console sessions stop working at once."""
+    # Imported here: each command loads only the work it runs (CLI start-up).
     from tasks import operators
 
     with unit_of_work() as session:

@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from tasks.errors import InvalidInput
 from worker.cli.common import echo_rows, emit, refusals
 
 
@@ -24,7 +25,7 @@ class Instant(click.ParamType[datetime, Any]):
     def convert(
         self, value: Any, param: click.Parameter | None, ctx: click.Context | None
     ) -> datetime:
-        from tasks.errors import InvalidInput
+        # Imported here: each command loads only the work it runs (CLI start-up).
         from tasks.pauses import parse_instant
 
         if isinstance(value, datetime):
@@ -59,7 +60,7 @@ def pause_add(
 ) -> None:
     """Pause roster removals of a district, or every district, from --from to --until (ISO 8601,
     UTC; a date means its midnight): they are deferred, and applied when the pause ends."""
-    from tasks.errors import InvalidInput
+    # Imported here: the Celery app (worker.services) would slow every command's start.
     from worker import services
 
     with refusals(as_json=as_json):
@@ -84,6 +85,7 @@ def pause_add(
 @click.option("--json", "as_json", is_flag=True)
 def pause_list(as_json: bool) -> None:
     """The pauses to come, running, or ended with deferred events not yet released."""
+    # Imported here: the Celery app (worker.services) would slow every command's start.
     from worker import services
 
     with refusals(as_json=as_json):
@@ -104,6 +106,7 @@ def pause_list(as_json: bool) -> None:
 @click.argument("pause_id", type=int)
 def pause_remove(pause_id: int) -> None:
     """End a pause now: what it deferred is applied at once, in Clever order."""
+    # Imported here: the Celery app (worker.services) would slow every command's start.
     from worker import services
 
     with refusals():

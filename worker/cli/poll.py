@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 
 def _configure_logging(settings: Settings, *, forever: bool) -> None:
+    # Imported here: structlog would slow every command's start.
     from worker import logs
 
     if logging.getLogger().handlers:
@@ -97,6 +98,7 @@ def poll(
     A district's first pass starts at its newest event (history is not replayed unless
     --from-start asks). Exit status 1 when a district needs attention.
     """
+    # Imported here: the Clever client (httpx) would slow every command's start.
     from worker.clever import parse_tokens
     from worker.poller import PollOptions, poll_all, reset_district
 

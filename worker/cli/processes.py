@@ -53,6 +53,7 @@ SERVED_APPS = {"all": "app", "webhooks": "webhooks_app", "ops": "ops_app"}
 )
 def serve(host: str, port: int, workers: int, routes: str) -> None:
     """Run the webhook receiver and ops API."""
+    # Imported here: uvicorn would slow every other command's start.
     import uvicorn
 
     from worker.logs import configure
@@ -96,6 +97,7 @@ def worker(
     concurrency: int | None, queues: str | None, hostname: str | None, loglevel: str
 ) -> None:
     """Run a Celery worker. Start more on more machines to scale out."""
+    # Imported here: Celery would slow every other command's start.
     from celery.utils.log import mlevel
     from celery.utils.nodenames import default_nodename, host_format
 
@@ -134,6 +136,7 @@ def worker(
 @LOG_LEVEL_OPTION
 def beat(loglevel: str) -> None:
     """Run the scheduler (relay of undelivered events, purge, poll)."""
+    # Imported here: Celery would slow every other command's start.
     from celery import signals
 
     from worker import relay
@@ -164,6 +167,7 @@ def flower(address: str, port: int) -> None:
             f"refusing to serve Flower on {address or 'every interface'} without"
             " FLOWER_BASIC_AUTH (user:password)"
         )
+    # Imported here: Celery would slow every other command's start.
     from worker.celery_app import app
     from worker.logs import quiet_flower_no_reply
 
@@ -197,6 +201,7 @@ def run(host: str, port: int, flower_port: int) -> None:
 def demo(url: str | None) -> None:
     """A first look, beside `grassroots run`: seed an example district, send two signed roster
     events, show the accounts before and after."""
+    # Imported here: the demo's HTTP client would slow every command's start.
     from worker.demo import DemoError, run_demo
 
     # The stack first: with none here, that is what to say, not that there is no secret.
@@ -212,6 +217,7 @@ def demo(url: str | None) -> None:
 @URL_OPTION
 def send_webhook(file: Path, url: str | None) -> None:
     """Sign an event file with the first WEBHOOK_SECRETS secret (or the stack's) and POST it."""
+    # Imported here: httpx would slow every other command's start.
     import httpx
 
     secret = webhook_secret()

@@ -12,7 +12,6 @@ from pathlib import Path
 import click
 from sqlalchemy.exc import OperationalError
 
-from tasks.sql import refresh_statistics
 from worker.cli.common import emit, fail, unit_of_work
 from worker.settings import get_settings
 
@@ -26,6 +25,7 @@ def db() -> None:
 @click.option("--revision", default="head", show_default=True, help="Target revision.")
 def db_upgrade(revision: str) -> None:
     """Apply the Alembic migrations (the only way the schema is made)."""
+    # Imported here: Alembic would slow every other command's start.
     from worker.migrate import upgrade
 
     try:
@@ -39,7 +39,9 @@ def db_upgrade(revision: str) -> None:
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 def seed(file: Path) -> None:
     """Load a roster snapshot (SPEC §5.1). Idempotent; a malformed file is refused whole."""
+    # Imported here: each command loads only the work it runs (CLI start-up).
     from tasks.roster import SnapshotError, load_snapshot
+    from tasks.sql import refresh_statistics
 
     try:
         data = json.loads(file.read_bytes())
@@ -69,6 +71,7 @@ def account() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the SPEC §5.4 JSON view.")
 def account_show(account_id: str, as_json: bool) -> None:
     """Show an account by its Clever id or platform id."""
+    # Imported here: each command loads only the work it runs (CLI start-up).
     from tasks.view import account_view
 
     with unit_of_work(as_json=as_json) as session:
@@ -94,6 +97,7 @@ def account_show(account_id: str, as_json: bool) -> None:
 @click.argument("subject_id")
 def restore(subject_id: str) -> None:
     """Bring back an account or a district converted within the retention window."""
+    # Imported here: each command loads only the work it runs (CLI start-up).
     from tasks.conversion import restore as restore_subject
 
     with unit_of_work() as session:
@@ -117,6 +121,7 @@ def restore(subject_id: str) -> None:
 def purge(as_json: bool) -> None:
     """Hard-delete what conversions removed more than RETENTION_DAYS ago, and strip the
     personal data kept that long: final events' payloads, resolved dead letters, audit details."""
+    # Imported here: each command loads only the work it runs (CLI start-up).
     from tasks import retention
 
     with unit_of_work() as session:

@@ -24,6 +24,7 @@ from worker.settings import get_settings
 def sync(districts: tuple[str, ...], dry_run: bool, as_json: bool) -> None:
     """Sync districts' rosters from the Clever Data API (default: every district in
     CLEVER_DISTRICT_TOKENS). Exit status 1 if a sync failed."""
+    # Imported here: the Clever client (httpx) would slow every command's start.
     from worker import sync as syncing
     from worker.clever import parse_tokens
 

@@ -40,7 +40,7 @@ test-fast: install ## Run the tests that need no worker processes
 lint: install ## ruff (lint and format check), mypy, and the import layers (import-linter)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy worker tasks models tests bench
+	$(BIN)/mypy worker tasks models tests bench fakes
 	$(BIN)/lint-imports
 
 format: install ## Format the code
@@ -50,16 +50,16 @@ format: install ## Format the code
 bench: bench-exit bench-intake bench-seed bench-sync ## All the benchmarks (see bench/README.md), a few minutes
 
 bench-exit: install ## The 100,000-student district's exit through Redis and grassroots workers
-	$(BIN)/python bench/exit_pipeline.py
+	$(BIN)/python -m bench.exit_pipeline
 
 bench-intake: install ## Signed webhook intake: burst throughput, latency at 500 events/s
-	$(BIN)/python bench/intake.py --server-workers 2
+	$(BIN)/python -m bench.intake --server-workers 2
 
 bench-seed: install ## Seeding the 100,000-student district, and its exit in one process
-	$(BIN)/python bench/seed_and_exit.py
+	$(BIN)/python -m bench.seed_and_exit
 
 bench-sync: install ## Roster syncs of the 100,000-student district from a Clever-shaped API
-	$(BIN)/python bench/sync.py
+	$(BIN)/python -m bench.sync
 
 soak: install ## Events through a real stack while workers, Redis, Postgres connections, receiver and beat fail (minutes)
 	$(BIN)/python bench/soak.py

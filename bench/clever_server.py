@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """The Clever-shaped server of bench/sync.py, in a process of its own.
 
-    .venv/bin/python bench/clever_server.py --students N --teachers M --token TOKEN
+    .venv/bin/python -m bench.clever_server --students N --teachers M --token TOKEN
 
 Loads the synthetic district (``bench/out/district-s<N>-t<M>.json``, written first if missing)
-into the tests' Clever-shaped server (tests/support/fake_clever.py, ``FakeClever``) under
+into the Clever-shaped server the tests use too (fakes/clever_api.py, ``FakeClever``) under
 ``TOKEN``, prints one JSON line on stdout (its URL and what it loaded), then serves until its
 stdin closes (or SIGTERM), answering each JSON line read on stdin with one JSON line:
 
@@ -34,9 +34,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from common import district_file
-
-from tests.support.fake_clever import DISTRICTS, FakeClever
+from bench.common import ROOT, district_file
+from fakes.clever_api import DISTRICTS, FakeClever
 
 PLATFORM_ROLES = frozenset({"student", "teacher", "district_admin"})
 
@@ -167,12 +166,13 @@ class CleverServer:
         self._proc = subprocess.Popen(
             [
                 sys.executable,
-                str(Path(__file__).resolve()),
+                *("-m", "bench.clever_server"),
                 *("--students", str(students), "--teachers", str(teachers), "--token", token),
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
+            cwd=ROOT,  # where ``bench`` and ``fakes`` are found
         )
         try:
             self.info = self._read()  # once the district is loaded and served

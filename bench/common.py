@@ -1,5 +1,5 @@
 """What the benchmark scripts share: the district files, a throwaway database, a private
-redis-server, a spare port, the report, and the repository root on ``sys.path`` (for ``tests``)."""
+redis-server, a spare port, the report."""
 
 from __future__ import annotations
 
@@ -14,16 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from make_district import make_district, write_district
 
+from bench.make_district import make_district, write_district
 from worker.run import redis_server_argv
 
 ROOT = Path(__file__).resolve().parents[1]
-# The repository root on the path, once for every script: a script run as bench/X.py sees only
-# bench/ and the installed packages, and sync.py serves Clever's API with the tests' own fake
-# (tests/support/fake_clever.py). Behind the script's directory, so nothing in bench/ is shadowed.
-if str(ROOT) not in sys.path:
-    sys.path.insert(1, str(ROOT))
 OUT = ROOT / "bench" / "out"
 BIN = Path(sys.executable).parent / "grassroots"
 CELERY = Path(sys.executable).parent / "celery"

@@ -7,9 +7,9 @@ a private redis-server and `grassroots worker` processes, starts the exit with
 of each phase (teacher units, account batches, the finish step) and the peak memory of each worker
 process tree: PSS (shared pages split among their sharers), the RSS sum, and the largest RSS.
 
-    .venv/bin/python bench/exit_pipeline.py                       # the 100,000-student district
-    .venv/bin/python bench/exit_pipeline.py --students 5000 --teachers 200
-    .venv/bin/python bench/exit_pipeline.py --template grperf     # copy a database seeded before
+    .venv/bin/python -m bench.exit_pipeline                       # the 100,000-student district
+    .venv/bin/python -m bench.exit_pipeline --students 5000 --teachers 200
+    .venv/bin/python -m bench.exit_pipeline --template grperf     # copy a database seeded before
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from common import BIN, CELERY, district_file, print_report, private_redis, throwaway_database
+
+from bench.common import BIN, CELERY, district_file, print_report, private_redis, throwaway_database
 
 
 def _processes() -> Iterator[tuple[int, str, list[str]]]:

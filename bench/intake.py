@@ -13,7 +13,7 @@ starts (timestamps stay well inside the 5-minute tolerance) and written as raw H
 asyncio streams, one request at a time per connection. Every answer that is not a 202, and every
 connection error, is counted and reported.
 
-    .venv/bin/python bench/intake.py [--burst 10000] [--rate 500] [--seconds 10]
+    .venv/bin/python -m bench.intake [--burst 10000] [--rate 500] [--seconds 10]
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from typing import Any, TypeVar
 
 import psycopg
 import redis
-from common import BIN, print_report, private_redis, spare_port, throwaway_database
 
+from bench.common import BIN, print_report, private_redis, spare_port, throwaway_database
 from worker.signing import generate_secret, signed_headers
 
 PATH = "/webhooks/clever"

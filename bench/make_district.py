@@ -1,6 +1,6 @@
 """Write a synthetic roster snapshot (SPEC §5.1) of one district, the same for the same options.
 
-    .venv/bin/python bench/make_district.py --students 100000 --teachers 4000 --out /tmp/big.json
+    .venv/bin/python -m bench.make_district --students 100000 --teachers 4000 --out /tmp/big.json
 
 Users and sections have the shape of Clever v3 User and Section objects, with 24-hex ids like
 Clever's. Every teacher has ``--sections-per-teacher`` district sections (some co-taught with a

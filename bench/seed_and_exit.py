@@ -31,10 +31,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import ADMIN_URL, OUT, ROOT, district_file, throwaway_database
 from sqlalchemy import event, func, inspect, select
 from sqlalchemy.engine import Engine
 
+from bench.common import ADMIN_URL, OUT, ROOT, district_file, throwaway_database
 from models import Base
 from tasks.exits import run_in_process
 from tasks.roster import load_snapshot

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Benchmark: a roster sync (SPEC §5.8) of a whole district from a Clever-shaped Data API.
 
-Serves a synthetic district (bench/make_district.py) with the tests' Clever-shaped server
-(tests/support/fake_clever.py, run in a process of its own by bench/clever_server.py, one token
+Serves a synthetic district (bench/make_district.py) with the Clever-shaped server the tests use
+too (fakes/clever_api.py, run in a process of its own by bench/clever_server.py, one token
 per district), then times the real command line, `grassroots sync DISTRICT_ID --json`, each
 run a subprocess against a fresh Postgres database (`CLEVER_API_BASE`,
 `CLEVER_DISTRICT_TOKENS` pointing at the server):
@@ -15,9 +15,9 @@ run a subprocess against a fresh Postgres database (`CLEVER_API_BASE`,
              command's start to the last conversion applied by a `grassroots worker`  <= 45 s
   memory     the peak RSS of each `grassroots sync` process, its own               < 500 MB
 
-    .venv/bin/python bench/sync.py                               # 100k students, 4000 teachers
-    .venv/bin/python bench/sync.py --students 5000 --teachers 200
-    .venv/bin/python bench/sync.py --serve-only                  # the server alone, no database
+    .venv/bin/python -m bench.sync                               # 100k students, 4000 teachers
+    .venv/bin/python -m bench.sync --students 5000 --teachers 200
+    .venv/bin/python -m bench.sync --serve-only                  # the server alone, no database
 """
 
 from __future__ import annotations
@@ -39,11 +39,11 @@ from typing import Any
 
 import httpx
 import psycopg
-from clever_server import CleverServer, CleverServerError, rss_mb
-from common import BIN, print_report, private_redis, throwaway_database
-from exit_pipeline import wait_for_workers
 
-from tests.support.fake_clever import SECTIONS, USERS, district_path
+from bench.clever_server import CleverServer, CleverServerError, rss_mb
+from bench.common import BIN, print_report, private_redis, throwaway_database
+from bench.exit_pipeline import wait_for_workers
+from fakes.clever_api import SECTIONS, USERS, district_path
 
 TARGETS = {"bootstrap_s": 60.0, "unchanged_s": 30.0, "removal_s": 45.0, "sync_peak_rss_mb": 500.0}
 # How often a running command's memory is read from /proc (see ``run_measured``).

@@ -90,7 +90,7 @@ def test_whole_worker_killed_mid_district_exit_is_finished_by_a_new_worker(
 ) -> None:
     url = pg_databases.new()
     roster = tmp_path / "district.json"
-    # bench/ is a folder of scripts, not a package: its generator runs as one.
+    # The benchmarks' generator, run as the program it is: nothing imports bench/.
     subprocess.run(
         [
             sys.executable,

@@ -62,7 +62,7 @@ bench-sync: install ## Roster syncs of the 100,000-student district from a Cleve
 	$(BIN)/python -m bench.sync
 
 soak: install ## Events through a real stack while workers, Redis, Postgres connections, receiver and beat fail (minutes)
-	$(BIN)/python bench/soak.py
+	$(BIN)/python -m bench.soak
 
 clean: ## Remove the virtualenv and local state
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

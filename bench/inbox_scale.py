@@ -13,7 +13,7 @@ each size of ``--events`` (the inbox grows from one to the next), times:
 - ``replay_dead``: ``events replay --status dead`` itself at the largest size only (it changes
   the inbox: every dead event goes round again), through a private redis-server.
 
-    .venv/bin/python bench/inbox_scale.py [--events 100000,1000000] [--repeat 5] [--json]
+    .venv/bin/python -m bench.inbox_scale [--events 100000,1000000] [--repeat 5] [--json]
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from common import ADMIN_URL, print_report, private_redis, throwaway_database
+
+from bench.common import ADMIN_URL, print_report, private_redis, throwaway_database
 
 DAYS = 90
 DISTRICTS = 20

@@ -19,7 +19,7 @@ Then, once sending has stopped and the pipeline is idle: every event that got a 
 and none is dead, every student whose removal got a ``202`` is converted, and every process that
 exited on its own is named. Exit status 1 if any of that fails.
 
-    .venv/bin/python bench/soak.py [--seconds 180] [--rate 20] [--students 2000] [--json]
+    .venv/bin/python -m bench.soak [--seconds 180] [--rate 20] [--students 2000] [--json]
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ from typing import Any
 import httpx
 import psycopg
 import redis
-from common import ADMIN_URL, print_report, throwaway_database
-from make_district import make_district
 
+from bench.common import ADMIN_URL, print_report, throwaway_database
+from bench.make_district import make_district
 from tests.support.stack import SECRET, RedisServer, Stack, clever_event, wait_until
 from worker.run import redis_server_argv
 from worker.signing import signed_headers

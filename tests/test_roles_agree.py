@@ -28,22 +28,31 @@ from tests.support.strategies import section, snapshot, user
 LIMITS = events.Limits(brake_percent=100.0)
 
 
-def rivera_loses_admin(session: Session) -> None:
-    """The demo's ``users.updated``: Rivera stays a teacher, without ``district_admin``."""
+def rivera_now(session: Session, event_id: str, *clever_roles: str) -> None:
+    """A ``users.updated`` after which Rivera, an admin who teaches, holds ``clever_roles``."""
     ingest(
         session,
         {
-            "id": "rivera-loses-admin",
+            "id": event_id,
             "type": "users.updated",
             "created": "2026-10-01T00:00:00Z",
             "data": {
-                "object": {"id": RIVERA, "district": DISTRICT, "roles": {"teacher": {}}},
+                "object": {
+                    "id": RIVERA,
+                    "district": DISTRICT,
+                    "roles": {role: {} for role in clever_roles},
+                },
                 "previous_attributes": {"roles": {"teacher": {}, "district_admin": {}}},
             },
         },
         source="webhook",
     )
-    events.process_event(session, "rivera-loses-admin", LIMITS)
+    events.process_event(session, event_id, LIMITS)
+
+
+def rivera_loses_admin(session: Session) -> None:
+    """The demo's ``users.updated``: Rivera stays a teacher, without ``district_admin``."""
+    rivera_now(session, "rivera-loses-admin", "teacher")
     assert account_view(session, RIVERA)["roles"] == ["teacher"]
 
 
@@ -119,20 +128,7 @@ def test_a_sync_listing_the_role_again_gives_district_reports_back(session: Sess
 def rivera_loses_teacher(session: Session) -> None:
     """Rivera stays an admin, without ``teacher``: out of the co-taught section, and the section
     she taught alone dropped (its last teacher left), with its students' enrollments."""
-    ingest(
-        session,
-        {
-            "id": "rivera-loses-teacher",
-            "type": "users.updated",
-            "created": "2026-10-01T00:00:00Z",
-            "data": {
-                "object": {"id": RIVERA, "district": DISTRICT, "roles": {"district_admin": {}}},
-                "previous_attributes": {"roles": {"teacher": {}, "district_admin": {}}},
-            },
-        },
-        source="webhook",
-    )
-    events.process_event(session, "rivera-loses-teacher", LIMITS)
+    rivera_now(session, "rivera-loses-teacher", "district_admin")
     view = account_view(session, RIVERA)
     assert view["roles"] == ["admin"] and view["classes"] == [] and view["students"] == []
 

@@ -118,12 +118,7 @@ def give_back_regained(
             continue
         listed = set(pairs)
         for class_id, member in [(c, m) for c, m in lost if (c, m) in listed]:
-            session.execute(
-                update(link)
-                .where(link.class_id == class_id, who == member)
-                .values(removed_by=None)
-                .execution_options(synchronize_session=False)
-            )
+            _stamp_link(session, link, who, class_id, member, None)
             back += 1
     if back:
         back += _reconcile_classes(session, now)
@@ -312,14 +307,21 @@ def _rehide_links_of_people_who_left(session: Session) -> int:
             )
             if entry is None:
                 raise InvariantViolation([account_id])
-            session.execute(
-                update(link)
-                .where(link.class_id == class_id, who == account_id)
-                .values(removed_by=entry)
-                .execution_options(synchronize_session=False)
-            )
+            _stamp_link(session, link, who, class_id, account_id, entry)
             hidden += 1
     return hidden
+
+
+def _stamp_link(
+    session: Session, link: Any, who: Any, class_id: str, member: str, entry: int | None
+) -> None:
+    """Stamp one member's link to one class removed by ``entry`` (None: live again)."""
+    session.execute(
+        update(link)
+        .where(link.class_id == class_id, who == member)
+        .values(removed_by=entry)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def purge(session: Session, *, retention_days: int, now: datetime | None = None) -> int:

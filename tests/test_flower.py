@@ -30,7 +30,8 @@ from worker.celery_app import QUEUES, app
 pytestmark = pytest.mark.slow
 
 CREDENTIALS = (FLOWER_USER, FLOWER_PASSWORD)
-PROTECTED = ("/", "/api/workers", "/api/queues/length")
+# /metrics included: Flower itself serves it without a login (worker.flower_app).
+PROTECTED = ("/", "/api/workers", "/api/queues/length", "/metrics")
 # Addresses that listen on every interface (Tornado takes "" so too).
 EVERY_INTERFACE = ("0.0.0.0", "::", "")  # noqa: S104
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -156,6 +157,33 @@ def test_flower_ui_asks_a_browser_for_credentials(flower: Flower) -> None:
 @pytest.mark.parametrize("path", PROTECTED)
 def test_flower_answers_requests_with_valid_credentials(flower: Flower, path: str) -> None:
     assert flower.get(path, auth=CREDENTIALS).status_code == 200
+
+
+def test_flower_metrics_are_prometheus_text_behind_its_login(flower: Flower) -> None:
+    response = flower.get("/metrics", auth=CREDENTIALS)
+    assert response.status_code == 200
+    assert "# TYPE flower_" in response.text
+    assert flower.get("/metrics").headers["www-authenticate"].startswith("Basic ")
+
+
+@pytest.mark.parametrize(
+    ("path", "auth", "status"),
+    [
+        ("/healthcheck", None, 200),
+        ("/", None, 401),
+        ("/", CREDENTIALS, 200),
+        ("/metrics", CREDENTIALS, 200),
+        ("/static/css/flower.css", None, 200),
+        ("/no-such-page", CREDENTIALS, 404),
+    ],
+)
+def test_flower_says_no_version_in_its_server_header(
+    flower: Flower, path: str, auth: tuple[str, str] | None, status: int
+) -> None:
+    response = flower.get(path, auth=auth)
+    assert response.status_code == status
+    assert "server" not in response.headers, response.headers["server"]
+    assert "tornado" not in str(response.headers).lower()
 
 
 def test_flower_reports_the_depth_of_each_named_queue(flower: Flower) -> None:

@@ -15,7 +15,6 @@ import posixpath
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import zipfile
@@ -27,7 +26,6 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import click
-import httpx
 import pytest
 import yaml
 from celery import Celery
@@ -42,8 +40,14 @@ from pydantic import (
     model_validator,
 )
 
-from tests.support.process_logs import register
-from tests.support.stack import BIN, FLOWER_BASIC_AUTH, OPS_TOKEN, SECRET, spare_port, wait_until
+from tests.support.stack import (
+    BIN,
+    FLOWER_BASIC_AUTH,
+    OPS_TOKEN,
+    SECRET,
+    serving,
+    spare_port,
+)
 from worker.celery_app import build_config, check_safe
 from worker.cli import main as cli
 from worker.settings import ENVIRONMENT_VARIABLES, load_settings
@@ -351,31 +355,8 @@ def test_migration_runs_once_and_every_process_waits_for_it() -> None:
 def receiver(tmp_path: Path) -> Iterator[int]:
     """A real ``grassroots serve`` on a spare port (its /healthz needs no database)."""
     port = spare_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
-    with (tmp_path / "serve.log").open("wb") as log:
-        proc = subprocess.Popen(
-            [str(BIN), "serve", "--port", str(port)],
-            cwd=tmp_path,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    register("grassroots serve", tmp_path / "serve.log", proc)
-    try:
-        wait_until(lambda: _answers(port) or proc.poll() is not None, timeout=30, what="serve")
-        assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+    with serving(tmp_path, "--port", str(port), ports=(port,)):
         yield port
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(15)
-
-
-def _answers(port: int) -> bool:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _run_healthcheck(code: str, port: int) -> subprocess.CompletedProcess[str]:

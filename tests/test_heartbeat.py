@@ -13,8 +13,9 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import redis
 from fastapi.testclient import TestClient
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
 from sqlalchemy.orm import Session
 
 from models import Heartbeat, utcnow
@@ -24,7 +25,7 @@ from tests.support.databases import PgDatabases
 from tests.support.stack import OPS_TOKEN, RedisServer, running_stack, wait_until
 from worker import api
 from worker.celery_app import build_config
-from worker.db import session_scope
+from worker.db import get_engine, session_scope
 from worker.metrics import PipelineCollector
 from worker.names import ROUTES, Queue, TaskName
 from worker.settings import load_settings
@@ -103,6 +104,7 @@ def ready_app(
     for collector in list(api.registry._collector_to_names):
         if isinstance(collector, PipelineCollector):
             monkeypatch.setattr(collector, "cache_seconds", 0)
+    monkeypatch.setattr(api.READINESS, "cache_seconds", 0)
     with TestClient(api.app) as client:
         yield client
 
@@ -141,6 +143,46 @@ def test_readyz_gives_a_fresh_deployment_time_for_its_first_heartbeat(
 
     assert never.status_code == 503
     assert never.json()["heartbeat"].startswith("stale: no worker has run the heartbeat task")
+
+
+def test_a_flood_of_readyz_probes_opens_no_connection_and_checks_once_a_second(
+    configure: Configure, database_url: str, broker: RedisServer
+) -> None:
+    configure(DATABASE_URL=database_url, BROKER_URL=broker.url)
+    engine = get_engine()
+    checks, connects = [0], [0]
+
+    def on_execute(_c: object, _cur: object, statement: str, *_: object) -> None:
+        checks[0] += "FROM heartbeats" in statement
+
+    def on_connect(*_: object) -> None:
+        connects[0] += 1
+
+    event.listen(engine, "before_cursor_execute", on_execute)
+    event.listen(engine, "connect", on_connect)
+    try:
+        with TestClient(api.app) as client, redis.Redis.from_url(broker.url) as watch:
+            assert client.get("/readyz").status_code == 200  # opens the pooled connections
+            received = watch.info("stats")["total_connections_received"]
+            before = checks[0], connects[0]
+            started = time.monotonic()
+            for _ in range(500):
+                assert client.get("/readyz").status_code == 200
+            took = time.monotonic() - started
+            assert watch.info("stats")["total_connections_received"] == received
+            # One check per cache_seconds at most, whatever the probes' rate.
+            flooded = checks[0] - before[0]
+            assert flooded <= took / api.READINESS.cache_seconds + 1
+            # And the answer is checked again once it is older than that.
+            wait_until(
+                lambda: client.get("/readyz") and checks[0] > before[0] + flooded,
+                timeout=10,
+                what="a fresh check",
+            )
+    finally:
+        event.remove(engine, "before_cursor_execute", on_execute)
+        event.remove(engine, "connect", on_connect)
+    assert connects[0] == before[1]
 
 
 def test_the_heartbeat_age_is_a_metric(ready_app: TestClient) -> None:

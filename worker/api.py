@@ -4,13 +4,15 @@ metrics.
 
 One app per set of routes (``Routes``): ``app`` serves everything; ``webhooks_app`` the webhook
 and health only, for the listener Clever reaches; ``ops_app`` the ops API, the console, metrics
-and health, for a listener only operators and Prometheus reach. ``/metrics`` needs the ops token
-wherever it is served.
+and health, for a listener only operators and Prometheus reach (``serve --ops-port`` runs both in
+one process: ``worker.serving``). ``/metrics`` needs the ops token wherever it is served. Every
+response carries the headers of ``worker.http.Hygiene``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,19 +24,21 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from sqlalchemy.exc import OperationalError
+from starlette.requests import ClientDisconnect
 
 from tasks import heartbeat
 from tasks.errors import GrassrootsError, NotFound
-from worker import intake, ops_api, receiver, rejections
+from worker import connection_limits, intake, ops_api, receiver, rejections
 from worker.broker import broker_client
 from worker.console import STATIC
 from worker.console import errors as console_errors
 from worker.console import pages as console_pages
 from worker.db import NoStack
-from worker.http import BodyTooLarge, InputGuard, body_too_large, db, error
-from worker.intake import DatabaseUnavailable
+from worker.http import BodyTooLarge, Hygiene, InputGuard, body_too_large, error
+from worker.intake import DatabaseUnavailable, in_session
 from worker.metrics import PipelineCollector
-from worker.settings import get_settings
+from worker.settings import Settings, get_settings
+from worker.throttled_counts import SEND_EVERY, Tally
 
 
 class Routes(StrEnum):
@@ -54,35 +58,45 @@ def uptime() -> float:
     return time.monotonic() - _started
 
 
-async def _send_rejections() -> None:
-    """Every few seconds: the refused signatures counted here go to Redis, and a reason whose
-    refusals went on after its last log line gets its line once a minute."""
+async def _send_tallies() -> None:
+    """Every few seconds: the refused signatures and cut connections counted here go to Redis,
+    and a reason whose count went on after its last log line gets its line once a minute."""
     while True:
-        await asyncio.sleep(rejections.SEND_EVERY)
-        rejections.REJECTIONS.log_overdue()
-        if rejections.REJECTIONS.unsent:
-            await run_in_threadpool(_send_rejections_once)
+        await asyncio.sleep(SEND_EVERY)
+        await _flush_tallies()
 
 
-def _send_rejections_once() -> None:
-    # Redis away: the tally is kept for the next try.
-    rejections.REJECTIONS.send(broker_client())
+def _counted_here() -> tuple[Tally, ...]:
+    """What this process counts and sends: refused signatures, cut connections."""
+    return rejections.REJECTIONS, connection_limits.CUTS
+
+
+async def _flush_tallies() -> None:
+    for tally in _counted_here():
+        tally.log_overdue()
+    if any(tally.unsent for tally in _counted_here()):
+        await run_in_threadpool(_send_tallies_once)
+
+
+def _send_tallies_once() -> None:
+    # Redis away: the tallies are kept for the next try.
+    client = broker_client()
+    for tally in _counted_here():
+        tally.send(client)
 
 
 @asynccontextmanager
 async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     global _started
     _started = time.monotonic()
-    sending = asyncio.get_running_loop().create_task(_send_rejections())
+    sending = asyncio.get_running_loop().create_task(_send_tallies())
     try:
         yield
     finally:
         sending.cancel()
         # Requests are answered once committed; what they left to send to the workers goes now.
         await intake.drain()
-        rejections.REJECTIONS.log_overdue()
-        if rejections.REJECTIONS.unsent:
-            await run_in_threadpool(_send_rejections_once)
+        await _flush_tallies()
 
 
 registry = CollectorRegistry(auto_describe=True)
@@ -123,6 +137,13 @@ async def _forbidden(request: Request, exc: ops_api.Forbidden) -> JSONResponse:
     return error(403, "forbidden", str(exc))
 
 
+async def _aborted(request: Request, exc: ClientDisconnect) -> Response:
+    # Counted and logged once a minute (``worker.connection_limits``), never a traceback each;
+    # no one is left to read the answer.
+    connection_limits.CUTS.count(connection_limits.Cut.ABORTED)
+    return Response(status_code=400)
+
+
 async def metrics() -> Response:
     body = await run_in_threadpool(generate_latest, registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
@@ -132,13 +153,44 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-async def readyz() -> JSONResponse:
+class Readiness:
     """Database and broker reachable, and a worker taking work from the events queue (its
-    heartbeat no older than HEARTBEAT_MAX_AGE)."""
+    heartbeat no older than HEARTBEAT_MAX_AGE). The answer is kept ``cache_seconds``: a flood
+    of probes makes one check a second, on pooled database and Redis connections, never one
+    per probe."""
+
+    cache_seconds = 1.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # When, under which settings, and what.
+        self._answer: tuple[float, Settings, tuple[dict[str, object], int]] | None = None
+
+    def fresh(self) -> tuple[dict[str, object], int] | None:
+        kept = self._answer
+        if kept is None:
+            return None
+        at, settings, answer = kept
+        if time.monotonic() - at >= self.cache_seconds or settings is not get_settings():
+            return None
+        return answer
+
+    def check(self) -> tuple[dict[str, object], int]:
+        # One check at a time: the probes that waited for it take its answer.
+        with self._lock:
+            answer = self.fresh()
+            if answer is None:
+                settings = get_settings()
+                answer = _check_readiness()
+                self._answer = (time.monotonic(), settings, answer)
+            return answer
+
+
+def _check_readiness() -> tuple[dict[str, object], int]:
     checks: dict[str, str] = {}
     ready = True
     try:
-        age = await db(heartbeat.age)
+        age = in_session(heartbeat.age)
         checks["database"] = "ok"
         found = heartbeat.verdict(age, max_age=get_settings().heartbeat_max_age, uptime=uptime())
         checks["heartbeat"] = found.check
@@ -148,12 +200,24 @@ async def readyz() -> JSONResponse:
         checks["heartbeat"] = "unknown: the database is unavailable"
         ready = False
     try:
-        await run_in_threadpool(lambda: broker_client().ping())
+        broker_client().ping()
         checks["broker"] = "ok"
     except Exception as exc:
         checks["broker"] = f"unavailable: {type(exc).__name__}"
         ready = False
-    return JSONResponse({"ready": ready, **checks}, status_code=200 if ready else 503)
+    return {"ready": ready, **checks}, 200 if ready else 503
+
+
+READINESS = Readiness()
+
+
+async def readyz() -> JSONResponse:
+    """Database and broker reachable, and a worker taking work (``Readiness``)."""
+    answer = READINESS.fresh()
+    if answer is None:
+        answer = await run_in_threadpool(READINESS.check)
+    body, status = answer
+    return JSONResponse(body, status_code=status)
 
 
 def create_app(routes: Routes = Routes.ALL) -> FastAPI:
@@ -174,8 +238,11 @@ def create_app(routes: Routes = Routes.ALL) -> FastAPI:
     served.add_exception_handler(ops_api.Unauthorized, _unauthorized)  # type: ignore[arg-type]
     served.add_exception_handler(ops_api.Forbidden, _forbidden)  # type: ignore[arg-type]
     served.add_exception_handler(BodyTooLarge, body_too_large)
+    served.add_exception_handler(ClientDisconnect, _aborted)  # type: ignore[arg-type]
     served.add_middleware(InputGuard)
     console_errors.install(served)
+    # Outermost (added last): its headers go on InputGuard's refusals too.
+    served.add_middleware(Hygiene)
     if routes in (Routes.ALL, Routes.WEBHOOKS):
         # A plain Starlette route: the handler reads the request itself, so FastAPI's
         # per-request dependency and parameter machinery would be pure overhead on the busiest

@@ -34,6 +34,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -88,10 +89,15 @@ _PRIORITY_SUFFIXES = tuple(
 
 
 def broker_client() -> redis.Redis:
-    """A plain Redis client of the broker, with short timeouts: a status never hangs on it."""
-    return redis.Redis.from_url(
-        get_settings().broker_url, socket_timeout=2, socket_connect_timeout=2
-    )
+    """A plain Redis client of the broker, with short timeouts: a status never hangs on it. One
+    per process and broker: its pool keeps its connections, so a probe, a scrape or a relay pass
+    opens none (redis-py's pool starts afresh in a forked child)."""
+    return _client(get_settings().broker_url)
+
+
+@lru_cache(maxsize=4)
+def _client(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
 
 
 def queue_depths(client: redis.Redis, queues: Sequence[str]) -> tuple[dict[str, int], int]:

@@ -1,11 +1,12 @@
 """What the receiver and the ops API share: the error shape, a unit of work off the event loop,
-and the guard on every request's path, query and body size."""
+the guard on every request's path, query and body size, and the headers every response carries
+(``Hygiene``)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import TypeVar
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
@@ -88,3 +89,46 @@ def _unstorable_target(scope: Scope) -> str | None:
 
 async def body_too_large(request: Request, exc: Exception) -> JSONResponse:
     return error(413, "body_too_large", str(exc))
+
+
+# Every answer of ours: no cache or browser keeps it (the ops API and console show personal data
+# and act on a token), and no browser guesses a type other than the one it says.
+_HYGIENE = ((b"cache-control", b"no-store"), (b"x-content-type-options", b"nosniff"))
+
+
+def _relative(location: bytes, host: bytes) -> bytes:
+    """A redirect to this server as a path: never the request's ``Host`` echoed back (a forged
+    one would send the client, or a cache that keeps the answer, elsewhere)."""
+    target = urlsplit(location.decode("latin-1"))
+    if not target.netloc or target.netloc.lower() != host.decode("latin-1").lower():
+        return location
+    # "//x" alone would mean another host: one slash.
+    path = "/" + target.path.lstrip("/")
+    return urlunsplit(("", "", path, target.query, target.fragment)).encode("latin-1")
+
+
+class Hygiene:
+    """ASGI middleware over a whole app: the headers above on every response (unless it says its
+    own ``Cache-Control``), and redirects to this server relative."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        host = next((v for k, v in scope["headers"] if k == b"host"), b"")
+
+        async def send_clean(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [
+                    (k, _relative(v, host) if k.lower() == b"location" else v)
+                    for k, v in message.get("headers", ())
+                ]
+                present = {k.lower() for k, _ in headers}
+                headers += [(k, v) for k, v in _HYGIENE if k not in present]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_clean)

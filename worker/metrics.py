@@ -41,12 +41,13 @@ from tasks.status import (
     poll_cursor_ages,
     stalled_districts,
 )
-from worker import rejections
+from worker import connection_limits, rejections
 from worker.broker import broker_client, queue_depths
 from worker.celery_app import QUEUES
 from worker.clever import parse_tokens
 from worker.db import session_scope
 from worker.settings import get_settings
+from worker.throttled_counts import Tally
 
 # The windowed metrics (``_last_24h``); a district with a token and no successful sync within
 # ``SYNC_LOOKBACK`` is reported +Inf seconds ago.
@@ -117,7 +118,7 @@ class PipelineCollector(Collector):
                 "Messages delivered to a worker and not yet acknowledged",
                 value=unacked,
             )
-            yield _rejections(client)
+            yield from _throttled_counts(client)
             up.add_metric(["broker"], 1)
         except redis.RedisError:
             up.add_metric(["broker"], 0)
@@ -355,14 +356,28 @@ def _poll_ages(session: Session, now: datetime) -> GaugeMetricFamily:
     return ages
 
 
-def _rejections(client: redis.Redis) -> CounterMetricFamily:
-    # This process's refusals first: a scrape of the receiver that refused them includes them.
-    rejections.REJECTIONS.send(client)
-    refused = CounterMetricFamily(
-        "grassroots_webhook_signature_rejections",
-        "Webhooks refused with 401 for their signature, by reason, by every receiver",
-        labels=["reason"],
-    )
-    for reason, n in rejections.totals(client).items():
-        refused.add_metric([reason], n)
-    return refused
+def _tally(client: redis.Redis, tally: Tally, name: str, help_text: str) -> CounterMetricFamily:
+    # This process's counts first: a scrape of the process that counted them includes them.
+    tally.send(client)
+    family = CounterMetricFamily(name, help_text, labels=["reason"])
+    for reason, n in tally.totals(client).items():
+        family.add_metric([reason], n)
+    return family
+
+
+def _throttled_counts(client: redis.Redis) -> list[CounterMetricFamily]:
+    return [
+        _tally(
+            client,
+            rejections.REJECTIONS,
+            "grassroots_webhook_signature_rejections",
+            "Webhooks refused with 401 for their signature, by reason, by every receiver",
+        ),
+        _tally(
+            client,
+            connection_limits.CUTS,
+            "grassroots_http_connections_cut",
+            "Connections closed before their request was answered (slow, oversized, over the"
+            " connection cap, or aborted by the client), by reason, by every serving process",
+        ),
+    ]

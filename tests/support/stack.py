@@ -279,3 +279,42 @@ def clever_event(
     if previous is not None:
         data["previous_attributes"] = previous
     return {"id": event_id, "type": type_, "created": created, "data": data}
+
+
+def answers_health(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@contextmanager
+def serving(
+    workdir: Path, *args: str, ports: tuple[int, ...], **env: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``grassroots serve ARGS`` in ``workdir`` (its log in serve.log) until each of ``ports``
+    answers /healthz; stopped (SIGTERM) after."""
+    log = workdir / "serve.log"
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [str(BIN), "serve", *args],
+            cwd=workdir,
+            env={**inherited, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    register("grassroots serve", log, proc)
+    try:
+        for port in ports:
+            wait_until(
+                lambda p=port: answers_health(p) or proc.poll() is not None,  # type: ignore[misc]
+                timeout=30,
+                what=f"serve on port {port}",
+            )
+            assert proc.poll() is None, log.read_text()
+        yield proc
+    finally:
+        if proc.poll() is None:
+            terminate_group(proc, within=15)

@@ -40,36 +40,55 @@ SERVED_APPS = {"all": "app", "webhooks": "webhooks_app", "ops": "ops_app"}
     default=1,
     show_default=True,
     type=click.IntRange(1, 64),
-    help="uvicorn worker processes.",
+    help="uvicorn worker processes (one listener only).",
 )
 @click.option(
     "--routes",
     default="all",
     show_default=True,
     type=click.Choice(list(SERVED_APPS)),
-    help="What this listener serves: webhooks (POST /webhooks/clever), ops (/ops/..., /metrics)"
-    " or all; /healthz and /readyz always. Two `serve`s, one per port, keep the ops API and"
-    " metrics off the listener Clever reaches.",
+    help="What this listener serves: webhooks (POST /webhooks/clever), ops (/ops/..., the"
+    " console, /metrics) or all; /healthz and /readyz always.",
 )
-def serve(host: str, port: int, workers: int, routes: str) -> None:
+@click.option(
+    "--ops-port",
+    default=None,
+    type=click.IntRange(1, 65535),
+    help="A second listener for the ops API, the console and /metrics; --port then serves the"
+    " webhook alone (with /healthz and /readyz). Publish only --port.",
+)
+@click.option(
+    "--ops-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="The address of the --ops-port listener.",
+)
+def serve(
+    host: str, port: int, workers: int, routes: str, ops_port: int | None, ops_host: str
+) -> None:
     """Run the webhook receiver and ops API."""
     # Imported here: uvicorn would slow every other command's start.
-    import uvicorn
-
     from worker.logs import configure
+    from worker.serving import Listener
+    from worker.serving import serve as serve_listeners
 
+    listeners = [Listener(host, port, SERVED_APPS[routes])]
+    if ops_port is not None:
+        if routes != "all":
+            raise click.UsageError("--ops-port splits the routes itself: leave out --routes")
+        if workers != 1:
+            raise click.UsageError(
+                "--workers serves one listener: run `serve --routes webhooks --workers N` and"
+                " `serve --routes ops` instead of --ops-port"
+            )
+        if (ops_host, ops_port) == (host, port):
+            raise click.UsageError("--ops-port and --port must differ")
+        listeners = [
+            Listener(host, port, SERVED_APPS["webhooks"]),
+            Listener(ops_host, ops_port, SERVED_APPS["ops"]),
+        ]
     configure("serve")
-    # Keep idle connections longer than a client or load balancer does (60 s is common), so the
-    # server never closes one just as a request is sent on it (a reset the sender sees as lost).
-    uvicorn.run(
-        f"worker.api:{SERVED_APPS[routes]}",
-        host=host,
-        port=port,
-        workers=workers,
-        access_log=False,
-        log_config=None,
-        timeout_keep_alive=75,
-    )
+    serve_listeners(listeners, workers=workers)
 
 
 @click.command()
@@ -169,8 +188,11 @@ def flower(address: str, port: int) -> None:
         )
     # Imported here: Celery would slow every other command's start.
     from worker.celery_app import app
+    from worker.flower_app import install
     from worker.logs import quiet_flower_no_reply
 
+    # Its /metrics behind its login too, and no version in its Server header.
+    install()
     # With the Redis broker Flower reads each named queue's depth from Redis itself, choosing its
     # reader by the scheme of the broker URL kombu gives back: it needs kombu's own transport
     # for that (``worker.broker`` only serves the worker's message handling).

@@ -40,6 +40,7 @@ class Serving:
     log: Path
 
     def get(self, port: int, path: str, **headers: str) -> httpx.Response:
+        # Redirects are what is tested, never followed.
         return httpx.get(f"http://127.0.0.1:{port}{path}", headers=headers, timeout=10)
 
     def cuts(self) -> dict[str, int]:
@@ -163,6 +164,9 @@ def test_serve_refuses_options_that_do_not_go_with_a_second_listener(
         ("/metrics", AUTH, 200),
         ("/healthz", {}, 200),
         ("/no-such-page", AUTH, 404),
+        ("/console/", {}, 200),
+        ("/console/events", {}, 303),
+        ("/console/static/console.css", {}, 200),
     ],
 )
 def test_ops_answers_are_never_stored_nor_sniffed(

@@ -219,7 +219,8 @@ def test_service_sets_only_variables_the_application_reads(name: str) -> None:
 
 def test_application_reads_every_spec_variable() -> None:
     variables = set(spec_variables())
-    assert len(variables) == 15, sorted(variables)  # §5.7 names TASK_TIME_LIMIT and STATEMENT_TIMEOUT_MS too
+    # §5.7 names TASK_TIME_LIMIT and STATEMENT_TIMEOUT_MS too.
+    assert len(variables) == 15, sorted(variables)
     missing = variables - set(ENVIRONMENT_VARIABLES)
     assert not missing, f"grassroots never reads {sorted(missing)}"
 

@@ -15,7 +15,7 @@ import pytest
 
 from tests.support.cli import grassroots, tree
 from tests.support.stack import OPS_TOKEN, spare_port
-from worker import run
+from worker import listeners, run
 from worker.settings import load_settings
 
 
@@ -164,3 +164,9 @@ def test_make_run_passes_its_arguments_to_grassroots_run() -> None:
         check=True,
     )
     assert ".venv/bin/grassroots run --port 8100 --flower-port 5600\n" in planned.stdout
+
+
+def test_the_recorded_address_of_a_wildcard_listener_is_one_a_client_here_reaches() -> None:
+    assert listeners.base_url("0.0.0.0", 8100) == "http://127.0.0.1:8100"  # noqa: S104
+    assert listeners.base_url("::", 8100) == "http://[::1]:8100"
+    assert listeners.base_url("127.0.0.2", 8100) == "http://127.0.0.2:8100"

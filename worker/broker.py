@@ -24,12 +24,24 @@ message is the worker's alone, as it already is between its BRPOP and this recor
 acknowledging, a stored message with no index entry, which no restore ever redelivers, as none
 should. kombu's restores (``restore_by_tag``) keep their WATCH/MULTI transaction.
 
+A Redis that goes away under a busy worker: the worker closes its channel, and kombu puts the
+messages it took and has not acknowledged back in their queues (``restore_unacked``), on a
+connection that is gone. kombu's channel then builds a new connection pool from a connection
+already closed (an ``AttributeError`` that ends the worker), or the restore fails on the dead
+socket and the messages stay in Redis's unacknowledged hash until the visibility timeout (an
+hour) while Celery has cancelled their tasks. Here a channel whose connection is closed fails as
+a lost connection, which Celery handles, and what could not be put back is put back by the next
+channel this process opens, once Redis answers again (with an append-only Redis the hash
+survives the restart; a message restored twice is restored once, in kombu's transaction).
+
 Everything else is kombu's own transport; the broker URL stays ``redis://``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -45,6 +57,14 @@ from worker.settings import get_settings
 if TYPE_CHECKING:
     from celery import Celery
 
+log = logging.getLogger("grassroots.broker")
+
+# What a lost connection kept the worker from putting back: the delivery tags of messages still
+# in Redis's unacknowledged hash. The process's next channel puts them back.
+_left_behind: set[str] = set()
+_left_behind_lock = threading.Lock()
+LOST = (redis.ConnectionError, redis.TimeoutError, OSError)
+
 
 class QoS(kombu_redis.QoS):
     @contextmanager
@@ -55,12 +75,57 @@ class QoS(kombu_redis.QoS):
         with self.channel.conn_or_acquire(client) as conn:  # type: ignore[attr-defined]
             yield conn.pipeline(transaction=False)
 
+    def restore_unacked(self, client: Any = None) -> None:
+        try:
+            super().restore_unacked(client)
+        except LOST as exc:
+            delivered: Any = self._delivered
+            tags = set(delivered)
+            # kombu's restore runs once per channel: it asserts nothing is left when it is done.
+            delivered.clear()
+            with _left_behind_lock:
+                _left_behind.update(tags)
+            log.warning(
+                "the broker went away before %d unacknowledged message(s) could be put back"
+                " (%s): they are put back on the next connection",
+                len(tags),
+                type(exc).__name__,
+            )
+
+    def restore_left_behind(self) -> int:
+        """Put back what a lost connection kept this process from putting back; how many."""
+        with _left_behind_lock:
+            tags = list(_left_behind)
+            _left_behind.clear()
+        restored = 0
+        for n, tag in enumerate(tags):
+            try:
+                self.restore_by_tag(tag)
+            except LOST:
+                with _left_behind_lock:
+                    _left_behind.update(tags[n:])
+                break
+            restored += 1
+        if restored:
+            log.warning("put back %d message(s) a lost broker connection had left", restored)
+        return restored
+
 
 class Channel(kombu_redis.Channel):
     QoS = QoS
     _shared_client: Any = None
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # connects: Redis answers
+        if _left_behind:
+            qos: Any = self.qos
+            qos.restore_left_behind()
+
     def _create_client(self, asynchronous: bool = False) -> Any:
+        pool = self._async_pool if asynchronous else self._pool  # type: ignore[attr-defined]
+        if pool is None and getattr(self.connection, "client", None) is None:
+            # Closed: kombu would build a pool from the connection's address, which is gone.
+            raise redis.ConnectionError("the broker connection is closed")
         if asynchronous:  # the event loop's client, which kombu already keeps for the channel
             return super()._create_client(asynchronous=True)  # type: ignore[misc]
         client = self._shared_client

@@ -144,3 +144,11 @@ def blocked_conversion(
         assert stack.post(event).status_code == 202
         wait_until(lambda: lock_waiters(url) > 0, what="the conversion to block on the lock")
         yield student, event
+
+
+def post_and_wait(
+    stack: Stack, event: dict[str, Any], status: str, *, timeout: float = 30, what: str
+) -> None:
+    """Post an event (accepted) and wait until it has ``status``: the worker still takes work."""
+    assert stack.post(event).status_code == 202
+    wait_until(lambda: stack.event(event["id"])["status"] == status, timeout=timeout, what=what)

@@ -66,9 +66,13 @@ def terminate_group(proc: subprocess.Popen[Any], *, within: float) -> bool:
 
 
 class RedisServer:
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(
+        self, directory: Path, port: int | None = None, *, persistent: bool = False
+    ) -> None:
         self.directory = directory
         self.port = port or spare_port()
+        # As `grassroots run` and compose keep it: an append-only file, so a restart keeps data.
+        self.persistent = persistent
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -79,7 +83,7 @@ class RedisServer:
         log = self.directory / f"redis-{self.port}.log"
         with log.open("ab") as out:
             self.proc = subprocess.Popen(
-                redis_server_argv(self.port, self.directory, persistent=False),
+                redis_server_argv(self.port, self.directory, persistent=self.persistent),
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
@@ -100,6 +104,13 @@ class RedisServer:
             self.proc.wait(10)
             self.proc = None
 
+    def kill(self) -> None:
+        """SIGKILL: gone at once, every connection cut, nothing saved on the way out."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+        self.proc = None
+
     def __enter__(self) -> RedisServer:
         self.start()
         return self
@@ -109,10 +120,12 @@ class RedisServer:
 
 
 class Stack:
-    def __init__(self, tmp_path: Path, database_url: str, **env: str) -> None:
+    def __init__(
+        self, tmp_path: Path, database_url: str, *, persistent_redis: bool = False, **env: str
+    ) -> None:
         self.tmp = tmp_path
         self.database_url = database_url
-        self.redis = RedisServer(tmp_path)
+        self.redis = RedisServer(tmp_path, persistent=persistent_redis)
         self.port = spare_port()
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("PYTEST")},
@@ -249,9 +262,10 @@ def running_stack(
     workers: int = 1,
     server: bool = True,
     beat: bool = False,
+    persistent_redis: bool = False,
     **env: str,
 ) -> Iterator[Stack]:
-    stack = Stack(tmp_path, database_url, **env)
+    stack = Stack(tmp_path, database_url, persistent_redis=persistent_redis, **env)
     try:
         stack.redis.start()
         if seed is not None:

@@ -144,13 +144,26 @@ def test_the_default_visibility_timeout_covers_any_countdown_and_time_limit(
     assert settings.visibility_timeout >= 3600
 
 
-def test_worker_refuses_to_start_with_unsafe_settings(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("settings", "says"),
+    [
+        ({"RETRY_BACKOFF_MAX": "600", "BROKER_VISIBILITY_TIMEOUT": "60"}, "RETRY_BACKOFF_MAX=600"),
+        # Long enough for the longest countdown, not for the countdown and a run to the limit.
+        (
+            {"BROKER_VISIBILITY_TIMEOUT": "1000", "TASK_TIME_LIMIT": "600"},
+            "TASK_TIME_LIMIT=600 s",
+        ),
+    ],
+    ids=["countdown", "time limit"],
+)
+def test_worker_refuses_to_start_with_unsafe_settings(
+    tmp_path: Path, settings: dict[str, str], says: str
+) -> None:
     env = {
         **os.environ,
         "BROKER_URL": f"redis://127.0.0.1:{spare_port()}/0",
         "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite'}",
-        "RETRY_BACKOFF_MAX": "600",
-        "BROKER_VISIBILITY_TIMEOUT": "60",
+        **settings,
     }
     result = subprocess.run(
         [str(GRASSROOTS), "worker", "--concurrency", "1"],
@@ -162,6 +175,7 @@ def test_worker_refuses_to_start_with_unsafe_settings(tmp_path: Path) -> None:
     )
     assert result.returncode != 0
     assert "unsafe Celery configuration" in result.stdout + result.stderr
+    assert says in result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("value", ["abc", "-5", "1e3x"])

@@ -296,6 +296,11 @@ def test_the_demo_refuses_a_stack_that_does_not_answer_before_seeding_anything(
             ["events", "list", "--status", "held", "--type", "users.deleted"],
             "no held users.deleted events",
         ),
+        (["events", "replay", "--status", "dead"], "no dead events to replay"),
+        (
+            ["events", "replay", "--status", "dead", "--type", "users.deleted", "--district", "d1"],
+            "no dead users.deleted events in district d1 to replay",
+        ),
         (["held", "list"], "no held removals"),
         (["held", "list", "--district", "d1"], "no held removals in district d1"),
         (["pause", "list"], "no pauses"),

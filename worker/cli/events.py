@@ -95,6 +95,13 @@ def events_replay(
         }[result.outcomes[event_id]]
         click.echo(f"{event_id}: {why}, nothing to replay")
         return
+    if not queued:
+        click.echo(
+            " ".join(["no dead", *filter(None, [type_]), "events"])
+            + (f" in district {district}" if district else "")
+            + " to replay"
+        )
+        return
     unsent = len(queued) - result.sent
     click.echo(
         f"replaying {len(queued)} event(s)" + (f"; {unsent} left for the relay" if unsent else "")

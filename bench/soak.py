@@ -82,8 +82,29 @@ class PersistentRedis(RedisServer):
 class Exited:
     name: str
     code: int | None
-    at: float
-    last_lines: list[str]
+    at_s: float
+    why: str
+
+
+def last_words(log: str) -> str:
+    """What a process said as it ended: its last critical line, else its last error, else its
+    last line (with the exception's own last line, for a JSON log record that carries one)."""
+    records: list[dict[str, Any]] = []
+    lines = log.splitlines()[-60:]
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    for level in ("critical", "error"):
+        for record in records:
+            if record.get("level") == level:
+                message = str(record.get("msg", ""))
+                exception = str(record.get("exception", "")).strip().splitlines()
+                return message + (f" ({exception[-1]})" if exception else "")
+    return lines[-1][:300] if lines else ""
 
 
 @dataclass
@@ -125,9 +146,9 @@ class Supervisor:
             for name, proc in list(self.stack.procs.items()):
                 if name in self.expected or proc.poll() is None:
                     continue
-                lines = self.stack.log(name).splitlines()
+                at = round(time.monotonic() - self.started, 1)
                 self.exited.append(
-                    Exited(name, proc.returncode, time.monotonic() - self.started, lines[-8:])
+                    Exited(name, proc.returncode, at, last_words(self.stack.log(name)))
                 )
                 self.expected.add(name)
                 threading.Timer(RESTART_AFTER, self._restart, (name,)).start()

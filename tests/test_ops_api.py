@@ -38,6 +38,7 @@ from tasks.inbox import ingest
 from tasks.roster import load_snapshot
 from tasks.view import DISTRICT_ACCESS_ENDED
 from tests.support.app_env import CLOSED_BROKER, CLOSED_DATABASE, Configure, assert_error
+from tests.support.databases import PgDatabases
 from tests.support.scenario import (
     DISTRICT,
     KIM,
@@ -909,3 +910,19 @@ def test_an_ops_body_over_one_mebibyte_is_refused_with_413(seeded: TestClient) -
     assert_error(chunked, 413, "body_too_large")
     assert declared.json()["message"] == "the body is over 1 MiB (1048576 bytes)"
     assert seeded.get("/ops/pauses").json() == []
+
+
+def test_a_nul_in_a_json_field_of_an_ops_request_is_refused_with_400(
+    configure: Configure, pg_databases: PgDatabases
+) -> None:
+    # Postgres text cannot hold a NUL (SQLite's can): what a body carries to the database.
+    configure(DATABASE_URL=pg_databases.new(), BROKER_URL=CLOSED_BROKER, OPS_TOKEN=TOKEN)
+    group = {"task": "grassroots.process_event\x00", "error": "e", "up_to": 1}
+    with TestClient(app, headers=AUTH) as client:
+        response = client.post("/ops/dead-letters/replay", json=group)
+
+    assert_error(response, 400, "invalid_input")
+    assert response.json()["message"] == (
+        "the database cannot store a value of this request:"
+        " PostgreSQL text fields cannot contain NUL (0x00) bytes"
+    )

@@ -23,10 +23,11 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, OperationalError
 from starlette.requests import ClientDisconnect
 
 from tasks import heartbeat
+from tasks.deadletters import describe
 from tasks.errors import GrassrootsError, NotFound
 from worker import connection_limits, intake, ops_api, receiver, rejections
 from worker.broker import broker_client
@@ -101,6 +102,17 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
 
 registry = CollectorRegistry(auto_describe=True)
 registry.register(PipelineCollector(uptime=uptime))
+
+
+async def _unstorable(request: Request, exc: Exception) -> JSONResponse:
+    # A value of the request the database cannot hold (a NUL in a JSON field or a form, text
+    # past a column's length): the path and query are checked before any route (InputGuard);
+    # what a body carries is refused here, for every route at once, instead of a 500.
+    return error(
+        400,
+        "invalid_input",
+        f"the database cannot store a value of this request: {describe(exc)[1]}",
+    )
 
 
 async def _db_down(request: Request, exc: Exception) -> JSONResponse:
@@ -232,6 +244,7 @@ def create_app(routes: Routes = Routes.ALL) -> FastAPI:
     )
     served.add_exception_handler(DatabaseUnavailable, _db_down)
     served.add_exception_handler(OperationalError, _db_down)
+    served.add_exception_handler(DataError, _unstorable)
     served.add_exception_handler(NoStack, _no_stack)  # type: ignore[arg-type]
     served.add_exception_handler(NotFound, _not_found)  # type: ignore[arg-type]
     served.add_exception_handler(GrassrootsError, _refused)  # type: ignore[arg-type]

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock run test test-fast lint format typecheck bench bench-exit bench-intake bench-seed bench-sync soak clean
+.PHONY: help install lock run test test-fast lint format typecheck bench bench-exit bench-intake bench-seed bench-sync bench-console soak screenshots clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -40,14 +40,14 @@ test-fast: install ## Run the tests that need no worker processes
 lint: install ## ruff (lint and format check), mypy, and the import layers (import-linter)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy worker tasks models tests bench fakes
+	$(BIN)/mypy worker tasks models tests bench fakes scripts
 	$(BIN)/lint-imports
 
 format: install ## Format the code
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: bench-exit bench-intake bench-seed bench-sync ## All the benchmarks (see bench/README.md), a few minutes
+bench: bench-exit bench-intake bench-seed bench-sync bench-console ## All the benchmarks (see bench/README.md), a few minutes
 
 bench-exit: install ## The 100,000-student district's exit through Redis and grassroots workers
 	$(BIN)/python -m bench.exit_pipeline
@@ -63,6 +63,12 @@ bench-sync: install ## Roster syncs of the 100,000-student district from a Cleve
 
 soak: install ## Events through a real stack while workers, Redis, Postgres connections, receiver and beat fail (minutes)
 	$(BIN)/python -m bench.soak
+
+bench-console: install ## Every console page over a million inbox rows and 10,000 dead letters
+	$(BIN)/python -m bench.console
+
+screenshots: install ## Screenshots of every console page over the example district, into docs/console/
+	$(BIN)/python scripts/screenshots.py
 
 clean: ## Remove the virtualenv and local state
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -21,7 +21,9 @@ from worker.celery_app import QUEUES
 from worker.names import Queue, TaskName
 
 
-def pipeline_status(session: Session, *, with_broker: bool = True) -> dict[str, Any]:
+def pipeline_status(
+    session: Session, *, with_broker: bool = True, with_finals: bool = True
+) -> dict[str, Any]:
     """``pending`` is 0 only when nothing is in flight: no event waiting or being processed, no
     exit unit left, no task queued or running.
 
@@ -31,7 +33,8 @@ def pipeline_status(session: Session, *, with_broker: bool = True) -> dict[str, 
     now = utcnow()
     found = backlog(session)
     final_from = now - FINAL_WINDOW
-    finals = final_since(session, final_from)
+    # The console's Overview shows only what is open: it skips the day's final counts.
+    finals = final_since(session, final_from) if with_finals else {}
     attention = districts_needing_attention(session, since=now - SYNC_LOOKBACK)
     queues: dict[str, int] = dict.fromkeys(QUEUES, 0)
     unacked = housekeeping = 0

@@ -98,7 +98,10 @@ async def overview(request: Request) -> Response:
     now = utcnow()
 
     def read(session: Any) -> dict[str, Any]:
-        return {**pipeline_status(session), **pages.overview(session, now=now)}
+        return {
+            **pipeline_status(session, with_finals=False),
+            **pages.overview(session, now=now),
+        }
 
     data = await db(read)
     flower = f"{request.url.scheme}://{request.url.hostname}:{FLOWER_PORT}/"

@@ -179,7 +179,8 @@ class DeadLetterReason(StrEnum):
 
     ERROR = "error"  # not transient: it would fail the same way again
     RETRIES_EXHAUSTED = "retries_exhausted"  # transient, but still failing after every retry
-    # Started more than TASK_MAX_RETRIES + 1 times without finishing (its worker died each time).
+    # Started more than TASK_MAX_RETRIES + 1 times without finishing (its process ended each
+    # time: killed, or stopped at TASK_TIME_LIMIT's hard limit, which the soft one did not reach).
     TOO_MANY_ATTEMPTS = "too_many_attempts"
     # Outlived TASK_TIME_LIMIT's soft limit on its last attempt (a hung query or service).
     TIME_LIMIT = "time_limit"

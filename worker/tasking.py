@@ -202,7 +202,11 @@ class GrassrootsTask(Task):  # type: ignore[type-arg]
         if attempts is None:
             return None  # already done, held, dead or gone: a redelivery has nothing to do
         if attempts > most:
-            error = RuntimeError(f"started {attempts - 1} times without finishing")
+            # Each ended with its process: killed, or stopped at the hard time limit.
+            error = RuntimeError(
+                f"started {attempts - 1} times without finishing (its process ended each time:"
+                " killed, or stopped at TASK_TIME_LIMIT)"
+            )
             self._dead_letter(
                 ledger, args, kwargs, error, DeadLetterReason.TOO_MANY_ATTEMPTS, attempts
             )

@@ -16,7 +16,13 @@ import pytest
 from tests.support.cli import grassroots, tree
 from tests.support.stack import OPS_TOKEN, spare_port
 from worker import listeners, run
-from worker.settings import load_settings
+from worker.settings import home_secrets, load_settings
+
+
+def other_ports(*given: str) -> list[str]:
+    """Spare ports for the listeners of `grassroots run` a test does not choose."""
+    options = [o for o in ("--port", "--ops-port", "--flower-port") if o not in given]
+    return [word for option in options for word in (option, str(spare_port()))]
 
 
 @pytest.fixture
@@ -31,7 +37,7 @@ def taken() -> Iterator[int]:
 def test_run_refuses_a_taken_receiver_port_before_starting_anything(
     tmp_path: Path, taken: int
 ) -> None:
-    result = grassroots(tmp_path, "run", "--port", str(taken), "--flower-port", str(spare_port()))
+    result = grassroots(tmp_path, "run", "--port", str(taken), *other_ports("--port"))
 
     assert result.returncode == 1
     assert result.stderr == (
@@ -45,7 +51,7 @@ def test_run_refuses_a_taken_receiver_port_before_starting_anything(
 def test_run_refuses_a_taken_flower_port_before_starting_anything(
     tmp_path: Path, taken: int
 ) -> None:
-    result = grassroots(tmp_path, "run", "--port", str(spare_port()), "--flower-port", str(taken))
+    result = grassroots(tmp_path, "run", "--flower-port", str(taken), *other_ports("--flower-port"))
 
     assert result.returncode == 1
     assert result.stderr == (
@@ -56,18 +62,21 @@ def test_run_refuses_a_taken_flower_port_before_starting_anything(
     assert tree(tmp_path) == []
 
 
+def test_run_refuses_a_taken_ops_port_before_starting_anything(tmp_path: Path, taken: int) -> None:
+    result = grassroots(tmp_path, "run", "--ops-port", str(taken), *other_ports("--ops-port"))
+
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"grassroots: port {taken} (the ops API and console) is already in use on 127.0.0.1:"
+        " another `grassroots run` may be running; stop it, or pick another port with --ops-port\n"
+    )
+    assert tree(tmp_path) == []
+
+
 def test_run_refuses_a_broker_port_taken_by_something_that_is_not_redis(
     tmp_path: Path, taken: int
 ) -> None:
-    result = grassroots(
-        tmp_path,
-        "run",
-        "--port",
-        str(spare_port()),
-        "--flower-port",
-        str(spare_port()),
-        BROKER_URL=f"redis://127.0.0.1:{taken}/0",
-    )
+    result = grassroots(tmp_path, "run", *other_ports(), BROKER_URL=f"redis://127.0.0.1:{taken}/0")
 
     assert result.returncode == 1
     assert result.stderr == (
@@ -78,13 +87,19 @@ def test_run_refuses_a_broker_port_taken_by_something_that_is_not_redis(
     assert tree(tmp_path) == []
 
 
-def test_the_receiver_and_flower_cannot_share_a_port(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [("--port", "--flower-port"), ("--port", "--ops-port"), ("--ops-port", "--flower-port")],
+)
+def test_the_receiver_ops_listener_and_flower_cannot_share_a_port(
+    tmp_path: Path, one: str, other: str
+) -> None:
     port = str(spare_port())
 
-    result = grassroots(tmp_path, "run", "--port", port, "--flower-port", port)
+    result = grassroots(tmp_path, "run", one, port, other, port, *other_ports(one, other))
 
     assert result.returncode == 2
-    assert "--port and --flower-port must differ" in result.stderr
+    assert "--port, --ops-port and --flower-port must differ" in result.stderr
     assert tree(tmp_path) == []
 
 
@@ -152,6 +167,31 @@ def test_a_later_run_uses_the_kept_secrets_unless_the_environment_sets_one(
         f"run | webhook secret: {tmp_path / 'webhook-secret'}\nrun | ops token: from OPS_TOKEN\n"
         f"run | flower basic auth: {tmp_path / 'flower-basic-auth'}\n"
     )
+
+
+def test_a_private_redis_password_is_generated_once_and_its_url_kept_for_the_commands(
+    tmp_path: Path, no_chmod: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = {"BROKER_URL": "redis://127.0.0.1:6390/2"}
+    password = run._private_password(tmp_path, env)
+
+    assert password == (tmp_path / "redis-password").read_text().strip()
+    assert len(password) >= 32
+    assert env["BROKER_URL"] == f"redis://:{password}@127.0.0.1:6390/2"
+    for name in ("redis-password", "broker-url"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600
+    assert (tmp_path / "broker-url").read_text().strip() == env["BROKER_URL"]
+    assert password not in capsys.readouterr().out
+    # The commands run from here take BROKER_URL from the home while it is unset.
+    assert home_secrets(tmp_path, {})["BROKER_URL"] == env["BROKER_URL"]
+    assert "BROKER_URL" not in home_secrets(tmp_path, {"BROKER_URL": "redis://elsewhere/0"})
+
+    # Again: the same password. A URL with a password of its own keeps it.
+    assert run._private_password(tmp_path, {}) == password
+    own = {"BROKER_URL": "redis://:p%40ss%22word@127.0.0.1:6390/0"}
+    assert run._private_password(tmp_path, own) == 'p@ss"word'
+    assert (tmp_path / "broker-url").read_text().strip() == own["BROKER_URL"]
+    assert run.redis_config('p@ss"word') == 'requirepass "p@ss\\"word"\n'
 
 
 def test_make_run_passes_its_arguments_to_grassroots_run() -> None:

@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 import click
 import pytest
+import redis
 import yaml
 from celery import Celery
 from pydantic import (
@@ -40,6 +41,7 @@ from pydantic import (
     model_validator,
 )
 
+from tests.support.process_logs import register
 from tests.support.stack import (
     BIN,
     FLOWER_BASIC_AUTH,
@@ -47,6 +49,7 @@ from tests.support.stack import (
     SECRET,
     serving,
     spare_port,
+    wait_until,
 )
 from worker.celery_app import build_config, check_safe
 from worker.cli import main as cli
@@ -64,6 +67,7 @@ OUR_SERVICES = ("migrate", *PROCESSES)
 # What compose must refuse to start without; test values for the rest of this module.
 SECRETS = {
     "POSTGRES_PASSWORD": "pg-password",
+    "REDIS_PASSWORD": "redis-password-for-tests",
     "WEBHOOK_SECRETS": SECRET,
     "OPS_TOKEN": OPS_TOKEN,
     "FLOWER_BASIC_AUTH": FLOWER_BASIC_AUTH,
@@ -198,10 +202,39 @@ def test_service_command_is_one_the_installed_cli_accepts(name: str) -> None:
     cmd.make_context(shlex.join(path), list(options), parent=ctx)
 
 
-def test_receiver_serves_http_on_every_interface_of_its_container() -> None:
+def test_receiver_serves_the_webhook_and_the_ops_api_on_two_listeners() -> None:
     path, options = split_command(command("receiver"))
     assert path == ["serve"]
-    assert options == ["--host", EVERY_INTERFACE, "--port", "8000"]
+    # Every interface of its container: beyond it, only what is published is reached.
+    assert options == [
+        *("--host", EVERY_INTERFACE, "--port", "8000"),
+        *("--ops-host", EVERY_INTERFACE, "--ops-port", "8001"),
+    ]
+
+
+def published(name: str) -> list[str]:
+    """A service's published ports, in the short form (``[HOST_IP:]PUBLISHED:TARGET``)."""
+    ports = resolved(service(name).get("ports", []))
+    assert all(isinstance(p, str) for p in ports), f"{name}: write ports in the short form"
+    return [str(p) for p in ports]
+
+
+def test_nothing_but_the_webhook_listener_is_published() -> None:
+    assert published("receiver") == ["8000:8000"]
+    # On loopback only, and only with the monitoring profile: Prometheus and Grafana.
+    for name in compose()["services"]:
+        if name not in ("receiver", *MONITORING):
+            assert published(name) == [], f"{name} is published"
+    # The ops listener, Flower and Redis are reached on the compose network.
+    assert "8001:" not in str(published("receiver"))
+
+
+def test_redis_requires_a_password_and_every_process_gives_it() -> None:
+    assert service("redis")["secrets"] == ["redis_password"]
+    assert compose()["secrets"]["redis_password"] == {"environment": "REDIS_PASSWORD"}
+    for name in OUR_SERVICES:
+        broker = urlsplit(environment(name)["BROKER_URL"])
+        assert broker.password == SECRETS["REDIS_PASSWORD"], name
 
 
 def test_flower_listens_beyond_loopback_so_it_requires_basic_auth() -> None:
@@ -225,20 +258,32 @@ def test_application_reads_every_spec_variable() -> None:
     assert not missing, f"grassroots never reads {sorted(missing)}"
 
 
+def readme_settings() -> list[str]:
+    """The variables of the README's configuration table."""
+    section = (ROOT / "README.md").read_text().split("## Configuration", 1)[1].split("\n## ")[0]
+    return re.findall(r"^\| `([A-Z][A-Z0-9_]+)` \|", section, re.M)
+
+
+def test_the_readme_table_is_every_setting_the_application_reads() -> None:
+    assert sorted(readme_settings()) == sorted(ENVIRONMENT_VARIABLES)
+
+
 @pytest.mark.parametrize("name", PROCESSES)
-def test_every_spec_variable_reaches_every_process(name: str) -> None:
-    missing = set(spec_variables()) - set(environment(name))
+def test_every_setting_reaches_every_process(name: str) -> None:
+    settings = {*spec_variables(), *readme_settings(), *ENVIRONMENT_VARIABLES}
+    missing = settings - set(environment(name))
     assert not missing, f"{name} does not get {sorted(missing)}"
 
 
 def test_each_variable_is_overridable_by_its_own_name_and_secrets_have_no_default() -> None:
     for key, value in service("receiver")["environment"].items():
-        if key == "DATABASE_URL":
-            continue  # made from POSTGRES_PASSWORD, the one secret it shares with postgres
+        if key in ("DATABASE_URL", "BROKER_URL"):
+            continue  # made of POSTGRES_PASSWORD and REDIS_PASSWORD, shared with their servers
         operator = ":?" if key in SECRETS else ":-"
         assert value.startswith(f"${{{key}{operator}") and value.endswith("}"), f"{key}: {value}"
     url = service("receiver")["environment"]["DATABASE_URL"]
     assert "${POSTGRES_PASSWORD:?" in url
+    assert "${REDIS_PASSWORD:?" in service("receiver")["environment"]["BROKER_URL"]
     assert service("postgres")["environment"]["POSTGRES_PASSWORD"].startswith(
         "${POSTGRES_PASSWORD:?"
     )
@@ -279,7 +324,7 @@ def test_defaults_are_the_spec_defaults_and_pass_the_worker_safety_check(
     assert settings.database_url == (
         "postgresql+psycopg://grassroots:pg-password@postgres:5432/grassroots"
     )
-    assert settings.broker_url == "redis://redis:6379/0"
+    assert settings.broker_url == "redis://:redis-password-for-tests@redis:6379/0"
     assert settings.clever_api_base == "https://api.clever.com"
     assert settings.clever_district_tokens == ()
     assert settings.retention_days == 30
@@ -287,6 +332,10 @@ def test_defaults_are_the_spec_defaults_and_pass_the_worker_safety_check(
     assert settings.lock_timeout_ms == 5000
     assert settings.task_max_retries == 8
     assert settings.retry_backoff_max == 600
+    assert settings.task_time_limit == 1800
+    assert settings.statement_timeout_ms == 300_000
+    assert (settings.heartbeat_interval, settings.heartbeat_max_age) == (30, 300)
+    assert settings.log_level == "INFO"
     app = Celery("compose-defaults", set_as_current=False)
     app.conf.update(build_config(settings))
     check_safe(app.conf, settings)
@@ -308,8 +357,9 @@ def test_processes_reach_postgres_and_redis_by_their_service_names() -> None:
 
 def test_redis_keeps_queued_tasks_on_disk_and_never_evicts_them() -> None:
     words = command("redis")
-    assert words[0] == "redis-server"
-    options = dict(zip(words[1::2], words[2::2], strict=True))
+    # Its configuration from stdin first (the password), then these.
+    assert words[:2] == ["redis-server", "-"]
+    options = dict(zip(words[2::2], words[3::2], strict=True))
     assert options["--appendonly"] == "yes"
     assert options["--maxmemory-policy"] == "noeviction"
     assert any(volume.endswith(":/data") for volume in service("redis")["volumes"])
@@ -321,10 +371,70 @@ def test_redis_keeps_queued_tasks_on_disk_and_never_evicts_them() -> None:
 def test_postgres_redis_receiver_and_flower_have_healthchecks() -> None:
     postgres = resolved(service("postgres")["healthcheck"]["test"])
     assert postgres[:2] == ["CMD", "pg_isready"]
-    assert resolved(service("redis")["healthcheck"]["test"]) == ["CMD", "redis-cli", "ping"]
+    assert resolved(service("redis")["healthcheck"]["test"])[0] == "CMD-SHELL"
     for name, path in (("receiver", "/healthz"), ("flower", "/healthcheck")):
         port = command(name)[command(name).index("--port") + 1]
         assert f"http://127.0.0.1:{port}{path}'" in healthcheck_code(name)
+
+
+def _redis_as_compose_runs_it(
+    tmp_path: Path, password: str
+) -> tuple[subprocess.Popen[bytes], int, Callable[[str], str]]:
+    """The redis service's entrypoint and command for real, here: the image's entrypoint stands
+    aside (``env``), its secret is a file of ours, and it listens on a spare loopback port."""
+    secret = tmp_path / "redis_password"
+    secret.write_text(password)  # as compose writes a secret from the environment
+    port = spare_port()
+
+    def here(script: str) -> str:
+        script = script.replace("/run/secrets/redis_password", str(secret))
+        return script.replace("docker-entrypoint.sh", "env").replace(
+            "redis-cli ping", f"redis-cli -p {port} ping"
+        )
+
+    shell, flag, script, name = resolved(service("redis")["entrypoint"])
+    words = [*command("redis"), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path)]
+    log = tmp_path / "redis.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [shell, flag, here(script), name, *words], stdout=out, stderr=subprocess.STDOUT
+        )
+    register("redis as compose runs it", log, proc)
+    return proc, port, here
+
+
+@pytest.mark.slow
+def test_redis_as_compose_runs_it_requires_the_secrets_password_never_on_a_command_line(
+    tmp_path: Path,
+) -> None:
+    password = SECRETS["REDIS_PASSWORD"]
+    proc, port, here = _redis_as_compose_runs_it(tmp_path, password)
+    try:
+        with redis.Redis(port=port, password=password) as client:
+            wait_until(lambda: _pings(client), timeout=10, what="redis as compose runs it")
+            assert client.config_get("appendonly") == {"appendonly": "yes"}
+        with redis.Redis(port=port) as anonymous, pytest.raises(redis.AuthenticationError):
+            anonymous.ping()
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                assert password not in cmdline.read_text(errors="replace")
+            except OSError:
+                continue
+        # Its healthcheck passes with the secret, and fails with another password.
+        (check,) = resolved(service("redis")["healthcheck"]["test"])[1:]
+        assert subprocess.run(["sh", "-c", here(check)], check=False).returncode == 0
+        (tmp_path / "redis_password").write_text("not-the-password")
+        assert subprocess.run(["sh", "-c", here(check)], check=False).returncode != 0
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
 
 
 def test_worker_scales_out_with_no_fixed_name_or_host_port() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,10 +81,10 @@ def broker(workdir: Path) -> Iterator[RedisServer]:
         server.stop()
 
 
-@pytest.fixture(scope="module")
-def flower(broker: RedisServer, workdir: Path) -> Iterator[Flower]:
+@contextmanager
+def running_flower(broker: RedisServer, workdir: Path) -> Iterator[Flower]:
     port = spare_port()
-    log = workdir / "flower.log"
+    log = workdir / f"flower-{port}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [str(BIN), "flower", "--address", "127.0.0.1", "--port", str(port)],
@@ -111,6 +112,12 @@ def flower(broker: RedisServer, workdir: Path) -> Iterator[Flower]:
     finally:
         if proc.poll() is None:
             terminate_group(proc, within=15)
+
+
+@pytest.fixture(scope="module")
+def flower(broker: RedisServer, workdir: Path) -> Iterator[Flower]:
+    with running_flower(broker, workdir) as running:
+        yield running
 
 
 @pytest.mark.parametrize("path", PROTECTED)
@@ -184,6 +191,16 @@ def test_flower_says_no_version_in_its_server_header(
     assert response.status_code == status
     assert "server" not in response.headers, response.headers["server"]
     assert "tornado" not in str(response.headers).lower()
+
+
+def test_flower_reads_queue_depths_from_a_redis_that_requires_a_password(tmp_path: Path) -> None:
+    with RedisServer(tmp_path, password="a-redis-password-for-flower") as guarded:
+        with redis.Redis.from_url(guarded.url) as client:
+            client.rpush("conversions", "x", "y")
+        with running_flower(guarded, tmp_path) as running:
+            assert running.queue_depths()["conversions"] == 2
+            log = next(tmp_path.glob("flower-*.log")).read_text()
+    assert "a-redis-password-for-flower" not in log
 
 
 def test_flower_reports_the_depth_of_each_named_queue(flower: Flower) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 
 from tests.support.cli import no_stack, tree
 from tests.support.process_logs import register
@@ -31,6 +32,7 @@ class Run:
     def __init__(self, cwd: Path) -> None:
         self.cwd = cwd
         self.port, self.flower, self.redis_port = spare_port(), spare_port(), spare_port()
+        self.ops = spare_port()
         # A shell that exports none of the application's variables: all defaults, but a broker
         # of the stack's own on a spare port.
         self.bare = {
@@ -47,6 +49,8 @@ class Run:
                     "run",
                     "--port",
                     str(self.port),
+                    "--ops-port",
+                    str(self.ops),
                     "--flower-port",
                     str(self.flower),
                 ],
@@ -132,13 +136,22 @@ def test_run_starts_everything_and_the_demo_converts_through_it(stack: Run) -> N
     token = (home / "ops-token").read_text().strip()
     user, password = stack.flower_credentials() or ("", "")
     assert secret.startswith("whsec_") and token and user and password
-    for name in ("webhook-secret", "ops-token", "flower-basic-auth"):
+    redis_password = (home / "redis-password").read_text().strip()
+    for name in ("webhook-secret", "ops-token", "flower-basic-auth", "redis-password"):
         assert stat.S_IMODE((home / name).stat().st_mode) == 0o600
         # Where each is kept is said, what it is never.
         assert f"run | generated the {name.replace('-', ' ')}: {home / name} (mode 600)" in (
             stack.output()
         )
-    for value in (secret, token, password):
+    # Its private redis requires that password; the URL with it is kept for the commands.
+    assert stat.S_IMODE((home / "broker-url").stat().st_mode) == 0o600
+    broker = f"redis://:{redis_password}@127.0.0.1:{stack.redis_port}/0"
+    assert (home / "broker-url").read_text().strip() == broker
+    with redis.Redis(port=stack.redis_port) as anonymous, pytest.raises(redis.AuthenticationError):
+        anonymous.ping()
+    with redis.Redis.from_url(broker) as client:
+        assert client.ping()
+    for value in (secret, token, password, redis_password):
         assert value not in stack.output()
         # Nor on any process's command line, which `ps` shows every user of the machine.
         for cmdline in command_lines():
@@ -160,7 +173,10 @@ def test_run_starts_everything_and_the_demo_converts_through_it(stack: Run) -> N
 
     # A second run beside it: refused before it makes or starts anything.
     second = stack.cli(
-        "run", "--port", str(stack.port), "--flower-port", str(stack.flower), env=stack.env
+        "run",
+        *("--port", str(stack.port), "--ops-port", str(stack.ops)),
+        *("--flower-port", str(stack.flower)),
+        env=stack.env,
     )
     assert second.returncode == 1
     assert second.stderr == (
@@ -173,8 +189,15 @@ def test_run_starts_everything_and_the_demo_converts_through_it(stack: Run) -> N
     # On ports of its own, found from the same directory with no --url: the run recorded them.
     assert json.loads((home / "listeners.json").read_text()) == {
         "receiver": f"http://127.0.0.1:{stack.port}",
+        "ops": f"http://127.0.0.1:{stack.ops}",
         "flower": f"http://127.0.0.1:{stack.flower}",
     }
+    # The webhook's listener serves nothing else; the ops API is on its own, on loopback.
+    auth = {"Authorization": f"Bearer {token}"}
+    receiver, ops = f"http://127.0.0.1:{stack.port}", f"http://127.0.0.1:{stack.ops}"
+    assert httpx.get(f"{receiver}/ops/status", headers=auth, timeout=10).status_code == 404
+    assert httpx.get(f"{ops}/ops/status", headers=auth, timeout=10).status_code == 200
+    assert httpx.get(f"{ops}/metrics", headers=auth, timeout=10).status_code == 200
     demo = stack.cli("demo")
     assert demo.returncode == 0, demo.stderr
     # It counts what it seeded as `seed` does, in the same words.
@@ -222,6 +245,8 @@ def test_the_cli_in_another_shell_finds_the_stack_from_its_directory(stack: Run)
     status = stack.cli("status", "--json")
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["events"]["ignored"] == 1
+    # Its broker too: the private redis, with the password the home keeps.
+    assert json.loads(status.stdout)["broker"] == "ok"
 
     # From another directory: no stack there, and nothing made there; --home names this one.
     elsewhere = stack.cwd / "elsewhere"

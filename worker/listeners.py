@@ -16,9 +16,14 @@ from pathlib import Path
 from worker.settings import ConfigError
 
 LISTENERS_FILE = "listeners.json"
-RECEIVER, FLOWER = "receiver", "flower"
+# The webhook's listener, the ops API's and console's, Flower's.
+RECEIVER, OPS, FLOWER = "receiver", "ops", "flower"
 # Where `grassroots run` listens unless told otherwise (SPEC §5.6).
-DEFAULTS = {RECEIVER: "http://127.0.0.1:8000", FLOWER: "http://127.0.0.1:5555"}
+DEFAULTS = {
+    RECEIVER: "http://127.0.0.1:8000",
+    OPS: "http://127.0.0.1:8001",
+    FLOWER: "http://127.0.0.1:5555",
+}
 WEBHOOK_PATH = "/webhooks/clever"
 
 

@@ -2,12 +2,15 @@
 
 Its state is kept under the home (GRASSROOTS_HOME or ``--home``, default ./var): the SQLite
 database, the generated webhook secret, ops token and Flower's basic auth, beat's schedule, a
-private redis's files. Secrets reach the children through their environment, never their
-command lines (which ``ps`` shows to every user of the machine).
+private redis's files and password. Secrets reach the children through their environment (the
+private redis's password through its stdin), never their command lines (which ``ps`` shows to
+every user of the machine).
 Ports are checked first: a port taken (by another stack, most likely) refuses the run before
 anything starts. Then migrations, and the receiver, a worker, beat and Flower as child processes,
 their output prefixed by name. If no Redis answers at BROKER_URL and ``redis-server`` is
-installed, a private one is started under the home and stopped with the rest. Ctrl-C stops every
+installed, a private one is started under the home, requiring a password, and stopped with the
+rest: BROKER_URL's password, else one generated once in the home; BROKER_URL with it is kept in
+the home too (``broker-url``), where commands run from here find it. Ctrl-C stops every
 child; a child that dies is reported and takes the stack down with it, rather than being silently
 lost.
 """
@@ -27,12 +30,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import click
 
-from worker.listeners import FLOWER, RECEIVER, base_url, record
-from worker.settings import HOME_SECRETS, get_settings, home_secrets
+from worker.listeners import FLOWER, OPS, RECEIVER, base_url, record
+from worker.settings import DEFAULT_BROKER_URL, HOME_SECRETS, get_settings, home_secrets
 from worker.signing import generate_secret
 
 
@@ -52,25 +55,57 @@ MAKE_SECRET: dict[str, Callable[[], str]] = {
 }
 
 
+# The private redis's password, generated once when BROKER_URL names none.
+REDIS_PASSWORD_FILE = "redis-password"  # noqa: S105 (a file name)
+
+
 def redis_server_argv(
-    port: int, directory: Path, *, persistent: bool, executable: str = "redis-server"
+    port: int,
+    directory: Path,
+    *,
+    persistent: bool,
+    executable: str = "redis-server",
+    config_on_stdin: bool = False,
 ) -> list[str]:
     """A redis-server listening on loopback only. Persistent for ``grassroots run`` (an
     append-only file, and refusing writes rather than evicting queued tasks when full); otherwise
-    it keeps nothing on disk (tests and benchmarks)."""
+    it keeps nothing on disk (tests and benchmarks). With ``config_on_stdin`` it reads its
+    configuration from stdin first (``redis_config``: the password, which on its command line
+    ``ps`` would show every user)."""
     keep = (
         ["--appendonly", "yes", "--maxmemory-policy", "noeviction"]
         if persistent
         else ["--save", "", "--appendonly", "no"]
     )
-    return [executable, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory), *keep]
+    config = ["-"] if config_on_stdin else []
+    return [
+        executable,
+        *config,
+        *("--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory)),
+        *keep,
+    ]
+
+
+def redis_config(password: str) -> str:
+    """The configuration that makes a redis-server require ``password`` (a quoted string)."""
+    quoted = password.replace("\\", "\\\\").replace('"', '\\"')
+    return f'requirepass "{quoted}"\n'
+
+
+def with_password(url: str, password: str) -> str:
+    """``url`` (a redis:// URL) with ``password`` in it."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    netloc = f":{quote(password, safe='')}@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def _answers(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5) as s:
             s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
+            # A Redis that requires a password answers too.
+            return s.recv(16).startswith((b"+PONG", b"-NOAUTH"))
     except OSError:
         return False
 
@@ -93,10 +128,11 @@ def _refuse(message: str) -> int:
     return 1
 
 
-def _ports_refusal(host: str, port: int, flower_port: int) -> str | None:
+def _ports_refusal(host: str, port: int, ops_port: int, flower_port: int) -> str | None:
     """The first port the stack needs that it cannot have, as a one-line refusal."""
     for what, option, address, number in (
         ("the receiver", "--port", host, port),
+        ("the ops API and console", "--ops-port", "127.0.0.1", ops_port),
         ("Flower", "--flower-port", "127.0.0.1", flower_port),
     ):
         problem = _port_problem(address, number)
@@ -123,12 +159,21 @@ def _new_secret(path: Path, value: str) -> None:
         out.write(value + "\n")
 
 
+def _replace_secret(path: Path, value: str) -> None:
+    """Write a secret file whole, mode 600 from its creation, in place of the one there."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.unlink(missing_ok=True)
+    _new_secret(partial, value)
+    partial.replace(path)
+
+
 def _stack_secrets(home: Path, env: dict[str, str]) -> str | None:
     """Fill ``env`` with the stack's secrets, generating under the home those that neither the
     environment nor the home has, and say where each comes from (never its value). A refusal
     message if one cannot be had."""
     kept = home_secrets(home, {})
-    for name, file in HOME_SECRETS.items():
+    for name in MAKE_SECRET:
+        file = HOME_SECRETS[name]
         what, path = file.replace("-", " "), home / file
         if env.get(name) and env[name] != kept.get(name):
             click.echo(f"run | {what}: from {name}")
@@ -144,17 +189,24 @@ def _stack_secrets(home: Path, env: dict[str, str]) -> str | None:
 
 
 class Child:
-    def __init__(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+    def __init__(
+        self, name: str, argv: list[str], env: dict[str, str], *, stdin: str | None = None
+    ) -> None:
         self.name = name
         self.proc = subprocess.Popen(
             argv,
             env=env,
+            stdin=None if stdin is None else subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             bufsize=1,
             start_new_session=True,
         )
+        if stdin is not None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(stdin)
+            self.proc.stdin.close()
         self.thread = threading.Thread(target=self._pump, args=(self.proc.stdout,), daemon=True)
         self.thread.start()
 
@@ -186,13 +238,15 @@ def _where_the_cli_finds_it(home: Path) -> str:
     return where
 
 
-def run_stack(*, host: str = "127.0.0.1", port: int = 8000, flower_port: int = 5555) -> int:
+def run_stack(
+    *, host: str = "127.0.0.1", port: int = 8000, ops_port: int = 8001, flower_port: int = 5555
+) -> int:
     # Everything that can refuse the run does so before anything is made or started.
-    refusal = _ports_refusal(host, port, flower_port)
+    refusal = _ports_refusal(host, port, ops_port, flower_port)
     if refusal is not None:
         return _refuse(refusal)
     env = dict(os.environ)
-    broker = urlsplit(env.get("BROKER_URL") or "redis://127.0.0.1:6379/0")
+    broker = urlsplit(env.get("BROKER_URL") or DEFAULT_BROKER_URL)
     broker_port = broker.port or 6379
     redis_server = None
     if not _answers(broker.hostname or "127.0.0.1", broker_port):
@@ -216,7 +270,7 @@ def run_stack(*, host: str = "127.0.0.1", port: int = 8000, flower_port: int = 5
     click.echo(f"run | {_where_the_cli_finds_it(home)}")
     children: list[Child] = []
     if redis_server is not None:
-        redis = _start_redis(redis_server, broker_port, home, env)
+        redis = _start_redis(redis_server, broker_port, home, env, _private_password(home, env))
         if redis is None:
             return 1
         children.append(redis)
@@ -225,18 +279,23 @@ def run_stack(*, host: str = "127.0.0.1", port: int = 8000, flower_port: int = 5
         for child in children:
             child.stop()
         return upgrade.returncode
+    serve = ["serve", "--host", host, "--port", str(port), "--ops-port", str(ops_port)]
     children += [
-        Child("serve", [*CLI, "serve", "--host", host, "--port", str(port)], env),
+        Child("serve", [*CLI, *serve], env),
         Child("worker", [*CLI, "worker"], env),
         Child("beat", [*CLI, "beat"], env),
         Child("flower", [*CLI, "flower", "--port", str(flower_port)], env),
     ]
     # Recorded in the home: `demo` and `send-webhook` run from here post where this stack listens.
-    listening = {RECEIVER: base_url(host, port), FLOWER: base_url("127.0.0.1", flower_port)}
+    listening = {
+        RECEIVER: base_url(host, port),
+        OPS: base_url("127.0.0.1", ops_port),
+        FLOWER: base_url("127.0.0.1", flower_port),
+    }
     where = record(home, listening)
     click.echo(
-        f"run | receiver {listening[RECEIVER]}  Flower {listening[FLOWER]}"
-        f"  (recorded in {where}; Ctrl-C stops everything)"
+        f"run | receiver {listening[RECEIVER]}  ops API and console {listening[OPS]}"
+        f"  Flower {listening[FLOWER]}  (recorded in {where}; Ctrl-C stops everything)"
     )
     return _supervise(children)
 
@@ -245,11 +304,37 @@ def run_stack(*, host: str = "127.0.0.1", port: int = 8000, flower_port: int = 5
 CLI = [sys.executable, "-m", "worker.cli"]
 
 
-def _start_redis(executable: str, port: int, home: Path, env: dict[str, str]) -> Child | None:
-    click.echo(f"run | starting a private redis-server on port {port}")
-    child = Child(
-        "redis", redis_server_argv(port, home, persistent=True, executable=executable), env
+def _private_password(home: Path, env: dict[str, str]) -> str:
+    """The password the private redis requires: BROKER_URL's, else the home's (generated once).
+    ``env``'s BROKER_URL gets it, and the home keeps that URL for the commands run from here."""
+    url = env.get("BROKER_URL") or DEFAULT_BROKER_URL
+    password = unquote(urlsplit(url).password or "")
+    if not password:
+        path = home / REDIS_PASSWORD_FILE
+        if not path.exists():
+            _new_secret(path, secrets.token_urlsafe(32))
+            click.echo(f"run | generated the redis password: {path} (mode 600)")
+        password = path.read_text().strip()
+        url = with_password(url, password)
+        if os.environ.get("BROKER_URL"):
+            click.echo(
+                "run | BROKER_URL names no password: commands run from here find the one the"
+                f" private redis requires in {home / HOME_SECRETS['BROKER_URL']} once BROKER_URL"
+                " is unset"
+            )
+    env["BROKER_URL"] = url
+    _replace_secret(home / HOME_SECRETS["BROKER_URL"], url)
+    return password
+
+
+def _start_redis(
+    executable: str, port: int, home: Path, env: dict[str, str], password: str
+) -> Child | None:
+    click.echo(f"run | starting a private redis-server on port {port}, requiring a password")
+    argv = redis_server_argv(
+        port, home, persistent=True, executable=executable, config_on_stdin=True
     )
+    child = Child("redis", argv, env, stdin=redis_config(password))
     deadline = time.monotonic() + 10
     while not _answers("127.0.0.1", port):
         if time.monotonic() > deadline or child.proc.poll() is not None:

@@ -29,6 +29,8 @@ HOME_SECRETS = {
     "WEBHOOK_SECRETS": "webhook-secret",
     "OPS_TOKEN": "ops-token",
     "FLOWER_BASIC_AUTH": "flower-basic-auth",
+    # Only when `grassroots run` started a private redis: its URL, with the password it requires.
+    "BROKER_URL": "broker-url",
 }
 # The least a configured secret may hold: anything shorter can be guessed, or brute-forced offline
 # from one signed request. 24 bytes of webhook key is the Standard Webhooks recommendation.
@@ -37,7 +39,14 @@ MIN_OPS_TOKEN_CHARS = 24
 MIN_FLOWER_PASSWORD_CHARS = 16
 # Their values never appear in an error message.
 SECRET_VARIABLES = frozenset(
-    {"WEBHOOK_SECRETS", "OPS_TOKEN", "FLOWER_BASIC_AUTH", "CLEVER_DISTRICT_TOKENS", "DATABASE_URL"}
+    {
+        "WEBHOOK_SECRETS",
+        "OPS_TOKEN",
+        "FLOWER_BASIC_AUTH",
+        "CLEVER_DISTRICT_TOKENS",
+        "DATABASE_URL",
+        "BROKER_URL",
+    }
 )
 
 

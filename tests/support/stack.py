@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import httpx
 
 from tests.support.process_logs import register
-from worker.run import redis_server_argv
+from worker.run import redis_config, redis_server_argv, with_password
 from worker.signing import signed_headers
 
 T = TypeVar("T")
@@ -66,35 +66,57 @@ def terminate_group(proc: subprocess.Popen[Any], *, within: float) -> bool:
 
 
 class RedisServer:
+    """A private redis-server on a spare port; with ``password``, it requires it (given on its
+    stdin, as `grassroots run` gives it)."""
+
     def __init__(
-        self, directory: Path, port: int | None = None, *, persistent: bool = False
+        self,
+        directory: Path,
+        port: int | None = None,
+        *,
+        persistent: bool = False,
+        password: str | None = None,
     ) -> None:
         self.directory = directory
         self.port = port or spare_port()
         # As `grassroots run` and compose keep it: an append-only file, so a restart keeps data.
         self.persistent = persistent
+        self.password = password
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        url = f"redis://127.0.0.1:{self.port}/0"
+        return url if self.password is None else with_password(url, self.password)
 
     def start(self) -> None:
         log = self.directory / f"redis-{self.port}.log"
+        argv = redis_server_argv(
+            self.port,
+            self.directory,
+            persistent=self.persistent,
+            config_on_stdin=self.password is not None,
+        )
         with log.open("ab") as out:
             self.proc = subprocess.Popen(
-                redis_server_argv(self.port, self.directory, persistent=self.persistent),
+                argv,
+                stdin=None if self.password is None else subprocess.PIPE,
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
+        if self.password is not None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(redis_config(self.password).encode())
+            self.proc.stdin.close()
         register(f"redis-server :{self.port}", log, self.proc)
         wait_until(self.ping, timeout=10, what=f"redis on {self.port}")
 
     def ping(self) -> bool:
+        auth = b"" if self.password is None else f"AUTH {self.password}\r\n".encode()
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
+                s.sendall(auth + b"PING\r\n")
+                return s.recv(16).endswith(b"+PONG\r\n")
         except OSError:
             return False
 

@@ -209,13 +209,20 @@ def flower(address: str, port: int) -> None:
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option(
+    "--ops-port",
+    default=8001,
+    show_default=True,
+    type=click.IntRange(1, 65535),
+    help="The ops API, the console and /metrics, on 127.0.0.1 whatever --host says.",
+)
 @click.option("--flower-port", default=5555, show_default=True, type=click.IntRange(1, 65535))
-def run(host: str, port: int, flower_port: int) -> None:
+def run(host: str, port: int, ops_port: int, flower_port: int) -> None:
     """Run the whole local stack: migrations, receiver, worker, beat and Flower. Its state (the
     SQLite database, generated secrets, schedule, a private redis) is kept under the home."""
-    if port == flower_port:
-        raise click.UsageError("--port and --flower-port must differ")
-    sys.exit(run_stack(host=host, port=port, flower_port=flower_port))
+    if len({port, ops_port, flower_port}) < 3:
+        raise click.UsageError("--port, --ops-port and --flower-port must differ")
+    sys.exit(run_stack(host=host, port=port, ops_port=ops_port, flower_port=flower_port))
 
 
 @click.command()

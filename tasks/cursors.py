@@ -50,7 +50,9 @@ def _locked(session: Session, district_id: str) -> PollCursor:
     return row
 
 
-def begin(session: Session, district_id: str, fingerprint: str, *, from_start: bool) -> CursorStart:
+def begin_pass(
+    session: Session, district_id: str, fingerprint: str, *, from_start: bool
+) -> CursorStart:
     """A pass begins: the district's cursor row (made on its first pass), noticing a new token
     (``fingerprint``, its SHA-256), which lifts a disconnection."""
     now = utcnow()
@@ -71,7 +73,7 @@ def begin(session: Session, district_id: str, fingerprint: str, *, from_start: b
     )
 
 
-def advance(
+def move_past_page(
     session: Session, district_id: str, *, expected: str | None, cursor: str, new: int
 ) -> bool:
     """Move the cursor past a page whose ``new`` events are stored in this transaction, from

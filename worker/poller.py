@@ -152,11 +152,13 @@ class CursorMoved(Exception):
     """Another poller committed past the cursor this one started from."""
 
 
-def _begin(
+def _begin_pass(
     session_factory: SessionFactory, token: DistrictToken, *, from_start: bool
 ) -> cursors.CursorStart:
     with session_factory() as session:
-        start = cursors.begin(session, token.district_id, token.fingerprint, from_start=from_start)
+        start = cursors.begin_pass(
+            session, token.district_id, token.fingerprint, from_start=from_start
+        )
     if start.reconnected:
         log.warning("district %s has a new token: polling it again", token.district_id)
     return start
@@ -193,7 +195,9 @@ def _commit_page(
                 new += 1
                 if stored.status == EventStatus.ACCEPTED:
                     fresh.append(stored.event_id)
-        if not cursors.advance(session, district_id, expected=expected, cursor=cursor, new=new):
+        if not cursors.move_past_page(
+            session, district_id, expected=expected, cursor=cursor, new=new
+        ):
             raise CursorMoved(district_id)
     return fresh, new, bad
 
@@ -210,7 +214,7 @@ def poll_district(
     cursor row); a database error propagates."""
     options = options or PollOptions()
     district_id = token.district_id
-    start = _begin(session_factory, token, from_start=from_start)
+    start = _begin_pass(session_factory, token, from_start=from_start)
     if start.status != PollStatus.OK and not from_start:
         return PollResult(district_id, PollOutcome.SKIPPED, cursor=start.cursor, error=start.status)
     result = PollResult(district_id, PollOutcome.POLLED, cursor=start.cursor)
@@ -232,10 +236,10 @@ def poll_district(
                 send=enqueue,
             )
         except CleverUnauthorized as exc:
-            return _unauthorized(session_factory, options, result, exc)
+            return _token_refused(session_factory, options, result, exc)
         except CleverNotFound as exc:
             if result.cursor is None:
-                return _failed(session_factory, result, exc)
+                return _pass_failed(session_factory, result, exc)
             return _resync_needed(session_factory, result, "cursor unknown to Clever (404)")
         except CursorMoved:
             log.info(
@@ -244,7 +248,7 @@ def poll_district(
             result.outcome = PollOutcome.RACED
             return result
         except (CleverError, httpx.HTTPError) as exc:
-            return _failed(session_factory, result, exc)
+            return _pass_failed(session_factory, result, exc)
     with session_factory() as session:
         cursors.succeeded(session, district_id)
     log.info(
@@ -309,7 +313,7 @@ def _read_feed(
         uri = page.next_uri
 
 
-def _unauthorized(
+def _token_refused(
     session_factory: SessionFactory, options: PollOptions, result: PollResult, exc: Exception
 ) -> PollResult:
     with session_factory() as session:
@@ -360,7 +364,9 @@ def _resync_needed(session_factory: SessionFactory, result: PollResult, why: str
     return result
 
 
-def _failed(session_factory: SessionFactory, result: PollResult, exc: BaseException) -> PollResult:
+def _pass_failed(
+    session_factory: SessionFactory, result: PollResult, exc: BaseException
+) -> PollResult:
     result.outcome, result.error = PollOutcome.FAILED, describe_error(exc)
     log.warning(
         "district %s: pass ended after %d page(s): %s; cursor stays at %s",

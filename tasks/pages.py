@@ -25,8 +25,7 @@ from models import (
     RosterEvent,
     UnitStatus,
 )
-from tasks import brake, deadletters, exits, operators, pauses, policy, status, view
-from tasks import reconcile as reconciling
+from tasks import brake, deadletters, exits, operators, pauses, policy, roster_syncs, status, view
 from tasks.errors import NotFound
 
 PAGE = 50
@@ -180,7 +179,7 @@ def district(session: Session, district_id: str) -> dict[str, Any]:
         "name": row.name,
         "status": row.status,
         "policy": policy.policy_of(row),
-        "last_sync": reconciling.latest(session, district_id),
+        "last_sync": roster_syncs.latest(session, district_id),
         "preview": preview,
         "exit": shown,
         "stalled": shown is not None and shown["status"] == exits.STALLED,

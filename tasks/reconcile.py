@@ -7,8 +7,8 @@ the inbox as the Clever event it stands for (``sync:<sync id>:<type>:<object id>
 the pull started), and goes through the same rules, ordering fence, brake, retries, dead letters,
 replay and audit as any event. A sync that finds nothing changed writes nothing but its record.
 
-The pull itself (HTTP, paging, the feed position) is ``worker.sync``'s; this module only reads
-and writes the database.
+The pull itself (HTTP, paging, the feed position) is ``worker.sync``'s, the sync's record
+``tasks.roster_syncs``'; this module only reads and writes the database.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import sys
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from models import (
@@ -38,13 +38,11 @@ from models import (
     JournalEntry,
     JournalKind,
     Role,
-    RosterSync,
     RosterUser,
     SyncStatus,
     clever_role,
     platform_roles,
     roles_of,
-    utcnow,
 )
 from tasks import brake
 from tasks.conversion.rules import LOST
@@ -56,18 +54,9 @@ from tasks.roster import (
     upsert_sections,
     upsert_users,
 )
+from tasks.roster_syncs import CHANGE_KINDS, Report, finish
 from tasks.sql import existing_ids
 
-# What a report's "changes" counts, in SPEC §5.8's order.
-CHANGE_KINDS = (
-    "users_created",
-    "users_updated",
-    "users_deleted",
-    "roles_lost",
-    "sections_created",
-    "sections_updated",
-    "sections_deleted",
-)
 EMPTY_ROSTER = "empty_roster"
 SOURCE = "sync"
 
@@ -101,118 +90,6 @@ class Pull:
     users: dict[str, PulledUser]
     sections: dict[str, PulledSection]
     started_at: datetime
-
-
-@dataclass
-class Report:
-    """What a sync found (and, unless a dry run, did): SPEC §5.8's ``--json`` object."""
-
-    district: str
-    sync_id: str
-    status: str = SyncStatus.DONE
-    reason: str | None = None
-    pulled: dict[str, int] = field(default_factory=lambda: {"users": 0, "sections": 0})
-    changes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CHANGE_KINDS, 0))
-    held: int = 0
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-    # The inbox events it recorded, to send to the workers once committed.
-    events: list[str] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "district": self.district,
-            "sync_id": self.sync_id,
-            "status": self.status,
-            "reason": self.reason,
-            "pulled": self.pulled,
-            "changes": self.changes,
-            "held": self.held,
-        }
-
-
-# --------------------------------------------------------------------------------------------
-# The sync's record
-
-
-def begin(
-    session: Session, district_id: str, sync_id: str, *, trigger: str, dry_run: bool
-) -> RosterSync:
-    row = RosterSync(
-        id=sync_id,
-        district_id=district_id,
-        status=SyncStatus.RUNNING,
-        dry_run=dry_run,
-        trigger=trigger,
-        changes={},
-    )
-    session.add(row)
-    session.flush()
-    return row
-
-
-def fail(session: Session, sync_id: str, reason: str) -> None:
-    """The pull did not complete, or was refused: nothing is applied."""
-    session.execute(
-        update(RosterSync)
-        .where(RosterSync.id == sync_id)
-        .values(status=SyncStatus.FAILED, reason=reason, finished_at=utcnow())
-    )
-
-
-def record_position(session: Session, sync_id: str, position: str | None) -> None:
-    session.execute(
-        update(RosterSync).where(RosterSync.id == sync_id).values(feed_position=position)
-    )
-
-
-def resync_due(session: Session, district_id: str, *, now: datetime, every: timedelta) -> bool:
-    """Whether a district that needs a resync should get one now: none is running (one that
-    started over ``STALE`` ago was lost with its worker), and the last ended ``every`` ago."""
-    row = session.scalar(
-        select(RosterSync)
-        .where(RosterSync.district_id == district_id, RosterSync.dry_run.is_(False))
-        .order_by(RosterSync.started_at.desc())
-        .limit(1)
-    )
-    if row is None:
-        return True
-    if row.status == SyncStatus.RUNNING:
-        return row.started_at < now - STALE
-    return row.finished_at is None or row.finished_at < now - every
-
-
-# A sync running this long has been lost with its worker.
-STALE = timedelta(hours=1)
-
-
-def latest(session: Session, district_id: str) -> dict[str, Any] | None:
-    """The district's last sync, as ``sync --json`` prints it, with when it ran."""
-    row = session.scalar(
-        select(RosterSync)
-        .where(RosterSync.district_id == district_id)
-        .order_by(RosterSync.started_at.desc(), RosterSync.id)
-        .limit(1)
-    )
-    return None if row is None else describe(row)
-
-
-def describe(row: RosterSync) -> dict[str, Any]:
-    return {
-        **Report(
-            district=row.district_id,
-            sync_id=row.id,
-            status=row.status,
-            reason=row.reason,
-            pulled={"users": row.pulled_users, "sections": row.pulled_sections},
-            changes={kind: int(row.changes.get(kind, 0)) for kind in CHANGE_KINDS},
-            held=row.held,
-        ).as_dict(),
-        "dry_run": row.dry_run,
-        "trigger": row.trigger,
-        "started_at": row.started_at.isoformat(),
-        "finished_at": row.finished_at.isoformat() if row.finished_at else None,
-    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,7 +155,7 @@ def reconcile(
     refusal = _refusal(mirror, pull)
     if refusal is not None:
         report.status, report.reason = SyncStatus.FAILED, refusal
-        return _finish(session, report)
+        return finish(session, report)
     plan = _Plan(pull, mirror, sync_id)
     plan.users()
     plan.sections()
@@ -293,7 +170,7 @@ def reconcile(
             report.events = [
                 i.event_id for i in stored if i.new and i.status == EventStatus.ACCEPTED
             ]
-    return _finish(session, report)
+    return finish(session, report)
 
 
 def _refusal(mirror: _Mirror, pull: Pull) -> str | None:
@@ -303,24 +180,6 @@ def _refusal(mirror: _Mirror, pull: Pull) -> str | None:
         # An empty export read as "everyone left" is the classic disaster of roster sync.
         return EMPTY_ROSTER
     return None
-
-
-def _finish(session: Session, report: Report) -> Report:
-    report.finished_at = utcnow()
-    session.execute(
-        update(RosterSync)
-        .where(RosterSync.id == report.sync_id)
-        .values(
-            status=report.status,
-            reason=report.reason,
-            pulled_users=report.pulled["users"],
-            pulled_sections=report.pulled["sections"],
-            changes=report.changes,
-            held=report.held,
-            finished_at=report.finished_at,
-        )
-    )
-    return report
 
 
 def _fields(email: str | None, name: str | None) -> int:

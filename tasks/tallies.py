@@ -20,7 +20,7 @@ from models import (
     SyncStatus,
 )
 from tasks.conversion.rules import rule_outcome
-from tasks.reconcile import CHANGE_KINDS
+from tasks.roster_syncs import CHANGE_KINDS
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from models import (
     RosterSync,
     utcnow,
 )
-from tasks import brake, events, pauses, policy
+from tasks import brake, events, pauses, policy, roster_syncs
 from tasks import reconcile as reconciling
 from tasks.errors import InvalidInput, NotFound, Refused
 from tasks.inbox import ingest
@@ -289,7 +289,7 @@ def test_a_sync_during_a_pause_records_its_removals_and_the_workers_defer_them(
 ) -> None:
     pull = _example_pull(without={STEVE})
     pause(seeded)
-    reconciling.begin(seeded, DISTRICT, "sync-1", trigger="test", dry_run=False)
+    roster_syncs.begin(seeded, DISTRICT, "sync-1", trigger="test", dry_run=False)
     report = reconciling.reconcile(seeded, pull, "sync-1", dry_run=False, brake_percent=100)
 
     assert report.events == [f"sync:sync-1:users.deleted:{STEVE}"]
@@ -542,14 +542,14 @@ def test_a_sync_predicts_what_the_districts_own_brake_holds(seeded: Session) -> 
     pull = _example_pull(without={STEVE, MARIA, LEO}, sections=False)
     for n, percent in enumerate((None, 50.0)):
         policy.set_policy(seeded, DISTRICT, brake_percent=percent or policy.DEFAULT_BRAKE, by="t")
-        reconciling.begin(seeded, DISTRICT, f"dry-{n}", trigger="test", dry_run=True)
+        roster_syncs.begin(seeded, DISTRICT, f"dry-{n}", trigger="test", dry_run=True)
         report = reconciling.reconcile(seeded, pull, f"dry-{n}", dry_run=True, brake_percent=100)
         # Three of six accounts leave: REMOVAL_BRAKE_PERCENT (100 here) holds none, nor does
         # the district's own 50 %.
         assert report.held == 0
     # The district's own 10 % lets one a day through.
     policy.set_policy(seeded, DISTRICT, brake_percent=10, by="t")
-    reconciling.begin(seeded, DISTRICT, "dry-2", trigger="test", dry_run=True)
+    roster_syncs.begin(seeded, DISTRICT, "dry-2", trigger="test", dry_run=True)
     assert reconciling.reconcile(seeded, pull, "dry-2", dry_run=True, brake_percent=100).held == 2
     assert seeded.get(RosterSync, "dry-2") is not None
 

@@ -12,8 +12,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from models import RequestKind, SyncStatus, utcnow
-from tasks import events, exits, operator_requests, pauses, retention
-from tasks import reconcile as reconciling
+from tasks import events, exits, operator_requests, pauses, retention, roster_syncs
 from tasks.attempts import EventLedger, UnitLedger
 from tasks.heartbeat import HeartbeatLedger
 from tasks.heartbeat import record as record_heartbeat
@@ -158,7 +157,7 @@ def sync_district(self: GrassrootsTask, district_id: str, request_id: str) -> st
     if token is None:
         status: str = SyncStatus.FAILED
         with session_scope() as session:
-            reconciling.fail(session, request_id, "CLEVER_DISTRICT_TOKENS has no token for it")
+            roster_syncs.fail(session, request_id, "CLEVER_DISTRICT_TOKENS has no token for it")
     else:
         status = sync.sync_district(
             token,

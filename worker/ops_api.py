@@ -15,8 +15,7 @@ from pydantic import BaseModel, BeforeValidator
 from sqlalchemy.orm import Session
 
 from models import AccountKind, AccountStatus
-from tasks import deadletters, exits, operators, pauses, status, view
-from tasks import reconcile as reconciling
+from tasks import deadletters, exits, operators, pauses, roster_syncs, status, view
 from tasks.errors import InvalidInput, NotFound
 from tasks.inbox import NotJson, parse_json
 from worker import services, sync
@@ -222,7 +221,7 @@ async def ops_sync(
 
 @router.get("/districts/{district_id}/sync")
 async def ops_sync_report(district_id: str) -> dict[str, Any]:
-    found = await db(lambda session: reconciling.latest(session, district_id))
+    found = await db(lambda session: roster_syncs.latest(session, district_id))
     if found is None:
         raise NotFound(f"district {district_id} has no sync")
     return found

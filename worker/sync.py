@@ -20,7 +20,7 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from models import RequestKind, RosterSync, SyncStatus, utcnow
-from tasks import cursors, operator_requests
+from tasks import cursors, operator_requests, roster_syncs
 from tasks import reconcile as reconciling
 from tasks.errors import GrassrootsError
 from tasks.roster import CleverSection, CleverUser
@@ -68,7 +68,7 @@ def sync_district(
     dry_run: bool = False,
     trigger: str,
     sync_id: str | None = None,
-) -> reconciling.Report:
+) -> roster_syncs.Report:
     """Sync one district; its report, ``failed`` with the reason if the pull did not complete.
     ``sync_id``: the sync's record, if the caller made it already (the ops API answers with it
     before the sync runs)."""
@@ -76,7 +76,7 @@ def sync_district(
     district_id = token.district_id
     with session_scope() as session:
         if session.get(RosterSync, sync_id) is None:
-            reconciling.begin(session, district_id, sync_id, trigger=trigger, dry_run=dry_run)
+            roster_syncs.begin(session, district_id, sync_id, trigger=trigger, dry_run=dry_run)
     try:
         with CleverClient(token, options) as api:
             # Where the feed stands before the pull: what happens during it is read after it.
@@ -86,10 +86,10 @@ def sync_district(
         reason = describe_error(exc)
         log.warning("district %s: sync %s failed: %s", district_id, sync_id, reason)
         with session_scope() as session:
-            reconciling.fail(session, sync_id, reason)
-        return reconciling.Report(district_id, sync_id, SyncStatus.FAILED, reason)
+            roster_syncs.fail(session, sync_id, reason)
+        return roster_syncs.Report(district_id, sync_id, SyncStatus.FAILED, reason)
     with session_scope() as session:
-        reconciling.record_position(session, sync_id, position)
+        roster_syncs.record_position(session, sync_id, position)
         report = reconciling.reconcile(
             session, pull, sync_id, dry_run=dry_run, brake_percent=options.brake_percent
         )
@@ -119,14 +119,14 @@ def start(district_id: str, *, dry_run: bool = False, trigger: str) -> str:
         asked = operator_requests.ask(
             session, RequestKind.SYNC, district_id, by=trigger, dry_run=dry_run
         )
-        reconciling.begin(session, district_id, asked.id, trigger=trigger, dry_run=dry_run)
+        roster_syncs.begin(session, district_id, asked.id, trigger=trigger, dry_run=dry_run)
     try:
         dispatch.send_request(asked)
     except dispatch.SEND_ERRORS as exc:
         with session_scope() as session:
             if not operator_requests.withdraw(session, asked.id):
                 return asked.id
-            reconciling.fail(session, asked.id, f"not sent to the workers: {type(exc).__name__}")
+            roster_syncs.fail(session, asked.id, f"not sent to the workers: {type(exc).__name__}")
         raise
     return asked.id
 
@@ -149,7 +149,7 @@ def resync_if_due(district_id: str) -> str | None:
     """A district whose events were missed (SPEC §5.3) gets a sync without an operator, unless
     one runs or the last ended a moment ago; the new sync's id, if one was sent."""
     with session_scope() as session:
-        due = reconciling.resync_due(session, district_id, now=utcnow(), every=RESYNC_EVERY)
+        due = roster_syncs.resync_due(session, district_id, now=utcnow(), every=RESYNC_EVERY)
     if not due:
         return None
     try:

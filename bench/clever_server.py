@@ -16,7 +16,7 @@ stdin closes (or SIGTERM), answering each JSON line read on stdin with one JSON 
 
 Why a process of its own: the district, parsed and loaded, is hundreds of MB, and a sync
 subprocess forked from the process holding it would report that process's peak as its own (see
-``run_measured`` in sync.py); the benchmark's own process stays small. ``CleverServer`` below is
+``run_measured`` in measured.py); the benchmark's own process stays small. ``CleverServer`` below is
 the benchmark's side of it.
 """
 

@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -181,51 +181,16 @@ def measure(
         "concurrency": args.concurrency,
     }
     try:
-        subprocess.run([str(BIN), "db", "upgrade"], env=env, check=True, capture_output=True)
-        if not args.template:
-            started = time.monotonic()
-            subprocess.run(
-                [str(BIN), "seed", str(roster)], env=env, check=True, capture_output=True
-            )
-            result["seed_s"] = round(time.monotonic() - started, 1)
-        with psycopg.connect(url) as conn:
-            row = conn.execute(
-                "SELECT count(*) FROM accounts WHERE district_id = %s", (district_id,)
-            ).fetchone()
-            assert row is not None
-            result["accounts"] = int(row[0])
-        for n in range(args.workers):
-            with (tmp / f"worker{n}.log").open("wb") as log:
-                workers.append(
-                    subprocess.Popen(
-                        [
-                            str(BIN),
-                            "worker",
-                            "--concurrency",
-                            str(args.concurrency),
-                            "-l",
-                            os.environ.get("BENCH_WORKER_LOGLEVEL", "warning"),
-                        ],
-                        env=env,
-                        cwd=tmp,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                    )
-                )
+        prepare(args, roster, url, district_id, env, result)
+        start_workers(args, env, tmp, workers)
         # Start the clock once every worker answers (a worker's start-up is not the exit's
         # time), and with no checkpoint owed: the seed's (or the copy's) writes would otherwise
         # be flushed in the middle of the timed exit. A district exits long after it was loaded,
         # when autovacuum has long since been through its tables (it is off on the test machine
         # this was written on): VACUUM stands in for it, unless --no-vacuum.
         wait_for_workers(env, args.workers, workers)
-        with psycopg.connect(url, autocommit=True) as conn:
-            if not args.no_vacuum:
-                conn.execute("VACUUM ANALYZE")
-            result["vacuumed"] = not args.no_vacuum
-            conn.execute("CHECKPOINT")
-            wal_before = conn.execute("SELECT pg_current_wal_lsn()").fetchone()
-            checkpoints_before = conn.execute(CHECKPOINTS).fetchone()
+        wal_before, checkpoints_before = settle(url, vacuum=not args.no_vacuum)
+        result["vacuumed"] = not args.no_vacuum
         sampler = Sampler([w.pid for w in workers])
         sampler.start()
         cpu_before = cpu_seconds()
@@ -234,17 +199,7 @@ def measure(
             [str(BIN), "district", "exit", district_id], env=env, check=True, capture_output=True
         )
         with psycopg.connect(url, autocommit=True) as conn:
-            while True:
-                row = conn.execute(
-                    "SELECT status, units_done, units_total FROM district_exits"
-                    " WHERE district_id = %s ORDER BY id DESC LIMIT 1",
-                    (district_id,),
-                ).fetchone()
-                if row is not None and row[0] == "done":
-                    break
-                if any(w.poll() is not None for w in workers):
-                    raise SystemExit("a worker died: see " + str(tmp))
-                time.sleep(0.2)
+            units = wait_until_done(conn, district_id, workers, tmp)
             elapsed = time.monotonic() - started
             cpu_after = cpu_seconds()
             wal = conn.execute(
@@ -254,24 +209,7 @@ def measure(
             left = conn.execute(
                 "SELECT count(*) FROM accounts WHERE district_id = %s", (district_id,)
             ).fetchone()
-            units = row[2]
-            # Where the time went: the exit's start, each phase's last unit, the finish step.
-            marks = conn.execute(
-                "SELECT e.started_at,"
-                " max(u.finished_at) FILTER (WHERE u.kind = 'teacher'),"
-                " max(u.finished_at) FILTER (WHERE u.kind = 'accounts'), e.finished_at"
-                " FROM district_exits e JOIN exit_units u ON u.exit_id = e.id"
-                " WHERE e.district_id = %s GROUP BY e.id ORDER BY e.id DESC LIMIT 1",
-                (district_id,),
-            ).fetchone()
-            assert marks is not None
-            phases = {
-                # The command's start, its task's way to a worker, the exit's first transaction.
-                "start_s": marks[0] - clock,
-                "teacher_units_s": marks[1] - marks[0],
-                "account_batches_s": marks[2] - marks[1],
-                "finish_s": marks[3] - marks[2],
-            }
+            phases = exit_phases(conn, district_id, clock)
         sampler.stop.set()
         sampler.join()
         assert left == (0,), f"{left} accounts left in the district"
@@ -286,15 +224,7 @@ def measure(
                 "checkpoints": checkpoints[0] - checkpoints_before[0]
                 if checkpoints and checkpoints_before
                 else None,
-                # Processes that ended during the exit (the CLI that started it) are not counted.
-                "cpu_s": {
-                    name: round(used, 1)
-                    for name, used in sorted(
-                        ((n, cpu_after[n] - cpu_before.get(n, 0.0)) for n in cpu_after),
-                        key=lambda item: -item[1],
-                    )
-                    if used >= 0.1
-                },
+                "cpu_s": cpu_used(cpu_before, cpu_after),
                 **{
                     f"peak_worker_{key}_mb": [
                         round(p.get(key, 0) / 2**20) for p in sampler.peak.values()
@@ -309,6 +239,122 @@ def measure(
                 os.killpg(w.pid, signal.SIGKILL)
                 w.wait()
     return result
+
+
+def prepare(
+    args: argparse.Namespace,
+    roster: Path,
+    url: str,
+    district_id: str,
+    env: dict[str, str],
+    result: dict[str, Any],
+) -> None:
+    """The schema, the district seeded (unless copied from ``--template``), its accounts."""
+    subprocess.run([str(BIN), "db", "upgrade"], env=env, check=True, capture_output=True)
+    if not args.template:
+        started = time.monotonic()
+        subprocess.run([str(BIN), "seed", str(roster)], env=env, check=True, capture_output=True)
+        result["seed_s"] = round(time.monotonic() - started, 1)
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM accounts WHERE district_id = %s", (district_id,)
+        ).fetchone()
+        assert row is not None
+        result["accounts"] = int(row[0])
+
+
+def settle(url: str, *, vacuum: bool) -> tuple[Any, Any]:
+    """VACUUM ANALYZE (unless not ``vacuum``) and a checkpoint; where the WAL and the checkpoint
+    count stand then."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        if vacuum:
+            conn.execute("VACUUM ANALYZE")
+        conn.execute("CHECKPOINT")
+        wal_before = conn.execute("SELECT pg_current_wal_lsn()").fetchone()
+        checkpoints_before = conn.execute(CHECKPOINTS).fetchone()
+    return wal_before, checkpoints_before
+
+
+def start_workers(
+    args: argparse.Namespace,
+    env: dict[str, str],
+    tmp: Path,
+    workers: list[subprocess.Popen[bytes]],
+) -> None:
+    """Each into ``workers`` as it starts: the caller stops every one that did."""
+    for n in range(args.workers):
+        with (tmp / f"worker{n}.log").open("wb") as log:
+            workers.append(
+                subprocess.Popen(
+                    [
+                        str(BIN),
+                        "worker",
+                        "--concurrency",
+                        str(args.concurrency),
+                        "-l",
+                        os.environ.get("BENCH_WORKER_LOGLEVEL", "warning"),
+                    ],
+                    env=env,
+                    cwd=tmp,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+
+
+def wait_until_done(
+    conn: psycopg.Connection[Any],
+    district_id: str,
+    workers: list[subprocess.Popen[bytes]],
+    tmp: Path,
+) -> int:
+    """Until the district's exit is done; its number of units."""
+    while True:
+        row = conn.execute(
+            "SELECT status, units_done, units_total FROM district_exits"
+            " WHERE district_id = %s ORDER BY id DESC LIMIT 1",
+            (district_id,),
+        ).fetchone()
+        if row is not None and row[0] == "done":
+            return int(row[2])
+        if any(w.poll() is not None for w in workers):
+            raise SystemExit("a worker died: see " + str(tmp))
+        time.sleep(0.2)
+
+
+def exit_phases(
+    conn: psycopg.Connection[Any], district_id: str, clock: datetime
+) -> dict[str, timedelta]:
+    """Where the time went: the exit's start, each phase's last unit, the finish step."""
+    marks = conn.execute(
+        "SELECT e.started_at,"
+        " max(u.finished_at) FILTER (WHERE u.kind = 'teacher'),"
+        " max(u.finished_at) FILTER (WHERE u.kind = 'accounts'), e.finished_at"
+        " FROM district_exits e JOIN exit_units u ON u.exit_id = e.id"
+        " WHERE e.district_id = %s GROUP BY e.id ORDER BY e.id DESC LIMIT 1",
+        (district_id,),
+    ).fetchone()
+    assert marks is not None
+    return {
+        # The command's start, its task's way to a worker, the exit's first transaction.
+        "start_s": marks[0] - clock,
+        "teacher_units_s": marks[1] - marks[0],
+        "account_batches_s": marks[2] - marks[1],
+        "finish_s": marks[3] - marks[2],
+    }
+
+
+def cpu_used(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """CPU seconds each process used meanwhile, most first; processes that ended meanwhile (the
+    CLI that started the exit) are not counted."""
+    return {
+        name: round(used, 1)
+        for name, used in sorted(
+            ((n, after[n] - before.get(n, 0.0)) for n in after), key=lambda item: -item[1]
+        )
+        if used >= 0.1
+    }
 
 
 if __name__ == "__main__":

@@ -240,6 +240,20 @@ def main() -> None:
     print_report(result, as_json=args.json)
 
 
+def wait_for_port(port: int, *, timeout: float) -> None:
+    """Until the receiver takes connections on ``port``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit("the receiver did not start")
+        time.sleep(0.2)
+
+
 def measure(
     args: argparse.Namespace, database_url: str, redis_port: int, tmp: Path
 ) -> dict[str, Any]:
@@ -267,20 +281,10 @@ def measure(
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("the receiver did not start")
-            time.sleep(0.2)
-        sent = 0
+        wait_for_port(port, timeout=60)
         # Warm-up: every server process opens its database and broker connections.
         _, warm = run(lambda: burst(port, requests(secret, "warm", 500), args.concurrency))
-        sent += 500
+        sent = 500
 
         reqs = requests(secret, "burst", args.burst)
         cpu = cpu_seconds(server.pid)

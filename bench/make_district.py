@@ -60,15 +60,57 @@ def make_district(
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, not {policy!r}")
     rng = random.Random(seed)  # noqa: S311  (test data, reproducible by design)
-    district = district_id or clever_id("district", 0, seed)
+    ids = _Ids(district_id or clever_id("district", 0, seed), seed)
+    teacher_ids = [ids.of("teacher", i) for i in range(teachers)]
+    student_ids = [ids.of("student", i) for i in range(students)]
+    users = _users(ids, teacher_ids, student_ids, admins)
+    # The draws below happen in one fixed order (per section: co-teacher, then its students; then
+    # per teacher: a club; then per student: skills): reordering them changes every roster.
+    sections, goals, assignments = _sections(
+        rng,
+        ids,
+        teacher_ids,
+        student_ids,
+        per_teacher=sections_per_teacher,
+        per_section=min(students_per_section, students),
+        co_taught=co_taught,
+    )
+    classes = _clubs(rng, teacher_ids, student_ids, independent, goals)
+    return {
+        "districts": [
+            {
+                "id": ids.district,
+                "name": f"Synthetic District {seed}",
+                "policy": {"admin_removal": policy},
+            }
+        ],
+        "users": users,
+        "sections": sections,
+        "platform": {
+            "accounts": [],
+            "classes": classes,
+            "goals": goals,
+            "assignments": assignments,
+            "progress": _progress(rng, student_ids, skills_per_student),
+        },
+    }
 
-    def ident(kind: str, number: int) -> str:
-        return clever_id(kind, number, seed)
 
-    def user(uid: str, email: str, first: str, last: str, roles: dict[str, Any]) -> dict[str, Any]:
+class _Ids:
+    """The district's id, and the stable ids of everything in it."""
+
+    def __init__(self, district: str, seed: int) -> None:
+        self.district, self.seed = district, seed
+
+    def of(self, kind: str, number: int) -> str:
+        return clever_id(kind, number, self.seed)
+
+    def user(
+        self, uid: str, email: str, first: str, last: str, roles: dict[str, Any]
+    ) -> dict[str, Any]:
         return {
             "id": uid,
-            "district": district,
+            "district": self.district,
             "email": email,
             "name": {"first": first, "middle": None, "last": last},
             "created": TIMESTAMP,
@@ -76,27 +118,29 @@ def make_district(
             "roles": roles,
         }
 
-    teacher_ids = [ident("teacher", i) for i in range(teachers)]
-    student_ids = [ident("student", i) for i in range(students)]
 
+def _users(
+    ids: _Ids, teacher_ids: list[str], student_ids: list[str], admins: int
+) -> list[dict[str, Any]]:
+    """Teachers, then the admins who do not teach, then students."""
     users = [
-        user(
+        ids.user(
             uid,
             f"teacher{i}@d.example.org",
             "Teacher",
             str(i),
-            {"teacher": {"sis_id": f"T-{i}", "school": ident("school", i % SCHOOLS)}},
+            {"teacher": {"sis_id": f"T-{i}", "school": ids.of("school", i % SCHOOLS)}},
         )
         for i, uid in enumerate(teacher_ids)
     ]
     admin_role = {"title": "Admin"}
     for i in range(admins):
-        if i % 3 == 0 and i < teachers:
+        if i % 3 == 0 and i < len(teacher_ids):
             users[i]["roles"]["district_admin"] = dict(admin_role)
         else:
             users.append(
-                user(
-                    ident("admin", i),
+                ids.user(
+                    ids.of("admin", i),
                     f"admin{i}@d.example.org",
                     "Admin",
                     str(i),
@@ -104,7 +148,7 @@ def make_district(
                 )
             )
     users.extend(
-        user(
+        ids.user(
             uid,
             f"student{i}@students.d.example.org",
             "Student",
@@ -113,17 +157,31 @@ def make_district(
         )
         for i, uid in enumerate(student_ids)
     )
+    return users
 
-    # The draws below happen in one fixed order (per section: co-teacher, then its students; then
-    # per teacher: a club; then per student: skills): reordering them changes every roster.
-    sections: list[dict[str, Any]] = []
-    goals: list[dict[str, Any]] = []
-    assignments: list[dict[str, Any]] = []
-    per_section = min(students_per_section, students)
+
+Rows = list[dict[str, Any]]
+
+
+def _sections(
+    rng: random.Random,
+    ids: _Ids,
+    teacher_ids: list[str],
+    student_ids: list[str],
+    *,
+    per_teacher: int,
+    per_section: int,
+    co_taught: float,
+) -> tuple[Rows, Rows, Rows]:
+    """Each teacher's sections, with a goal and an assignment each."""
+    sections: Rows = []
+    goals: Rows = []
+    assignments: Rows = []
+    teachers = len(teacher_ids)
     for t, teacher in enumerate(teacher_ids):
-        for _ in range(sections_per_teacher):
+        for _ in range(per_teacher):
             n = len(sections)
-            section_id = ident("section", n)
+            section_id = ids.of("section", n)
             section_teachers = [teacher]
             # The chance is drawn even where no co-teacher exists, to keep the sequence.
             if rng.random() < co_taught and teachers > 1:
@@ -132,8 +190,8 @@ def make_district(
             sections.append(
                 {
                     "id": section_id,
-                    "district": district,
-                    "school": ident("school", t % SCHOOLS),
+                    "district": ids.district,
+                    "school": ids.of("school", t % SCHOOLS),
                     "name": f"Section {n}",
                     "subject": "math",
                     "teacher": teacher,
@@ -152,20 +210,33 @@ def make_district(
                     "title": f"Assignment {n}",
                 }
             )
+    return sections, goals, assignments
 
-    classes: list[dict[str, Any]] = []
+
+def _clubs(
+    rng: random.Random,
+    teacher_ids: list[str],
+    student_ids: list[str],
+    independent: float,
+    goals: Rows,
+) -> Rows:
+    """Teachers' independent classes, each with a goal (added to ``goals``)."""
+    classes: Rows = []
     for t, teacher in enumerate(teacher_ids):
         if rng.random() < independent:
             class_id = f"class-{t}"
-            members = rng.sample(student_ids, min(CLUB_SIZE, students))
+            members = rng.sample(student_ids, min(CLUB_SIZE, len(student_ids)))
             classes.append(
                 {"id": class_id, "name": f"Club {t}", "teacher": teacher, "students": members}
             )
             goals.append(
                 {"id": f"goal-club-{t}", "class": class_id, "created_by": teacher, "course": "math"}
             )
+    return classes
 
-    progress: list[dict[str, Any]] = []
+
+def _progress(rng: random.Random, student_ids: list[str], skills_per_student: int) -> Rows:
+    progress: Rows = []
     for student in student_ids:
         for skill in rng.sample(range(SKILLS), skills_per_student):
             points = rng.randrange(0, 1000)
@@ -173,25 +244,7 @@ def make_district(
             progress.append(
                 {"user": student, "skill": f"skill-{skill}", "points": points, "mastery": mastery}
             )
-
-    return {
-        "districts": [
-            {
-                "id": district,
-                "name": f"Synthetic District {seed}",
-                "policy": {"admin_removal": policy},
-            }
-        ],
-        "users": users,
-        "sections": sections,
-        "platform": {
-            "accounts": [],
-            "classes": classes,
-            "goals": goals,
-            "assignments": assignments,
-            "progress": progress,
-        },
-    }
+    return progress
 
 
 def write_district(roster: dict[str, Any], out: Path) -> None:

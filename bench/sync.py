@@ -32,7 +32,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -43,11 +43,10 @@ import psycopg
 from bench.clever_server import CleverServer, CleverServerError, rss_mb
 from bench.common import BIN, print_report, private_redis, throwaway_database
 from bench.exit_pipeline import wait_for_workers
+from bench.measured import Run, run_measured
 from fakes.clever_api import SECTIONS, USERS, district_path
 
 TARGETS = {"bootstrap_s": 60.0, "unchanged_s": 30.0, "removal_s": 45.0, "sync_peak_rss_mb": 500.0}
-# How often a running command's memory is read from /proc (see ``run_measured``).
-MEMORY_POLL_S = 0.05
 # What any sync writes, changed or not: its own record, and the feed position the poller resumes
 # from. A sync that finds nothing changed writes nothing else.
 BOOKKEEPING = frozenset({"roster_syncs", "clever_poll_cursors"})
@@ -59,91 +58,6 @@ FINAL = frozenset({"done", "ignored", "stale", "rejected", "discarded"})
 
 class BenchError(Exception):
     """The benchmark could not go on, or found a behaviour it must not accept."""
-
-
-# --------------------------------------------------------------------------------------------
-# Running a command
-
-
-@dataclass(frozen=True)
-class Run:
-    seconds: float
-    status: int
-    peak_rss_mb: float  # VmHWM, the last read: the process's own high-water mark
-    rss_max_mb: float  # the largest VmRSS of the samples
-    samples: int  # how many times the memory was read
-    bench_rss_mb: float  # this process's, when it started the command
-    stdout: str
-    stderr: str
-
-
-def memory_kib(pid: int) -> tuple[int, int] | None:
-    """VmHWM and VmRSS of a running process, in KiB; None once it has exited (a zombie has no
-    address space left, so no Vm lines) or is gone."""
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None
-    found = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmHWM", "VmRSS"):
-            found[name] = int(value.split()[0])
-    if len(found) < 2:
-        return None
-    return found["VmHWM"], found["VmRSS"]
-
-
-def run_measured(argv: list[str], env: dict[str, str], timeout: float) -> Run:
-    """A command to its end: wall seconds, exit status, and its own peak memory. Killed after
-    ``timeout`` seconds: a sync that hangs must not hang the benchmark.
-
-    The peak is VmHWM from /proc/PID/status, read every ``MEMORY_POLL_S`` while the command runs
-    and kept as last read (a zombie has none). Not ``ru_maxrss`` (``os.wait4``, or
-    ``RUSAGE_CHILDREN``): on Linux a process's ru_maxrss survives fork and exec, as the larger of
-    its own and that of the address space it had before (the kernel keeps it in the process's
-    signal struct), so a child forked from a larger parent reports the parent's peak (594 MB for
-    a sync of about 250 MB when this process held the district). VmHWM belongs to the address
-    space, which exec replaces: it is the command's own. ``Popen`` returns once the exec has
-    happened, so every read is of the command, not of this process's copy before it. What the
-    command adds in its last ``MEMORY_POLL_S`` before exiting is not seen."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        bench_rss = rss_mb()
-        started = time.monotonic()
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=err)
-        deadline = started + timeout
-        peak_kib = rss_max_kib = samples = 0
-        try:
-            while True:
-                memory = memory_kib(proc.pid)  # while the pid is not reaped
-                if memory is not None:
-                    peak_kib, rss_kib = memory
-                    rss_max_kib = max(rss_max_kib, rss_kib)
-                    samples += 1
-                if time.monotonic() > deadline:
-                    proc.kill()
-                try:  # returns as soon as the command ends: its time is not rounded up
-                    proc.wait(MEMORY_POLL_S)
-                    break
-                except subprocess.TimeoutExpired:
-                    pass
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        seconds = time.monotonic() - started
-        out.seek(0)
-        err.seek(0)
-        return Run(
-            seconds,
-            proc.returncode,
-            peak_kib / 1024,
-            rss_max_kib / 1024,
-            samples,
-            bench_rss,
-            out.read().decode(errors="replace"),
-            err.read().decode(errors="replace"),
-        )
 
 
 def json_objects(text: str) -> Iterator[Any]:
@@ -362,9 +276,6 @@ def measure(args: argparse.Namespace, result: dict[str, Any], stack: ExitStack) 
     result["bench_rss_mb"] = round(rss_mb())
     if args.serve_only:
         return
-    district_id: str = server.district_id
-    platform_users: int = server.info["platform_users"]
-
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="grbench-sync-")))
     redis_port = stack.enter_context(private_redis(tmp))
     base_env = {
@@ -372,24 +283,13 @@ def measure(args: argparse.Namespace, result: dict[str, Any], stack: ExitStack) 
         "BROKER_URL": f"redis://127.0.0.1:{redis_port}/0",
         "LOG_LEVEL": os.environ.get("LOG_LEVEL", "WARNING"),
     }
-
-    # seed: the same file loaded by `grassroots seed`, into a database of its own.
-    with throwaway_database(f"grbench_sync_seed_{os.getpid()}") as seed_url:
-        env = {**base_env, "DATABASE_URL": seed_url}
-        subprocess.run([str(BIN), "db", "upgrade"], env=env, check=True, capture_output=True)
-        seeded = run_measured([str(BIN), "seed", server.info["path"]], env, args.timeout)
-        if seeded.status != 0:
-            raise BenchError(f"grassroots seed failed: {seeded.stderr.strip()[-300:]}")
-        result["seed_s"] = round(seeded.seconds, 2)
-        result["seed_peak_rss_mb"] = round(seeded.peak_rss_mb)
-        result["seed_rss_sampled_max_mb"] = round(seeded.rss_max_mb)
-
+    measure_seed(args, result, server, base_env)
     url = stack.enter_context(throwaway_database(f"grbench_sync_{os.getpid()}"))
     env = {
         **base_env,
         "DATABASE_URL": url,
         "CLEVER_API_BASE": server.url,
-        "CLEVER_DISTRICT_TOKENS": f"{district_id}:{server.token}",
+        "CLEVER_DISTRICT_TOKENS": f"{server.district_id}:{server.token}",
         "REMOVAL_BRAKE_PERCENT": str(args.brake_percent),
         "SYNC_INTERVAL": "0",
     }
@@ -399,38 +299,85 @@ def measure(args: argparse.Namespace, result: dict[str, Any], stack: ExitStack) 
             "`grassroots sync` does not exist yet (SPEC §5.8): the server, the district and the"
             " seed were measured; bootstrap, resync and removal need the command"
         )
-    sync = [str(BIN), "sync", district_id, "--json"]
-    bench_rss: list[float] = []  # this process's RSS as it starts each sync
+    syncing = Syncing(server, env, [str(BIN), "sync", server.district_id, "--json"], args.timeout)
     conn = stack.enter_context(psycopg.connect(url, autocommit=True))
+    measure_bootstrap(syncing, conn, result)
+    measure_unchanged(syncing, conn, result, vacuum=not args.no_vacuum)
+    measure_removal(args, syncing, conn, result, stack, tmp)
+    # d. the largest sync process, and this process when it started them (it holds no district).
+    phases = ("bootstrap", "unchanged", "removal_sync")
+    result["sync_peak_rss_mb"] = max(result[f"{p}_peak_rss_mb"] for p in phases)
+    result["sync_rss_sampled_max_mb"] = max(result[f"{p}_rss_sampled_max_mb"] for p in phases)
+    result["bench_rss_at_syncs_mb"] = round(max(syncing.bench_rss))
 
-    # a. bootstrap: an empty mirror made from the pull.
-    mark = server.mark()
-    run = run_measured(sync, env, args.timeout)
-    bench_rss.append(run.bench_rss_mb)
-    report = one_report(run, "bootstrap")
-    result.update(sync_figures("bootstrap", run, report, server.requests(mark)))
+
+def measure_seed(
+    args: argparse.Namespace, result: dict[str, Any], server: CleverServer, env: dict[str, str]
+) -> None:
+    """The same file loaded by `grassroots seed`, into a database of its own."""
+    with throwaway_database(f"grbench_sync_seed_{os.getpid()}") as seed_url:
+        env = {**env, "DATABASE_URL": seed_url}
+        subprocess.run([str(BIN), "db", "upgrade"], env=env, check=True, capture_output=True)
+        seeded = run_measured([str(BIN), "seed", server.info["path"]], env, args.timeout)
+        if seeded.status != 0:
+            raise BenchError(f"grassroots seed failed: {seeded.stderr.strip()[-300:]}")
+        result["seed_s"] = round(seeded.seconds, 2)
+        result["seed_peak_rss_mb"] = round(seeded.peak_rss_mb)
+        result["seed_rss_sampled_max_mb"] = round(seeded.rss_max_mb)
+
+
+@dataclass
+class Syncing:
+    """The `grassroots sync` command against the server, and this process's RSS as it starts
+    each sync."""
+
+    server: CleverServer
+    env: dict[str, str]
+    argv: list[str]
+    timeout: float
+    bench_rss: list[float] = field(default_factory=list)
+
+    def run(
+        self, phase: str, result: dict[str, Any], *, mark: int | None = None
+    ) -> tuple[Run, dict[str, Any]]:
+        """One sync, its figures as ``phase`` in ``result``; the run and its report. ``mark``:
+        the server's request count taken before (now, if not given)."""
+        mark = self.server.mark() if mark is None else mark
+        run = run_measured(self.argv, self.env, self.timeout)
+        self.bench_rss.append(run.bench_rss_mb)
+        report = one_report(run, phase.removesuffix("_sync"))
+        result.update(sync_figures(phase, run, report, self.server.requests(mark)))
+        return run, report
+
+
+def measure_bootstrap(
+    syncing: Syncing, conn: psycopg.Connection[Any], result: dict[str, Any]
+) -> None:
+    """a. bootstrap: an empty mirror made from the pull."""
+    run, _ = syncing.run("bootstrap", result)
     result["bootstrap_vs_seed"] = round(run.seconds / result["seed_s"], 2)
     result["rows_after_bootstrap"] = table_rows(conn, MIRROR)
     row = conn.execute(
-        "SELECT count(*) FROM accounts WHERE district_id = %s", (district_id,)
+        "SELECT count(*) FROM accounts WHERE district_id = %s", (syncing.server.district_id,)
     ).fetchone()
     result["accounts"] = int(row[0]) if row else 0
-    result["checks"] = {"bootstrap_made_every_account": result["accounts"] == platform_users}
+    made_all = result["accounts"] == syncing.server.info["platform_users"]
+    result["checks"] = {"bootstrap_made_every_account": made_all}
 
-    # b. nothing changed. A district resyncs long after it was loaded, once autovacuum has been
-    # through its tables (it is off on the test machine): VACUUM ANALYZE stands in for it.
-    if not args.no_vacuum:
+
+def measure_unchanged(
+    syncing: Syncing, conn: psycopg.Connection[Any], result: dict[str, Any], *, vacuum: bool
+) -> None:
+    """b. nothing changed. A district resyncs long after it was loaded, once autovacuum has been
+    through its tables (it is off on the test machine): VACUUM ANALYZE stands in for it."""
+    if vacuum:
         conn.execute("VACUUM ANALYZE")
     conn.execute("CHECKPOINT")
     settle(conn)
     writes_before, counters_before = table_writes(conn), database_counters(conn)
-    mark = server.mark()
-    run = run_measured(sync, env, args.timeout)
-    bench_rss.append(run.bench_rss_mb)
-    report = one_report(run, "unchanged")
+    _, report = syncing.run("unchanged", result)
     settle(conn)
     writes_after, counters_after = table_writes(conn), database_counters(conn)
-    result.update(sync_figures("unchanged", run, report, server.requests(mark)))
     written = {}
     for table, after in writes_after.items():
         delta = [a - b for a, b in zip(after, writes_before.get(table, (0, 0, 0)), strict=True)]
@@ -444,15 +391,24 @@ def measure(args: argparse.Namespace, result: dict[str, Any], stack: ExitStack) 
         (report.get("changes") or {}).values()
     )
 
-    # c. 1 % of the students leave the district's roster, through real workers.
-    gone = server.call("remove_students", every=100)  # and from their sections, as Clever
+
+def measure_removal(
+    args: argparse.Namespace,
+    syncing: Syncing,
+    conn: psycopg.Connection[Any],
+    result: dict[str, Any],
+    stack: ExitStack,
+    tmp: Path,
+) -> None:
+    """c. 1 % of the students leave the district's roster, through real workers."""
+    gone = syncing.server.call("remove_students", every=100)  # and from their sections
     removed: list[str] = gone["removed"]
     result["removed_students"] = len(removed)
     result["remove_on_server_s"] = gone["seconds"]
     with (tmp / "worker.log").open("wb") as log:
         worker = subprocess.Popen(
             [str(BIN), "worker", "--concurrency", str(args.concurrency), "-l", "warning"],
-            env=env,
+            env=syncing.env,
             cwd=tmp,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -460,15 +416,12 @@ def measure(args: argparse.Namespace, result: dict[str, Any], stack: ExitStack) 
         )
     stack.callback(stop, worker)
     try:
-        wait_for_workers(env, 1, [worker])
+        wait_for_workers(syncing.env, 1, [worker])
     except SystemExit as exc:  # how exit_pipeline.py gives up
         raise BenchError(f"{exc}; see {tmp / 'worker.log'}") from None
-    mark = server.mark()
+    mark = syncing.server.mark()
     clock, started = datetime.now(UTC), time.monotonic()
-    run = run_measured(sync, env, args.timeout)
-    bench_rss.append(run.bench_rss_mb)
-    report = one_report(run, "removal")
-    result.update(sync_figures("removal_sync", run, report, server.requests(mark)))
+    _, report = syncing.run("removal_sync", result, mark=mark)
     try:
         counts, last, seen = wait_for_conversions(
             conn, report["sync_id"], worker, started, args.timeout
@@ -477,7 +430,7 @@ def measure(args: argparse.Namespace, result: dict[str, Any], stack: ExitStack) 
         tail = (tmp / "worker.log").read_text(errors="replace").strip().splitlines()[-5:]
         lines = [line if len(line) <= 400 else line[:400] + " …" for line in tail]
         raise BenchError("\n".join([str(exc), "the worker's log ends:", *lines])) from None
-    idle = wait_pending_zero(env, args.timeout)
+    idle = wait_pending_zero(syncing.env, args.timeout)
     result["removal_events"] = counts
     # From the command's start to the last conversion's commit (the inbox row's last change).
     result["removal_s"] = round((last - clock).total_seconds(), 2) if last else None
@@ -489,12 +442,6 @@ def measure(args: argparse.Namespace, result: dict[str, Any], stack: ExitStack) 
     result["removal_converted"] = int(row[0]) if row else 0
     result["checks"]["removal_converted_everyone"] = result["removal_converted"] == len(removed)
     result["rows_after_removal"] = table_rows(conn, MIRROR)
-
-    # d. the largest sync process, and this process when it started them (it holds no district).
-    syncs = ("bootstrap", "unchanged", "removal_sync")
-    result["sync_peak_rss_mb"] = max(result[f"{p}_peak_rss_mb"] for p in syncs)
-    result["sync_rss_sampled_max_mb"] = max(result[f"{p}_rss_sampled_max_mb"] for p in syncs)
-    result["bench_rss_at_syncs_mb"] = round(max(bench_rss))
 
 
 def stop(worker: subprocess.Popen[bytes]) -> None:

@@ -22,9 +22,6 @@ Tests script failures per district, and per path if they like (``Scripted``: 429
 headers, 5xx, 401, a body that is not JSON, a page without ``data``, a next link that repeats the
 page or leaves the host, slow or stalled answers) and read back every request it received
 (``requests``: path, query, status).
-
-Each user and section is kept as the JSON bytes of its list item, encoded once when it is put:
-a page of 10,000 is a join of bytes, not 10,000 objects serialised again for every request.
 """
 
 from __future__ import annotations
@@ -117,8 +114,7 @@ def item_id(item: dict[str, Any]) -> str:
 
 def clever_now() -> str:
     """Now, as Clever writes ``created`` and ``last_modified``."""
-    now = datetime.now(UTC)
-    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _encode(value: Any) -> bytes:
@@ -126,7 +122,9 @@ def _encode(value: Any) -> bytes:
 
 
 class _Collection:
-    """Users or sections of one district: each item's JSON bytes by id, served in id order."""
+    """Users or sections of one district: each item's JSON bytes by id, served in id order.
+    Encoded once, when put: a page of 10,000 is a join of bytes, not 10,000 objects serialised
+    again for every request."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -244,10 +242,8 @@ class FakeClever:
 
     def add(self, district_id: str, *events: dict[str, Any]) -> None:
         """Append events to the district's feed, served wrapped or bare as configured."""
-        self.add_items(
-            district_id,
-            *({"data": e, "uri": f"{EVENTS}/{e['id']}"} if self.wrap else e for e in events),
-        )
+        wrapped = ({"data": e, "uri": f"{EVENTS}/{e['id']}"} if self.wrap else e for e in events)
+        self.add_items(district_id, *wrapped)
 
     def add_items(self, district_id: str, *items: dict[str, Any]) -> None:
         """Append list items exactly as they are to be served."""

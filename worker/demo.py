@@ -46,7 +46,8 @@ def example_roster() -> dict[str, Any]:
     return data
 
 
-def describe(view: dict[str, Any]) -> str:
+def account_line(view: dict[str, Any]) -> str:
+    """An account view (``tasks.view.account_view``) in one line of the demo's output."""
     classes = ", ".join(
         f"{c['id'][-4:] if c['district_synced'] else c['id']}" for c in view["classes"]
     )
@@ -61,7 +62,7 @@ def show(title: str) -> None:
     click.secho(title, bold=True)
     with session_scope() as session:
         for account_id, who in PEOPLE.items():
-            click.echo(f"  {who:<28} {describe(account_view(session, account_id))}")
+            click.echo(f"  {who:<28} {account_line(account_view(session, account_id))}")
 
 
 def events(run: str) -> list[dict[str, Any]]:

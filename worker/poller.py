@@ -46,12 +46,12 @@ log = logging.getLogger("grassroots.poller")
 SessionFactory = Callable[[], AbstractContextManager[Session]]
 Enqueue = Callable[[Sequence[str]], object]
 
-PAGE_SIZE = 1000
+EVENTS_PAGE_SIZE = 1000
 
 
 @dataclass(frozen=True)
 class PollOptions(ClientOptions):
-    page_size: int = PAGE_SIZE
+    page_size: int = EVENTS_PAGE_SIZE
     # Consecutive passes answered 401 before a district is disconnected.
     disconnect_after: int = 3
 

@@ -44,7 +44,7 @@ log = logging.getLogger("grassroots.sync")
 Shape = TypeVar("Shape", bound=BaseModel)
 
 # Clever's largest page: the fewest requests for a district of 100,000 users.
-PAGE_SIZE = 10_000
+DATA_PAGE_SIZE = 10_000
 
 
 class PullError(CleverError):
@@ -53,7 +53,7 @@ class PullError(CleverError):
 
 @dataclass(frozen=True)
 class SyncOptions(ClientOptions):
-    page_size: int = PAGE_SIZE
+    page_size: int = DATA_PAGE_SIZE
     brake_percent: float = 10.0
 
     @classmethod

@@ -27,7 +27,7 @@ class SignInFirst(Exception):
     """A signed-out visitor asked for a page: sent to the sign-in page."""
 
 
-class Forbidden(Exception):
+class PageForbidden(Exception):
     """Answered 403 with a page: a change refused (a viewer, no or a wrong CSRF token, another
     site), nothing changed."""
 
@@ -83,16 +83,16 @@ async def changer(request: Request) -> operators.SignedIn:
     """A ``POST``'s dependency: an operator (not a viewer), from this site, with the session's
     CSRF token; anything else is 403 and changes nothing."""
     if not same_origin(request):
-        raise Forbidden("this request did not come from the console's own pages")
+        raise PageForbidden("this request did not come from the console's own pages")
     found = await current(request)
     if found is None:
-        raise Forbidden("sign in first")
+        raise PageForbidden("sign in first")
     form = await request.form()
     given = form.get(CSRF_FIELD)
     if not found.csrf_matches(given if isinstance(given, str) else None):
-        raise Forbidden("the form's CSRF token is missing or not this session's")
+        raise PageForbidden("the form's CSRF token is missing or not this session's")
     if not found.identity.may_change:
-        raise Forbidden("you are a viewer: you may look, not change")
+        raise PageForbidden("you are a viewer: you may look, not change")
     return found
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.responses import RedirectResponse, Response
 
-from worker.console.auth import Forbidden, SignInFirst
+from worker.console.auth import PageForbidden, SignInFirst
 from worker.console.pages import templates
 
 
@@ -24,10 +24,10 @@ async def _sign_in_first(request: Request, exc: SignInFirst) -> Response:
     return RedirectResponse("/console/", status_code=303)
 
 
-async def _forbidden(request: Request, exc: Forbidden) -> Response:
+async def _page_forbidden(request: Request, exc: PageForbidden) -> Response:
     return page(request, 403, "Forbidden", f"{exc} Nothing was changed.")
 
 
 def install(app: FastAPI) -> None:
     app.add_exception_handler(SignInFirst, _sign_in_first)  # type: ignore[arg-type]
-    app.add_exception_handler(Forbidden, _forbidden)  # type: ignore[arg-type]
+    app.add_exception_handler(PageForbidden, _page_forbidden)  # type: ignore[arg-type]

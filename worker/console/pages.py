@@ -22,7 +22,7 @@ from worker.console.auth import (
     COOKIE,
     CSRF_FIELD,
     THROTTLE,
-    Forbidden,
+    PageForbidden,
     by,
     changer,
     clear_cookie,
@@ -122,7 +122,7 @@ async def sign_in(
     request: Request, name: Annotated[str, Form()] = "", token: Annotated[str, Form()] = ""
 ) -> Response:
     if not same_origin(request):
-        raise Forbidden("this request did not come from the console's own pages")
+        raise PageForbidden("this request did not come from the console's own pages")
     client = request.client.host if request.client else "unknown"
     keys = (f"name:{name[:100]}", f"ip:{client}")
     wait = THROTTLE.wait(*keys)
@@ -143,12 +143,12 @@ async def sign_in(
 async def sign_out(request: Request) -> Response:
     """Ends the session, a viewer's too (the CSRF token is checked, the role is not)."""
     if not same_origin(request):
-        raise Forbidden("this request did not come from the console's own pages")
+        raise PageForbidden("this request did not come from the console's own pages")
     signed = await current(request)
     form = await request.form()
     given = form.get(CSRF_FIELD)
     if signed is None or not signed.csrf_matches(given if isinstance(given, str) else None):
-        raise Forbidden("the form's CSRF token is missing or not this session's")
+        raise PageForbidden("the form's CSRF token is missing or not this session's")
     secret = request.cookies.get(COOKIE, "")
     await db(lambda session: operators.sign_out(session, secret))
     response = RedirectResponse("/console/", status_code=303)

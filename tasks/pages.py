@@ -1,6 +1,6 @@
 """What each page of the console shows (SPEC §5.9), as plain data: one function per page, over a
 session. The rules they show live where they always did (``tasks.status``, ``deadletters``,
-``brake``, ``pauses``, ``view``, ``exits``, ``sync``); these only read and shape.
+``brake``, ``pauses``, ``view``, ``exits``, ``roster_syncs``); these only read and shape.
 
 Lists are paged by key, newest first ("older than (received_at, id)"), never by OFFSET.
 """

@@ -103,6 +103,18 @@ def test_the_receiver_ops_listener_and_flower_cannot_share_a_port(
     assert tree(tmp_path) == []
 
 
+def test_without_ops_port_the_ops_listener_takes_the_next_port_or_any_free_one(
+    taken: int,
+) -> None:
+    free = next(p for p in iter(spare_port, 0) if run._port_problem("127.0.0.1", p + 1) is None)
+    assert run.free_ops_port(free, flower_port=5555) == free + 1
+    # Taken (another stack on the defaults?), or Flower's: another, free one.
+    for port, flower in ((taken - 1, 5555), (free, free + 1)):
+        chosen = run.free_ops_port(port, flower_port=flower)
+        assert chosen not in (port, port + 1, flower)
+        assert run._port_problem("127.0.0.1", chosen) is None
+
+
 @pytest.fixture
 def no_chmod(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """A umask that takes nothing away, and no chmod: a secret file is 600 only if it was made

@@ -238,10 +238,32 @@ def _where_the_cli_finds_it(home: Path) -> str:
     return where
 
 
+def free_ops_port(port: int, flower_port: int) -> int:
+    """The ops listener's port when none is asked for: the receiver's + 1, else (taken, most
+    likely by another stack on the defaults) any free one on loopback; it is recorded in the
+    home with the others."""
+    candidate = port + 1
+    if (
+        candidate <= 65535
+        and candidate != flower_port
+        and _port_problem("127.0.0.1", candidate) is None
+    ):
+        return candidate
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def run_stack(
-    *, host: str = "127.0.0.1", port: int = 8000, ops_port: int = 8001, flower_port: int = 5555
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    ops_port: int | None = None,
+    flower_port: int = 5555,
 ) -> int:
     # Everything that can refuse the run does so before anything is made or started.
+    if ops_port is None:
+        ops_port = free_ops_port(port, flower_port)
     refusal = _ports_refusal(host, port, ops_port, flower_port)
     if refusal is not None:
         return _refuse(refusal)

@@ -211,16 +211,16 @@ def flower(address: str, port: int) -> None:
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option(
     "--ops-port",
-    default=8001,
-    show_default=True,
+    default=None,
     type=click.IntRange(1, 65535),
-    help="The ops API, the console and /metrics, on 127.0.0.1 whatever --host says.",
+    help="The ops API, the console and /metrics, on 127.0.0.1 whatever --host says [default:"
+    " --port + 1, or any free port if that one is taken; recorded in the home].",
 )
 @click.option("--flower-port", default=5555, show_default=True, type=click.IntRange(1, 65535))
-def run(host: str, port: int, ops_port: int, flower_port: int) -> None:
+def run(host: str, port: int, ops_port: int | None, flower_port: int) -> None:
     """Run the whole local stack: migrations, receiver, worker, beat and Flower. Its state (the
     SQLite database, generated secrets, schedule, a private redis) is kept under the home."""
-    if len({port, ops_port, flower_port}) < 3:
+    if port == flower_port or ops_port in (port, flower_port):
         raise click.UsageError("--port, --ops-port and --flower-port must differ")
     sys.exit(run_stack(host=host, port=port, ops_port=ops_port, flower_port=flower_port))
 

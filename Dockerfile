@@ -35,6 +35,7 @@ WORKDIR /app
 RUN mkdir var && chown grassroots:grassroots var
 USER grassroots:grassroots
 
-EXPOSE 8000 5555
+# The webhook, the ops API and console (serve --ops-port 8001), Flower.
+EXPOSE 8000 8001 5555
 ENTRYPOINT ["grassroots"]
 CMD ["--help"]

@@ -119,7 +119,9 @@ def event(session: Session, event_id: str) -> dict[str, Any]:
     found = status.event_detail(session, event_id)
     if found is None:
         raise NotFound(f"no event {event_id}")
-    return {**found, "replayable": found["status"] == EventStatus.DEAD}
+    # The event as Clever sent it (retention's purge empties a final event's payload).
+    payload = session.scalar(select(RosterEvent.payload).where(RosterEvent.id == event_id))
+    return {**found, "payload": payload, "replayable": found["status"] == EventStatus.DEAD}
 
 
 def dead_letters(session: Session) -> dict[str, Any]:

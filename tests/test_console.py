@@ -276,6 +276,14 @@ def test_an_operator_replays_a_dead_event_and_the_audit_names_them(ada: TestClie
     assert ">ada</td>" in ada.get("/console/audit").text
 
 
+def test_an_events_page_shows_the_event_as_received(ada: TestClient) -> None:
+    raw = {"id": "evt-p", "type": "users.deleted", "data": {"object": {"id": STEVE}}}
+    with db.session_scope() as session:
+        session.add(RosterEvent(id="evt-p", type="users.deleted", payload=raw, status="done"))
+    page = ada.get("/console/events/evt-p").text
+    assert "The event as received" in page and '"type": "users.deleted"' in page
+
+
 def test_replay_all_confirms_the_count_and_sends_only_those(ada: TestClient) -> None:
     confirm = ada.get(
         "/console/dead/confirm", params={"task": "grassroots.process_event", "error": "KeyError"}

@@ -191,7 +191,7 @@ def test_held_removals_are_released_after_a_confirmation(
 
     ada.get_by_role("link", name="Held").click()
     section = ada.get_by_role("region", name=re.compile(district.id))
-    expect(section.get_by_role("heading")).to_contain_text("1 held")
+    expect(section.get_by_text("1 removal waiting")).to_be_visible()
     section.get_by_role("button", name="Release").click()
     expect(ada.get_by_text(f"Release 1 held removals of district {district.id}")).to_be_visible()
     ada.get_by_role("button", name="Confirm").click()

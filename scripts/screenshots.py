@@ -84,7 +84,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "var"
-        port, flower = spare_port(), spare_port()
+        port, ops, flower = spare_port(), spare_port(), spare_port()
         stack = subprocess.Popen(
             [
                 str(BIN),
@@ -93,6 +93,8 @@ def main() -> None:
                 "run",
                 "--port",
                 str(port),
+                "--ops-port",
+                f"{ops}",
                 "--flower-port",
                 f"{flower}",
             ],
@@ -102,7 +104,8 @@ def main() -> None:
             start_new_session=True,
             env={k: v for k, v in os.environ.items() if k != "DATABASE_URL"},
         )
-        base = f"http://127.0.0.1:{port}"
+        # The console is on the ops listener (`run --ops-port`), never on the webhook's.
+        base = f"http://127.0.0.1:{ops}"
         try:
             wait_for(f"{base}/healthz")
             grassroots(home, "demo")

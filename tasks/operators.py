@@ -8,6 +8,8 @@ secret in a cookie; its row keeps only the secret's SHA-256, which is enough for
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import hmac
 import re
@@ -114,6 +116,17 @@ def _matches(operator: Operator, token: str) -> bool:
     return True
 
 
+@functools.cache
+def _decoy() -> str:
+    return _hasher.hash(secrets.token_urlsafe(32))
+
+
+def _verify_decoy(token: str) -> None:
+    """An argon2 verification that always fails, as long as a real one takes."""
+    with contextlib.suppress(VerificationError, InvalidHashError):
+        _hasher.verify(_decoy(), token)
+
+
 def _touch(operator: Operator, now: datetime) -> None:
     if operator.last_seen_at is None or now - operator.last_seen_at >= TOUCH_EVERY:
         operator.last_seen_at = now
@@ -178,7 +191,11 @@ def sign_in(
     """A new console session for the operator with this name and token, or None: the caller
     says the same for a wrong name as for a wrong token."""
     operator = session.scalar(select(Operator).where(Operator.name == name))
-    if operator is None or not _matches(operator, token):
+    if operator is None:
+        # As long as a wrong token takes: the answer's time does not tell which names exist.
+        _verify_decoy(token)
+        return None
+    if not _matches(operator, token):
         return None
     at = now or utcnow()
     operator.last_seen_at = at

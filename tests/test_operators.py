@@ -269,3 +269,25 @@ def test_a_removed_operators_token_is_refused_at_once(api: TestClient) -> None:
         operators.remove(session, "ada", by="test")
 
     assert_error(api.get("/ops/status", headers=ada), 401, "unauthorized")
+
+
+def test_an_unknown_name_costs_a_hash_verification_like_a_wrong_token(
+    session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """So the time of the answer does not tell which names exist."""
+    operators.add(session, "ada", OperatorRole.OPERATOR, by="test")
+    verified: list[str] = []
+    real = operators._hasher
+
+    class Counting:
+        def hash(self, token: str) -> str:
+            return real.hash(token)
+
+        def verify(self, hashed: str, token: str) -> bool:
+            verified.append(token)
+            return real.verify(hashed, token)
+
+    monkeypatch.setattr(operators, "_hasher", Counting())
+    assert operators.sign_in(session, "nobody", "a.wrong-token") is None
+    assert operators.sign_in(session, "ada", "b.wrong-token") is None
+    assert verified == ["a.wrong-token", "b.wrong-token"]

@@ -3,11 +3,14 @@ redis-server, a spare port, the report."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +33,17 @@ def spare_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def district_parser(doc: str | None, *, students: int, teachers: int) -> argparse.ArgumentParser:
+    """A benchmark's command line, with the district's size (``district_file``) and --json."""
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--students", type=int, default=students)
+    parser.add_argument("--teachers", type=int, default=teachers)
+    parser.add_argument("--json", action="store_true", help="the report as JSON")
+    return parser
 
 
 def district_file(students: int, teachers: int) -> Path:
@@ -87,3 +101,55 @@ def print_report(result: dict[str, Any], *, as_json: bool) -> None:
     width = max(map(len, result), default=0)
     for key, value in result.items():
         print(f"{key:>{width}}  {value}")
+
+
+def start_worker(
+    env: dict[str, str],
+    log: Path,
+    *,
+    concurrency: int,
+    command: list[str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """``grassroots worker`` (or ``command``, which takes the same options) in a session of its
+    own, logging to ``log`` at BENCH_WORKER_LOGLEVEL (default warning)."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [
+                *(command or [str(BIN), "worker"]),
+                "--concurrency",
+                str(concurrency),
+                "-l",
+                os.environ.get("BENCH_WORKER_LOGLEVEL", "warning"),
+            ],
+            env=env,
+            cwd=log.parent,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """Kill a process started in a session of its own, and everything in that session."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def wait_for_workers(
+    env: dict[str, str], count: int, workers: list[subprocess.Popen[bytes]]
+) -> None:
+    """Until ``count`` workers answer a Celery ping (``celery inspect ping``)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if any(w.poll() is not None for w in workers):
+            raise SystemExit("a worker died while starting")
+        ping = subprocess.run(
+            [str(CELERY), "-A", "worker.celery_app", "inspect", "ping", "--timeout", "1"],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        if ping.stdout.count("pong") >= count:
+            return
+    raise SystemExit(f"{count} worker(s) did not answer within 120 s")

@@ -1,14 +1,22 @@
 #!/usr/bin/env python3
-"""Benchmark: a whole district exit through the real pipeline.
+"""Benchmark: a whole district exit through the real pipeline, beside its floor.
 
-Seeds a synthetic district (bench/make_district.py) into a fresh Postgres database, starts
-a private redis-server and `grassroots worker` processes, starts the exit with
-`grassroots district exit ID`, and times it until the exit is done. Reports accounts/s, the time
-of each phase (teacher units, account batches, the finish step) and the peak memory of each worker
-process tree: PSS (shared pages split among their sharers), the RSS sum, and the largest RSS.
+Seeds a synthetic district (bench/make_district.py) into a Postgres database once, starts a
+private redis-server, then ``--runs`` times (default 3), alternating:
+
+- the exit: a fresh copy of the seeded database, fresh `grassroots worker` processes, the exit
+  started with `grassroots district exit ID` and timed until it is done. Reports accounts/s,
+  the time of each phase (start, teacher units, account batches, finish step) and the peak
+  memory of each worker process tree: PSS (shared pages split among their sharers), the RSS
+  sum, and the largest RSS;
+- its floor (bench/floors.py), on another fresh copy: as many no-op Celery tasks as the exit had
+  teacher units, on a worker with the exit's settings, and the same account batches converted
+  by the same functions without Celery.
+
+It ends with each phase's median, its floor's, and their ratio.
 
     .venv/bin/python -m bench.exit_pipeline                       # the 100,000-student district
-    .venv/bin/python -m bench.exit_pipeline --students 5000 --teachers 200
+    .venv/bin/python -m bench.exit_pipeline --students 5000 --teachers 200 --runs 1
     .venv/bin/python -m bench.exit_pipeline --template grperf     # copy a database seeded before
 """
 
@@ -17,20 +25,32 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
+import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import psycopg
 
-from bench.common import BIN, CELERY, district_file, print_report, private_redis, throwaway_database
+from bench.common import (
+    BIN,
+    ROOT,
+    district_file,
+    district_parser,
+    print_report,
+    private_redis,
+    start_worker,
+    stop,
+    throwaway_database,
+    wait_for_workers,
+)
 
 
 def _processes() -> Iterator[tuple[int, str, list[str]]]:
@@ -97,25 +117,6 @@ def cpu_seconds() -> dict[str, float]:
 CHECKPOINTS = "SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter"
 
 
-def wait_for_workers(
-    env: dict[str, str], count: int, workers: list[subprocess.Popen[bytes]]
-) -> None:
-    """Until ``count`` workers answer a Celery ping (``celery inspect ping``)."""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if any(w.poll() is not None for w in workers):
-            raise SystemExit("a worker died while starting")
-        ping = subprocess.run(
-            [str(CELERY), "-A", "worker.celery_app", "inspect", "ping", "--timeout", "1"],
-            env=env,
-            capture_output=True,
-            text=True,
-        )
-        if ping.stdout.count("pong") >= count:
-            return
-    raise SystemExit(f"{count} worker(s) did not answer within 120 s")
-
-
 class Sampler(threading.Thread):
     def __init__(self, pids: list[int]) -> None:
         super().__init__(daemon=True)
@@ -131,14 +132,16 @@ class Sampler(threading.Thread):
             self.stop.wait(0.2)
 
 
+# The phases that have a floor, and the floor's name in a run's report.
+FLOORED = {"teacher_units_s": "noop_tasks_s", "account_batches_s": "batches_in_process_s"}
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--students", type=int, default=100_000)
-    parser.add_argument("--teachers", type=int, default=4_000)
+    parser = district_parser(__doc__, students=100_000, teachers=4_000)
     parser.add_argument("--workers", type=int, default=1, help="worker processes (main + pool)")
     parser.add_argument("--concurrency", type=int, default=2, help="pool size of each worker")
+    parser.add_argument("--runs", type=int, default=3, help="exits, each followed by its floor")
+    parser.add_argument("--no-floor", action="store_true", help="time the exit only")
     parser.add_argument(
         "--template",
         metavar="DATABASE",
@@ -149,48 +152,186 @@ def main() -> None:
         action="store_true",
         help="time the exit right after the bulk load, without the VACUUM autovacuum would make",
     )
-    parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
     roster = district_file(args.students, args.teachers)
-    with ExitStack() as stack:
-        url = stack.enter_context(
-            throwaway_database(f"grbench_exit_{os.getpid()}", template=args.template)
-        )
-        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="grbench-")))
-        redis_port = stack.enter_context(private_redis(tmp))
-        result = measure(args, roster, url, redis_port, tmp)
-    print_report(result, as_json=args.json)
-
-
-def measure(
-    args: argparse.Namespace, roster: Path, url: str, redis_port: int, tmp: Path
-) -> dict[str, Any]:
     district_id = json.loads(roster.read_text())["districts"][0]["id"]
-    env = {
-        **os.environ,
-        "DATABASE_URL": url,
-        "BROKER_URL": f"redis://127.0.0.1:{redis_port}/0",
-        "LOG_LEVEL": os.environ.get("LOG_LEVEL", "WARNING"),
-    }
-    workers: list[subprocess.Popen[bytes]] = []
     result: dict[str, Any] = {
         "students": args.students,
         "teachers": args.teachers,
         "workers": args.workers,
         "concurrency": args.concurrency,
+        "vacuumed": not args.no_vacuum,
     }
+    runs: list[dict[str, Any]] = []
+    with ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="grbench-")))
+        redis_port = stack.enter_context(private_redis(tmp))
+        template = args.template
+        if template is None:
+            template = f"grbench_exit_{os.getpid()}_seed"
+            url = stack.enter_context(throwaway_database(template))
+            result["seed_s"] = seed(url, roster, redis_port)
+        for n in range(args.runs):
+            with throwaway_database(f"grbench_exit_{os.getpid()}_{n}", template=template) as url:
+                run = measure(args, district_id, url, redis_port, tmp)
+            if not args.no_floor:
+                with throwaway_database(
+                    f"grbench_floor_{os.getpid()}_{n}", template=template
+                ) as url:
+                    run.update(measure_floor(args, district_id, url, redis_port, tmp, run))
+            print(summary(n + 1, run), file=sys.stderr, flush=True)
+            runs.append(run)
+    result.update(medians(runs), runs=runs)
+    if args.json:
+        print_report(result, as_json=True)
+    else:
+        print_table(result)
+
+
+def environment(url: str, redis_port: int) -> dict[str, str]:
+    return {
+        **os.environ,
+        "DATABASE_URL": url,
+        "BROKER_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "LOG_LEVEL": os.environ.get("LOG_LEVEL", "WARNING"),
+    }
+
+
+def seed(url: str, roster: Path, redis_port: int) -> float:
+    """Migrate and seed the database every run copies; the seconds the seed took."""
+    env = environment(url, redis_port)
+    subprocess.run([str(BIN), "db", "upgrade"], env=env, check=True, capture_output=True)
+    started = time.monotonic()
+    subprocess.run([str(BIN), "seed", str(roster)], env=env, check=True, capture_output=True)
+    return round(time.monotonic() - started, 1)
+
+
+def settle(url: str, *, vacuum: bool) -> None:
+    """No checkpoint owed when a clock starts: the seed's (or the copy's) writes would
+    otherwise be flushed in the middle of the timed exit. A district exits long after it was
+    loaded, when autovacuum has long since been through its tables (it is off on the test
+    machine this was written on): VACUUM stands in for it, unless --no-vacuum."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        if vacuum:
+            conn.execute("VACUUM ANALYZE")
+        conn.execute("CHECKPOINT")
+
+
+def measure_floor(
+    args: argparse.Namespace,
+    district_id: str,
+    url: str,
+    redis_port: int,
+    tmp: Path,
+    run: dict[str, Any],
+) -> dict[str, float]:
+    """The run's floors (``bench/floors.py``) on a fresh copy of the same district: as many
+    no-op tasks as the run had teacher units, then its account batches without Celery."""
+    # The worker runs in the temporary directory: ``bench`` is found from the repository.
+    env = {**environment(url, redis_port), "PYTHONPATH": str(ROOT)}
+    floors = [sys.executable, "-m", "bench.floors"]
+    worker = start_worker(
+        env, tmp / "floor-worker.log", concurrency=args.concurrency, command=[*floors, "worker"]
+    )
     try:
-        prepare(args, roster, url, district_id, env, result)
-        start_workers(args, env, tmp, workers)
+        wait_for_workers(env, 1, [worker])
+        noop = subprocess.run(
+            [*floors, "noop", str(run["teacher_units"])],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+    finally:
+        stop(worker)
+    settle(url, vacuum=not args.no_vacuum)
+    convert = subprocess.run(
+        [*floors, "convert", district_id, "--concurrency", str(args.concurrency)],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return {
+        FLOORED["teacher_units_s"]: round(json.loads(noop.stdout)["seconds"], 2),
+        FLOORED["account_batches_s"]: round(json.loads(convert.stdout)["seconds"], 2),
+    }
+
+
+def summary(n: int, run: dict[str, Any]) -> str:
+    phases = ", ".join(f"{k} {run[k]}" for k in ("start_s", *FLOORED, "finish_s"))
+    floors = ", ".join(f"{v} {run[v]}" for v in FLOORED.values() if v in run)
+    return f"run {n}: exit {run['exit_s']} s ({phases})" + (f"; floor: {floors}" if floors else "")
+
+
+def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each phase's median over the runs, its floor's, and their ratio; the whole exit against
+    the sum of its floors (its start and finish have none)."""
+    out: dict[str, Any] = {}
+    for phase in ("exit_s", "start_s", *FLOORED, "finish_s", "accounts_per_s"):
+        out[f"median_{phase}"] = round(statistics.median(r[phase] for r in runs), 2)
+    if all(floor in runs[0] for floor in FLOORED.values()):
+        for phase, floor in FLOORED.items():
+            value = statistics.median(r[floor] for r in runs)
+            out[f"median_{floor}"] = round(value, 2)
+            out[f"ratio_{phase.removesuffix('_s')}"] = round(out[f"median_{phase}"] / value, 2)
+        floor_total = statistics.median(sum(r[f] for f in FLOORED.values()) for r in runs)
+        out["median_floor_s"] = round(floor_total, 2)
+        out["ratio_exit"] = round(out["median_exit_s"] / floor_total, 2)
+    out["peak_worker_pss_sum_mb"] = max(max(r["peak_worker_pss_sum_mb"]) for r in runs)
+    return out
+
+
+def print_table(result: dict[str, Any]) -> None:
+    """The medians as a table of phase, exit, floor and ratio; then the rest of the report."""
+    runs = result.pop("runs")
+    print(f"medians of {len(runs)} run(s), each exit followed by its floor")
+    print(f"{'phase':<16}{'exit s':>8}{'floor s':>9}{'ratio':>7}  floor")
+    what = {
+        "teacher_units_s": f"{runs[0]['teacher_units']} no-op Celery tasks",
+        "account_batches_s": f"{runs[0]['units'] - runs[0]['teacher_units']} batches, no Celery",
+        "exit_s": "the sum of the two",
+    }
+    floors = {**FLOORED, "exit_s": "floor_s"}
+    for phase in ("start_s", *FLOORED, "finish_s", "exit_s"):
+        name = phase.removesuffix("_s")
+        floor = result.pop(f"median_{floors[phase]}", "") if phase in floors else ""
+        ratio = result.pop(f"ratio_{name}", "")
+        print(
+            f"{name.replace('_', ' '):<16}{result.pop(f'median_{phase}'):>8}{floor:>9}{ratio:>7}"
+            f"  {what.get(phase, '') if floor != '' else ''}"
+        )
+    print()
+    print_report(result, as_json=False)
+    for n, run in enumerate(runs, start=1):
+        print(summary(n, run))
+        print(f"  {json.dumps(run)}")
+
+
+def measure(
+    args: argparse.Namespace, district_id: str, url: str, redis_port: int, tmp: Path
+) -> dict[str, Any]:
+    """One exit of the district in ``url`` through ``args.workers`` fresh workers."""
+    env = environment(url, redis_port)
+    workers: list[subprocess.Popen[bytes]] = []
+    result: dict[str, Any] = {}
+    try:
+        with psycopg.connect(url) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM accounts WHERE district_id = %s", (district_id,)
+            ).fetchone()
+            assert row is not None
+            result["accounts"] = int(row[0])
+        for n in range(args.workers):
+            workers.append(start_worker(env, tmp / f"worker{n}.log", concurrency=args.concurrency))
         # Start the clock once every worker answers (a worker's start-up is not the exit's
-        # time), and with no checkpoint owed: the seed's (or the copy's) writes would otherwise
-        # be flushed in the middle of the timed exit. A district exits long after it was loaded,
-        # when autovacuum has long since been through its tables (it is off on the test machine
-        # this was written on): VACUUM stands in for it, unless --no-vacuum.
+        # time), and settled (``settle``).
         wait_for_workers(env, args.workers, workers)
-        wal_before, checkpoints_before = settle(url, vacuum=not args.no_vacuum)
-        result["vacuumed"] = not args.no_vacuum
+        settle(url, vacuum=not args.no_vacuum)
+        with psycopg.connect(url, autocommit=True) as conn:
+            wal_before = conn.execute("SELECT pg_current_wal_lsn()").fetchone()
+            checkpoints_before = conn.execute(CHECKPOINTS).fetchone()
         sampler = Sampler([w.pid for w in workers])
         sampler.start()
         cpu_before = cpu_seconds()
@@ -198,10 +339,9 @@ def measure(
         subprocess.run(
             [str(BIN), "district", "exit", district_id], env=env, check=True, capture_output=True
         )
+        elapsed = wait_until_done(url, district_id, workers, tmp) - started
+        cpu_after = cpu_seconds()
         with psycopg.connect(url, autocommit=True) as conn:
-            units = wait_until_done(conn, district_id, workers, tmp)
-            elapsed = time.monotonic() - started
-            cpu_after = cpu_seconds()
             wal = conn.execute(
                 "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s)", wal_before
             ).fetchone()
@@ -209,7 +349,7 @@ def measure(
             left = conn.execute(
                 "SELECT count(*) FROM accounts WHERE district_id = %s", (district_id,)
             ).fetchone()
-            phases = exit_phases(conn, district_id, clock)
+            units, teacher_units, phases = phase_times(conn, district_id, clock)
         sampler.stop.set()
         sampler.join()
         assert left == (0,), f"{left} accounts left in the district"
@@ -217,7 +357,8 @@ def measure(
             {
                 "exit_s": round(elapsed, 2),
                 "units": units,
-                **{k: round(v.total_seconds(), 2) for k, v in phases.items()},
+                "teacher_units": teacher_units,
+                **phases,
                 "accounts_per_s": round(result["accounts"] / elapsed),
                 # Write-ahead log written during the exit, and checkpoints begun meanwhile.
                 "wal_mb": round(float(wal[0]) / 2**20) if wal else None,
@@ -235,100 +376,34 @@ def measure(
         )
     finally:
         for w in workers:
-            if w.poll() is None:
-                os.killpg(w.pid, signal.SIGKILL)
-                w.wait()
+            stop(w)
     return result
 
 
-def prepare(
-    args: argparse.Namespace,
-    roster: Path,
-    url: str,
-    district_id: str,
-    env: dict[str, str],
-    result: dict[str, Any],
-) -> None:
-    """The schema, the district seeded (unless copied from ``--template``), its accounts."""
-    subprocess.run([str(BIN), "db", "upgrade"], env=env, check=True, capture_output=True)
-    if not args.template:
-        started = time.monotonic()
-        subprocess.run([str(BIN), "seed", str(roster)], env=env, check=True, capture_output=True)
-        result["seed_s"] = round(time.monotonic() - started, 1)
-    with psycopg.connect(url) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM accounts WHERE district_id = %s", (district_id,)
-        ).fetchone()
-        assert row is not None
-        result["accounts"] = int(row[0])
-
-
-def settle(url: str, *, vacuum: bool) -> tuple[Any, Any]:
-    """VACUUM ANALYZE (unless not ``vacuum``) and a checkpoint; where the WAL and the checkpoint
-    count stand then."""
-    with psycopg.connect(url, autocommit=True) as conn:
-        if vacuum:
-            conn.execute("VACUUM ANALYZE")
-        conn.execute("CHECKPOINT")
-        wal_before = conn.execute("SELECT pg_current_wal_lsn()").fetchone()
-        checkpoints_before = conn.execute(CHECKPOINTS).fetchone()
-    return wal_before, checkpoints_before
-
-
-def start_workers(
-    args: argparse.Namespace,
-    env: dict[str, str],
-    tmp: Path,
-    workers: list[subprocess.Popen[bytes]],
-) -> None:
-    """Each into ``workers`` as it starts: the caller stops every one that did."""
-    for n in range(args.workers):
-        with (tmp / f"worker{n}.log").open("wb") as log:
-            workers.append(
-                subprocess.Popen(
-                    [
-                        str(BIN),
-                        "worker",
-                        "--concurrency",
-                        str(args.concurrency),
-                        "-l",
-                        os.environ.get("BENCH_WORKER_LOGLEVEL", "warning"),
-                    ],
-                    env=env,
-                    cwd=tmp,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
-
-
 def wait_until_done(
-    conn: psycopg.Connection[Any],
-    district_id: str,
-    workers: list[subprocess.Popen[bytes]],
-    tmp: Path,
-) -> int:
-    """Until the district's exit is done; its number of units."""
-    while True:
-        row = conn.execute(
-            "SELECT status, units_done, units_total FROM district_exits"
-            " WHERE district_id = %s ORDER BY id DESC LIMIT 1",
-            (district_id,),
-        ).fetchone()
-        if row is not None and row[0] == "done":
-            return int(row[2])
-        if any(w.poll() is not None for w in workers):
-            raise SystemExit("a worker died: see " + str(tmp))
-        time.sleep(0.2)
+    url: str, district_id: str, workers: list[subprocess.Popen[bytes]], tmp: Path
+) -> float:
+    """The monotonic time at which the district's latest exit was seen done."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        while True:
+            row = conn.execute(
+                "SELECT status FROM district_exits WHERE district_id = %s ORDER BY id DESC LIMIT 1",
+                (district_id,),
+            ).fetchone()
+            if row is not None and row[0] == "done":
+                return time.monotonic()
+            if any(w.poll() is not None for w in workers):
+                raise SystemExit("a worker died: see " + str(tmp))
+            time.sleep(0.2)
 
 
-def exit_phases(
+def phase_times(
     conn: psycopg.Connection[Any], district_id: str, clock: datetime
-) -> dict[str, timedelta]:
-    """Where the time went: the exit's start, each phase's last unit, the finish step."""
+) -> tuple[int, int, dict[str, float]]:
+    """The exit's units, its teacher units, and where the time went: the exit's start, each
+    phase's last unit, the finish step."""
     marks = conn.execute(
-        "SELECT e.started_at,"
+        "SELECT e.units_total, e.teacher_units, e.started_at,"
         " max(u.finished_at) FILTER (WHERE u.kind = 'teacher'),"
         " max(u.finished_at) FILTER (WHERE u.kind = 'accounts'), e.finished_at"
         " FROM district_exits e JOIN exit_units u ON u.exit_id = e.id"
@@ -336,18 +411,20 @@ def exit_phases(
         (district_id,),
     ).fetchone()
     assert marks is not None
-    return {
+    units, teachers, started, teachers_done, batches_done, finished = marks
+    phases = {
         # The command's start, its task's way to a worker, the exit's first transaction.
-        "start_s": marks[0] - clock,
-        "teacher_units_s": marks[1] - marks[0],
-        "account_batches_s": marks[2] - marks[1],
-        "finish_s": marks[3] - marks[2],
+        "start_s": started - clock,
+        "teacher_units_s": teachers_done - started,
+        "account_batches_s": batches_done - teachers_done,
+        "finish_s": finished - batches_done,
     }
+    return units, teachers, {k: round(v.total_seconds(), 2) for k, v in phases.items()}
 
 
 def cpu_used(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """CPU seconds each process used meanwhile, most first; processes that ended meanwhile (the
-    CLI that started the exit) are not counted."""
+    """CPU seconds per command name between two readings. Processes that ended in between
+    (the CLI that started the exit) are not counted."""
     return {
         name: round(used, 1)
         for name, used in sorted(

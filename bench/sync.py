@@ -41,8 +41,7 @@ import httpx
 import psycopg
 
 from bench.clever_server import CleverServer, CleverServerError, rss_mb
-from bench.common import BIN, print_report, private_redis, throwaway_database
-from bench.exit_pipeline import wait_for_workers
+from bench.common import BIN, print_report, private_redis, throwaway_database, wait_for_workers
 from bench.measured import Run, run_measured
 from fakes.clever_api import SECTIONS, USERS, district_path
 

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock run test test-fast lint format typecheck bench bench-exit bench-intake bench-seed bench-sync bench-console soak screenshots clean
+.PHONY: help install lock run test test-fast lint format typecheck bench bench-exit bench-intake bench-latency bench-seed bench-sync bench-console soak screenshots clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -47,10 +47,14 @@ format: install ## Format the code
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: bench-exit bench-intake bench-seed bench-sync bench-console ## All the benchmarks (see bench/README.md), a few minutes
+bench: bench-exit bench-intake bench-latency bench-seed bench-sync bench-console ## All the benchmarks (see bench/README.md), some minutes
 
-bench-exit: install ## The 100,000-student district's exit through Redis and grassroots workers
-	$(BIN)/python -m bench.exit_pipeline
+# `make bench-exit ARGS="--runs 5"`, `make bench-latency ARGS="--rate 50 --seconds 20"`.
+bench-exit: install ## The 100,000-student exit, 3 runs alternated with its floor (no-op tasks, batches without Celery): phases, floors, ratios
+	$(BIN)/python -m bench.exit_pipeline $(ARGS)
+
+bench-latency: install ## One users.deleted webhook to its account converted, 20/s for a minute: p50/p90/p99 and where the time goes
+	$(BIN)/python -m bench.latency $(ARGS)
 
 bench-intake: install ## Signed webhook intake: burst throughput, latency at 500 events/s
 	$(BIN)/python -m bench.intake --server-workers 2

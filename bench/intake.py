@@ -45,26 +45,35 @@ PATH = "/webhooks/clever"
 T = TypeVar("T")
 
 
+def signed_request(secret: str, event: dict[str, Any]) -> bytes:
+    """A signed webhook delivery of ``event``, a whole HTTP/1.1 message ready to write."""
+    body = json.dumps(event).encode()
+    headers = {
+        "host": "receiver",
+        "content-type": "application/json",
+        "content-length": str(len(body)),
+        **signed_headers(secret, body),
+    }
+    head = f"POST {PATH} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    return head.encode() + b"\r\n" + body
+
+
 def requests(secret: str, prefix: str, n: int) -> list[bytes]:
     """``n`` signed requests, whole HTTP/1.1 messages ready to write to a socket."""
-    out = []
-    for i in range(n):
-        event = {
-            "id": f"{prefix}-{i}",
-            "type": "users.updated",
-            "created": "2026-10-01T00:00:00Z",
-            "data": {"object": {"id": f"{i:024x}", "district": "d" * 24, "roles": {"student": {}}}},
-        }
-        body = json.dumps(event).encode()
-        headers = {
-            "host": "receiver",
-            "content-type": "application/json",
-            "content-length": str(len(body)),
-            **signed_headers(secret, body),
-        }
-        head = f"POST {PATH} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        out.append(head.encode() + b"\r\n" + body)
-    return out
+    return [
+        signed_request(
+            secret,
+            {
+                "id": f"{prefix}-{i}",
+                "type": "users.updated",
+                "created": "2026-10-01T00:00:00Z",
+                "data": {
+                    "object": {"id": f"{i:024x}", "district": "d" * 24, "roles": {"student": {}}}
+                },
+            },
+        )
+        for i in range(n)
+    ]
 
 
 class Connection:
@@ -145,20 +154,21 @@ async def burst(port: int, reqs: list[bytes], concurrency: int) -> tuple[float, 
 
 
 async def steady(
-    port: int, reqs: list[bytes], rate: float, connections: int
+    port: int, reqs: list[bytes], rate: float, connections: int, due_at: list[float] | None = None
 ) -> tuple[list[float], Tally, int]:
     """Open loop: request i is due at start + i/rate whatever became of the others. A request
-    finding no idle connection opens one (counted in the latency, and reported)."""
+    finding no idle connection opens one (counted in the latency, and reported). The latencies
+    are in the requests' order; ``due_at``, if given, gets when each was due (``time.time()``)."""
     loop = asyncio.get_running_loop()
     tally = Tally()
-    latencies: list[float] = []
+    latencies = [0.0] * len(reqs)
     # First in, first out: every connection is used every few hundred requests, so none sits
     # idle long enough for the server's keep-alive timeout (uvicorn: 5 s) to close it.
     idle = deque([await Connection.open(port) for _ in range(connections)])
     opened = 0
     tasks: set[asyncio.Task[None]] = set()
 
-    async def one(request: bytes, due: float) -> None:
+    async def one(i: int, request: bytes, due: float) -> None:
         nonlocal opened
         while idle and idle[0].reader.at_eof():
             idle.popleft().close()
@@ -174,15 +184,18 @@ async def steady(
             conn.close()
         else:
             idle.append(conn)
-        latencies.append(loop.time() - due)
+        latencies[i] = loop.time() - due
 
     start = loop.time() + 0.05
+    if due_at is not None:
+        wall = time.time() - loop.time()
+        due_at[:] = [wall + start + i / rate for i in range(len(reqs))]
     for i, request in enumerate(reqs):
         due = start + i / rate
         delay = due - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)
-        task = loop.create_task(one(request, due))
+        task = loop.create_task(one(i, request, due))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
     while tasks:
@@ -200,6 +213,24 @@ def run(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
         return asyncio.run(main())
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(main())
+
+
+def start_receiver(
+    env: dict[str, str], port: int, log: Path, *, workers: int | None = None
+) -> subprocess.Popen[bytes]:
+    """``grassroots serve`` on ``port`` (``--workers`` if given) in a session of its own, once
+    it accepts connections."""
+    more = [] if workers is None else ["--workers", str(workers)]
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            [str(BIN), "serve", "--port", str(port), *more],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    wait_for_port(port, timeout=60)
+    return server
 
 
 def cpu_seconds(pid: int) -> float:
@@ -273,15 +304,7 @@ def measure(
     }
     try:
         subprocess.run([str(BIN), "db", "upgrade"], env=env, check=True, capture_output=True)
-        with (tmp / "serve.log").open("wb") as log:
-            server = subprocess.Popen(
-                [str(BIN), "serve", "--port", str(port), "--workers", str(args.server_workers)],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        wait_for_port(port, timeout=60)
+        server = start_receiver(env, port, tmp / "serve.log", workers=args.server_workers)
         # Warm-up: every server process opens its database and broker connections.
         _, warm = run(lambda: burst(port, requests(secret, "warm", 500), args.concurrency))
         sent = 500

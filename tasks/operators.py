@@ -221,9 +221,12 @@ class SignedIn:
         return given is not None and hmac.compare_digest(given.encode(), self.csrf.encode())
 
 
-def signed_in(session: Session, secret: str, *, now: datetime | None = None) -> SignedIn | None:
+def signed_in(
+    session: Session, secret: str, *, now: datetime | None = None, active: bool = True
+) -> SignedIn | None:
     """The session this cookie's secret opened, if it is still open: not signed out, its
-    operator not removed, and not idle for ``IDLE``. An idle one is closed."""
+    operator not removed, and not idle for ``IDLE``. An idle one is closed. ``active`` False (a
+    page refreshing itself) reads the session without counting as the operator's activity."""
     at = now or utcnow()
     row = session.get(ConsoleSession, _hash(secret))
     if row is None:
@@ -234,9 +237,10 @@ def signed_in(session: Session, secret: str, *, now: datetime | None = None) -> 
     operator = session.get(Operator, row.operator_id)
     if operator is None:
         return None
-    if at - row.last_seen_at >= TOUCH_EVERY:
-        row.last_seen_at = at
-    _touch(operator, at)
+    if active:
+        if at - row.last_seen_at >= TOUCH_EVERY:
+            row.last_seen_at = at
+        _touch(operator, at)
     return SignedIn(Identity(operator.name, OperatorRole(operator.role)), row.csrf)
 
 

@@ -139,6 +139,19 @@ def test_a_session_ends_after_twelve_hours_idle_and_at_sign_out(session: Session
     assert operators.signed_in(session, again.secret) is None
 
 
+def test_a_page_refreshing_itself_does_not_keep_a_session_open(session: Session) -> None:
+    token = operators.add(session, "ada", OperatorRole.OPERATOR, by="test")
+    start = utcnow()
+    opened = operators.sign_in(session, "ada", token, now=start)
+    assert opened is not None
+
+    for hours in range(1, 12):
+        refresh = start + timedelta(hours=hours)
+        assert operators.signed_in(session, opened.secret, now=refresh, active=False)
+    late = start + timedelta(hours=12, minutes=1)
+    assert operators.signed_in(session, opened.secret, now=late, active=False) is None
+
+
 def test_removing_an_operator_ends_its_token_and_sessions_at_once(session: Session) -> None:
     token = operators.add(session, "ada", OperatorRole.OPERATOR, by="test")
     opened = operators.sign_in(session, "ada", token)

@@ -53,7 +53,10 @@ async def current(request: Request) -> operators.SignedIn | None:
     secret = request.cookies.get(COOKIE)
     if not secret:
         return None
-    return await db(lambda session: operators.signed_in(session, secret))
+    # The Overview refreshing itself (htmx) is not the operator's activity: an open tab alone
+    # does not keep a session from its idle end.
+    active = not request.headers.get("hx-request")
+    return await db(lambda session: operators.signed_in(session, secret, active=active))
 
 
 async def reader(request: Request) -> operators.SignedIn:

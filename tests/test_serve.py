@@ -267,6 +267,23 @@ def test_a_head_over_the_cap_is_refused_with_431_before_the_rest_is_read(server:
 
 
 @pytest.mark.slow
+def test_a_later_request_on_a_kept_alive_connection_is_held_to_the_same_cap(
+    server: Serving,
+) -> None:
+    with connect(server.public) as kept:
+        kept.sendall(HEALTH)
+        first = b""
+        while b"\r\n\r\n" not in first or not first.endswith(b'{"status":"ok"}'):
+            first += kept.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200 ")
+        # Whole, in one write: measured once parsed.
+        big = b"X-Big: " + b"a" * (connection_limits.MAX_HEAD_BYTES + 1024) + b"\r\n\r\n"
+        kept.sendall(HEALTH[:-2] + big)
+        answer, _ = closed_after(kept)
+    assert answer.startswith(b"HTTP/1.1 431 ")
+
+
+@pytest.mark.slow
 def test_at_the_connection_cap_the_oldest_idle_connection_makes_room(server: Serving) -> None:
     cap = connection_limits.connection_cap()
     with ExitStack() as stack:

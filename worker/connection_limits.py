@@ -130,19 +130,38 @@ class GuardedProtocol(HttpToolsProtocol):
         if self._in_head and self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
             self._cut(Cut.HEAD_TOO_LARGE, 431)
 
+    # The parser's callbacks. Once a connection is refused, what the parser still finds in the
+    # data it was given is dropped.
+
     def on_message_begin(self) -> None:
+        if self._refused:
+            return
         super().on_message_begin()
         if self._deadline is None:  # a later request on a kept-alive connection
             self._waiting_since = time.monotonic()
             self._arm(HEAD_TIMEOUT, Cut.HEAD_TIMEOUT)
 
     def on_headers_complete(self) -> None:
+        if self._refused:
+            return
+        # A whole head that came in one read is measured here: the count in data_received
+        # bounds only the memory of one still coming.
+        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+        if size > MAX_HEAD_BYTES:
+            self._cut(Cut.HEAD_TOO_LARGE, 431)
+            return
         self._in_head = False
         self._head_bytes = 0
         self._arm(BODY_TIMEOUT, Cut.BODY_TIMEOUT)
         super().on_headers_complete()
 
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
     def on_message_complete(self) -> None:
+        if self._refused:
+            return
         self._disarm()
         self._in_head = True
         super().on_message_complete()
@@ -167,13 +186,20 @@ class GuardedProtocol(HttpToolsProtocol):
         self._cut(reason, 408 if started else None)
 
     def _cut(self, reason: Cut, status: int | None) -> None:
+        if self._refused:
+            return  # cut already
+        self._refused = True
         CUTS.count(reason)
         self._disarm()
-        if self.cycle is not None and not self.cycle.response_complete:
-            # The request's app sees the client gone, and answers nothing more.
-            self.cycle.disconnected = True
-            self.cycle.message_event.set()
-        if status is None or (self.cycle is not None and self.cycle.response_started):
+        # The request being answered, if any (a kept-alive connection's last one was answered).
+        answering = (
+            self.cycle if self.cycle is not None and not self.cycle.response_complete else None
+        )
+        if answering is not None:
+            # Its app sees the client gone, and answers nothing more.
+            answering.disconnected = True
+            answering.message_event.set()
+        if status is None or (answering is not None and answering.response_started):
             self.transport.close()
             return
         phrase = _REFUSAL[status]
@@ -185,7 +211,6 @@ class GuardedProtocol(HttpToolsProtocol):
         # A lingering close: the answer, then the end of our side, reading no more; closed a
         # moment later. Closed at once with the client's request unread, the connection would be
         # reset, and the client could lose the answer before reading it.
-        self._refused = True
         self.transport.write_eof()
         self.flow.pause_reading()
         # Again once the loop has run: a transport starts reading after ``connection_made``.

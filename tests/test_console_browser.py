@@ -13,7 +13,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from playwright.sync_api import Page, expect
+from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwright
 
 from tests.support import scenario
 from tests.support.databases import PgDatabases
@@ -30,9 +30,25 @@ CHANGE_BUTTONS += ["Restore", "Save policy"]
 _tags = (f"{n:04x}" for n in itertools.count(0xC000))
 
 
-@pytest.fixture(scope="session")
-def browser_type_launch_args(browser_type_launch_args: dict[str, Any]) -> dict[str, Any]:
-    return {**browser_type_launch_args, "executable_path": CHROMIUM}
+@pytest.fixture(scope="module")
+def playwright() -> Iterator[Playwright]:
+    # pytest-playwright's own is session-scoped: its event loop would stay running in the main
+    # thread for the rest of the run, and every later test that calls asyncio.run() would fail.
+    with sync_playwright() as pw:
+        yield pw
+
+
+@pytest.fixture(scope="module")
+def browser_context_args() -> dict[str, Any]:
+    # The plugin's reads its session-scoped playwright for device presets; no test uses them.
+    return {}
+
+
+@pytest.fixture(scope="module")
+def browser(playwright: Playwright, browser_type_launch_args: dict[str, Any]) -> Iterator[Browser]:
+    browser = playwright.chromium.launch(**browser_type_launch_args, executable_path=CHROMIUM)
+    yield browser
+    browser.close()
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,7 @@ test-fast: install ## Run the tests that need no worker processes
 lint: install ## ruff (lint and format check), mypy, and the import layers (import-linter)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy worker tasks models tests bench fakes scripts
+	$(BIN)/mypy worker tasks models tests bench docs/console
 	$(BIN)/lint-imports
 
 format: install ## Format the code
@@ -72,7 +72,7 @@ bench-console: install ## Every console page over a million inbox rows and 10,00
 	$(BIN)/python -m bench.console
 
 screenshots: install ## Screenshots of every console page over the example district, into docs/console/
-	$(BIN)/python scripts/screenshots.py
+	$(BIN)/python docs/console/screenshots.py
 
 clean: ## Remove the virtualenv and local state
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

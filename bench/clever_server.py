@@ -4,7 +4,7 @@
     .venv/bin/python -m bench.clever_server --students N --teachers M --token TOKEN
 
 Loads the synthetic district (``bench/out/district-s<N>-t<M>.json``, written first if missing)
-into the Clever-shaped server the tests use too (fakes/clever_api.py, ``FakeClever``) under
+into the Clever-shaped server the tests use too (tests/support/fake_clever.py, ``FakeClever``) under
 ``TOKEN``, prints one JSON line on stdout (its URL and what it loaded), then serves until its
 stdin closes (or SIGTERM), answering each JSON line read on stdin with one JSON line:
 
@@ -35,7 +35,7 @@ from types import TracebackType
 from typing import IO, Any
 
 from bench.common import ROOT, district_file
-from fakes.clever_api import DISTRICTS, FakeClever
+from tests.support.fake_clever import DISTRICTS, FakeClever
 
 PLATFORM_ROLES = frozenset({"student", "teacher", "district_admin"})
 
@@ -172,7 +172,7 @@ class CleverServer:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
-            cwd=ROOT,  # where ``bench`` and ``fakes`` are found
+            cwd=ROOT,  # where ``bench`` and ``tests`` are found
         )
         try:
             self.info = self._read()  # once the district is loaded and served

@@ -2,7 +2,7 @@
 """Benchmark: a roster sync (SPEC §5.8) of a whole district from a Clever-shaped Data API.
 
 Serves a synthetic district (bench/make_district.py) with the Clever-shaped server the tests use
-too (fakes/clever_api.py, run in a process of its own by bench/clever_server.py, one token
+too (tests/support/fake_clever.py, run in a process of its own by bench/clever_server.py, one token
 per district), then times the real command line, `grassroots sync DISTRICT_ID --json`, each
 run a subprocess against a fresh Postgres database (`CLEVER_API_BASE`,
 `CLEVER_DISTRICT_TOKENS` pointing at the server):
@@ -43,7 +43,7 @@ import psycopg
 from bench.clever_server import CleverServer, CleverServerError, rss_mb
 from bench.common import BIN, print_report, private_redis, throwaway_database, wait_for_workers
 from bench.measured import Run, run_measured
-from fakes.clever_api import SECTIONS, USERS, district_path
+from tests.support.fake_clever import SECTIONS, USERS, district_path
 
 TARGETS = {"bootstrap_s": 60.0, "unchanged_s": 30.0, "removal_s": 45.0, "sync_peak_rss_mb": 500.0}
 # What any sync writes, changed or not: its own record, and the feed position the poller resumes

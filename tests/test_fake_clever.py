@@ -1,4 +1,4 @@
-"""The Clever-shaped server itself (fakes/clever_api.py): its Data API pages as Clever's
+"""The Clever-shaped server itself (tests/support/fake_clever.py): its Data API pages as Clever's
 v3 API does, refuses as Clever does, and plays a scripted fault once. The poller's and the roster
 sync's tests rely on exactly this; here it is pinned with a plain HTTP client."""
 
@@ -11,7 +11,8 @@ from urllib.parse import parse_qsl, urlsplit
 import httpx
 import pytest
 
-from fakes.clever_api import (
+from tests.support import scenario
+from tests.support.fake_clever import (
     EVENTS,
     SECTIONS,
     USERS,
@@ -22,7 +23,6 @@ from fakes.clever_api import (
     next_to,
     without_data,
 )
-from tests.support import scenario
 from worker.clever import CleverClient, ClientOptions, DistrictToken, RateLimiter, ServerError
 
 D = scenario.DISTRICT

@@ -31,7 +31,6 @@ from click.testing import CliRunner, Result
 from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session
 
-from fakes.clever_api import FakeClever, Scripted
 from models import AuditRecord, PollCursor, RosterEvent
 from tasks import events as routing
 from tasks import exits
@@ -40,6 +39,7 @@ from tasks.roster import load_snapshot
 from tasks.view import account_view
 from tests.support import scenario
 from tests.support.databases import PgDatabases, fresh_sqlite
+from tests.support.fake_clever import FakeClever, Scripted
 from tests.support.stack import RedisServer, Stack, clever_event, running_stack, wait_until
 from worker import db as worker_db
 from worker.celery_app import app as celery_app

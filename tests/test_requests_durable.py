@@ -14,8 +14,8 @@ import psycopg
 import pytest
 import redis
 
-from fakes.clever_api import FakeClever
 from tests.support.databases import PgDatabases
+from tests.support.fake_clever import FakeClever
 from tests.support.scenario import DISTRICT, STEVE, example
 from tests.support.stack import Stack, clever_event, running_stack, wait_until
 

@@ -17,14 +17,6 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from fakes.clever_api import (
-    USERS,
-    FakeClever,
-    Scripted,
-    next_repeats,
-    next_to,
-    without_data,
-)
 from models import (
     Account,
     Class,
@@ -42,6 +34,14 @@ from tasks.roster import load_snapshot
 from tasks.view import account_view
 from tests.support.app_env import CLOSED_BROKER, Configure
 from tests.support.databases import PgDatabases
+from tests.support.fake_clever import (
+    USERS,
+    FakeClever,
+    Scripted,
+    next_repeats,
+    next_to,
+    without_data,
+)
 from tests.support.scenario import DISTRICT, KIM, MARIA, RIVERA, S1, S2, S3, STEVE, example
 from tests.support.stack import OPS_TOKEN, running_stack, wait_until
 from worker.api import app

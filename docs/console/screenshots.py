@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 from playwright.sync_api import Page, sync_playwright
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "docs" / "console"
 BIN = Path(sys.executable).parent / "grassroots"
 CHROMIUM = "/usr/bin/chromium"

@@ -15,9 +15,9 @@ from tests.support.databases import PgDatabases, fresh_sqlite
 from worker.db import make_engine
 from worker.migrate import upgrade
 
-# A failing test prints the tail of each process log it started; the ops API's tests share their
-# fixtures (client, seeded, inbox) across their route families.
-pytest_plugins = ["tests.support.process_logs", "tests.support.ops_api"]
+# A failing test prints the tail of each process log it started; the ops API's tests and the
+# poller's share their fixtures across their modules.
+pytest_plugins = ["tests.support.process_logs", "tests.support.ops_api", "tests.support.poller"]
 
 
 @pytest.fixture(scope="session")

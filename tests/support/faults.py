@@ -1,6 +1,7 @@
-"""Helpers for the fault tests (``tests/test_faults.py``, ``tests/test_worker_faults.py``): worker
-children, a row lock held by the test, what Postgres says is waiting, and the example district
-seeded under a tag.
+"""Helpers for the fault tests (``tests/test_faults.py``, ``tests/test_worker_faults.py``,
+``tests/test_worker_outages.py``): worker children, a row lock held by the test, what Postgres says
+is waiting, the example district seeded under a tag, the dead letters, and what each run of a task
+returned in the worker's log.
 """
 
 from __future__ import annotations
@@ -152,3 +153,19 @@ def post_and_wait(
     """Post an event (accepted) and wait until it has ``status``: the worker still takes work."""
     assert stack.post(event).status_code == 202
     wait_until(lambda: stack.event(event["id"])["status"] == status, timeout=timeout, what=what)
+
+
+def dead_letters(url: str) -> list[dict[str, Any]]:
+    with psycopg.connect(url) as conn, conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+        return list(cur.execute("SELECT * FROM dead_letters ORDER BY id"))
+
+
+def outcomes(log: str, task_id: str) -> list[str]:
+    """What each run of the task that finished in the worker's log returned."""
+    found = []
+    for line in log.splitlines():
+        if task_id in line and line.startswith("{"):
+            data = json.loads(line).get("data") or {}
+            if data.get("id") == task_id and "return_value" in data:
+                found.append(str(data["return_value"]))
+    return found

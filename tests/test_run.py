@@ -130,7 +130,10 @@ def stack(tmp_path: Path) -> Iterator[Run]:
                 run.proc.wait(10)
 
 
-def test_run_starts_everything_and_the_demo_converts_through_it(stack: Run) -> None:
+def _secrets_kept_in_the_home_and_nowhere_else(stack: Run) -> tuple[str, str, str]:
+    """The secrets the run generated, each in its own file in the home, mode 600, and never in
+    its output or on a command line; its redis requires its password. Returns the ops token and
+    Flower's user and password."""
     home = stack.cwd / "var"
     secret = (home / "webhook-secret").read_text().strip()
     token = (home / "ops-token").read_text().strip()
@@ -156,6 +159,12 @@ def test_run_starts_everything_and_the_demo_converts_through_it(stack: Run) -> N
         # Nor on any process's command line, which `ps` shows every user of the machine.
         for cmdline in command_lines():
             assert value not in cmdline
+    return token, user, password
+
+
+def test_run_starts_everything_and_the_demo_converts_through_it(stack: Run) -> None:
+    home = stack.cwd / "var"
+    token, user, password = _secrets_kept_in_the_home_and_nowhere_else(stack)
 
     # Flower is behind its basic auth on loopback too: no task is sent without it.
     flower = f"http://127.0.0.1:{stack.flower}"

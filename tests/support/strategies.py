@@ -149,43 +149,39 @@ def _subset(
     return sorted(chosen)
 
 
-@st.composite
-def rosters(draw: st.DrawFn) -> Roster:
-    """1–2 districts (policy convert or remove), each with admins (some also teachers),
-    teachers and students, and sections with co-teachers; grassroots-only accounts; independent
-    classes taught by district or grassroots teachers; goals and assignments in both kinds of
-    class; skill progress."""
-    districts: dict[str, str] = {}
-    users: list[dict[str, Any]] = []
-    sections: list[dict[str, Any]] = []
-    teachers: list[str] = []
-    students: list[str] = []
+def _district(
+    draw: st.DrawFn, d: int, users: list[dict[str, Any]], sections: list[dict[str, Any]]
+) -> tuple[str, list[str], list[str]]:
+    """District ``d``: its policy, its users and sections appended to ``users`` and ``sections``;
+    returns the policy, its teachers and its students."""
+    did = f"dist{d}"
+    policy = draw(st.sampled_from(["convert", "remove"]))
+    local_teachers: list[str] = []
+    local_students: list[str] = []
+    for a in range(draw(st.integers(0, 2))):
+        also_teacher = draw(st.booleans())
+        users.append(user(f"d{d}-admin{a}", did, "district_admin", *["teacher"] * also_teacher))
+        if also_teacher:
+            local_teachers.append(f"d{d}-admin{a}")
+    for t in range(draw(st.integers(1, 2))):
+        users.append(user(f"d{d}-teacher{t}", did, "teacher"))
+        local_teachers.append(f"d{d}-teacher{t}")
+    for s in range(draw(st.integers(1, 2))):
+        users.append(user(f"d{d}-student{s}", did, "student"))
+        local_students.append(f"d{d}-student{s}")
+    for s in range(draw(st.integers(0, 3))):
+        taught_by = _subset(draw, local_teachers, min_size=1, max_size=2)
+        lead = draw(st.sampled_from(taught_by))
+        taught_by = [lead, *(t for t in taught_by if t != lead)]
+        enrolled = _subset(draw, local_students, min_size=1)
+        sections.append(section(f"d{d}-sec{s}", did, taught_by, enrolled))
+    return policy, local_teachers, local_students
 
-    for d in range(draw(st.integers(1, 2))):
-        did = f"dist{d}"
-        districts[did] = draw(st.sampled_from(["convert", "remove"]))
-        local_teachers: list[str] = []
-        local_students: list[str] = []
-        for a in range(draw(st.integers(0, 2))):
-            also_teacher = draw(st.booleans())
-            users.append(user(f"d{d}-admin{a}", did, "district_admin", *["teacher"] * also_teacher))
-            if also_teacher:
-                local_teachers.append(f"d{d}-admin{a}")
-        for t in range(draw(st.integers(1, 2))):
-            users.append(user(f"d{d}-teacher{t}", did, "teacher"))
-            local_teachers.append(f"d{d}-teacher{t}")
-        for s in range(draw(st.integers(1, 2))):
-            users.append(user(f"d{d}-student{s}", did, "student"))
-            local_students.append(f"d{d}-student{s}")
-        for s in range(draw(st.integers(0, 3))):
-            taught_by = _subset(draw, local_teachers, min_size=1, max_size=2)
-            lead = draw(st.sampled_from(taught_by))
-            taught_by = [lead, *(t for t in taught_by if t != lead)]
-            enrolled = _subset(draw, local_students, min_size=1)
-            sections.append(section(f"d{d}-sec{s}", did, taught_by, enrolled))
-        teachers += local_teachers
-        students += local_students
 
+def _grassroots_accounts(
+    draw: st.DrawFn, teachers: list[str], students: list[str]
+) -> list[dict[str, Any]]:
+    """0–2 grassroots-only accounts, each added to ``teachers`` and ``students`` by its roles."""
     accounts: list[dict[str, Any]] = []
     for g in range(draw(st.integers(0, 2))):
         account_roles = draw(st.sampled_from([["teacher"], ["student"], ["student", "teacher"]]))
@@ -199,17 +195,13 @@ def rosters(draw: st.DrawFn) -> Roster:
         )
         teachers += [f"acct-{g}"] * ("teacher" in account_roles)
         students += [f"acct-{g}"] * ("student" in account_roles)
+    return accounts
 
-    independent: list[dict[str, Any]] = []
-    for c in range(draw(st.integers(0, 2))):
-        teacher = draw(st.sampled_from(teachers))
-        enrolled = [s for s in _subset(draw, students) if s != teacher]
-        independent.append(
-            {"id": f"club-{c}", "name": f"Club {c}", "teacher": teacher, "students": enrolled}
-        )
 
-    teachers_of: dict[str, list[str]] = {s["id"]: s["teachers"] for s in sections}
-    teachers_of |= {c["id"]: [c["teacher"]] for c in independent}
+def _goals_and_assignments(
+    draw: st.DrawFn, teachers_of: dict[str, list[str]]
+) -> dict[str, list[dict[str, Any]]]:
+    """Up to 4 goals and 4 assignments in the classes, each created by one of its teachers."""
     items: dict[str, list[dict[str, Any]]] = {"goals": [], "assignments": []}
     for kind, prefix, attr in (("goals", "goal", "course"), ("assignments", "asg", "title")):
         for i in range(draw(st.integers(0, 4)) if teachers_of else 0):
@@ -222,6 +214,39 @@ def rosters(draw: st.DrawFn) -> Roster:
                     attr: f"{prefix} {i}",
                 }
             )
+    return items
+
+
+@st.composite
+def rosters(draw: st.DrawFn) -> Roster:
+    """1–2 districts (policy convert or remove), each with admins (some also teachers),
+    teachers and students, and sections with co-teachers; grassroots-only accounts; independent
+    classes taught by district or grassroots teachers; goals and assignments in both kinds of
+    class; skill progress."""
+    districts: dict[str, str] = {}
+    users: list[dict[str, Any]] = []
+    sections: list[dict[str, Any]] = []
+    teachers: list[str] = []
+    students: list[str] = []
+
+    for d in range(draw(st.integers(1, 2))):
+        districts[f"dist{d}"], local_teachers, local_students = _district(draw, d, users, sections)
+        teachers += local_teachers
+        students += local_students
+
+    accounts = _grassroots_accounts(draw, teachers, students)
+
+    independent: list[dict[str, Any]] = []
+    for c in range(draw(st.integers(0, 2))):
+        teacher = draw(st.sampled_from(teachers))
+        enrolled = [s for s in _subset(draw, students) if s != teacher]
+        independent.append(
+            {"id": f"club-{c}", "name": f"Club {c}", "teacher": teacher, "students": enrolled}
+        )
+
+    teachers_of: dict[str, list[str]] = {s["id"]: s["teachers"] for s in sections}
+    teachers_of |= {c["id"]: [c["teacher"]] for c in independent}
+    items = _goals_and_assignments(draw, teachers_of)
 
     progress = [
         {

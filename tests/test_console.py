@@ -9,6 +9,7 @@ import logging
 import re
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 
 import httpx
 import pytest
@@ -26,6 +27,7 @@ from tests.support.stack import OPS_TOKEN
 from worker import db
 from worker.api import app
 from worker.console import STATIC, auth
+from worker.listeners import record
 
 HTMX_SHA256 = "d6fdc75f204e6bdefa99b69bf1e6d4ac69b8a364f77929f45c13476b4000f717"
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
@@ -235,6 +237,15 @@ def test_the_overview_refreshes_only_its_live_block(ada: TestClient) -> None:
     fragment = ada.get("/console/", headers={"HX-Request": "true"}).text
     assert fragment.lstrip().startswith('<section id="live"')
     assert "<h1>" not in fragment and "Pending" in fragment
+
+
+def test_the_overview_links_to_flower_where_the_stack_recorded_it(
+    ada: TestClient, configure: Configure, tmp_path: Path
+) -> None:
+    assert 'href="http://testserver:5555/"' in ada.get("/console/").text
+    record(tmp_path, {"flower": "http://127.0.0.1:5601"})
+    configure(GRASSROOTS_HOME=str(tmp_path))
+    assert 'href="http://127.0.0.1:5601/"' in ada.get("/console/").text
 
 
 def test_the_events_list_pages_by_key_newest_first(ada: TestClient) -> None:

@@ -70,6 +70,16 @@ def find(home: Path, name: str) -> Found:
     return Found(url, f"recorded in {path} by `grassroots run`")
 
 
+def recorded(home: Path, name: str) -> str | None:
+    """The URL `grassroots run` recorded for a listener, or None where no run recorded one (or
+    the record cannot be read: the caller has its own fallback)."""
+    try:
+        found = find(home, name)
+    except ConfigError:
+        return None
+    return None if found.source.startswith("the default") else found.url
+
+
 def webhook_url(home: Path, url: str | None) -> Found:
     """Where to post a webhook: ``--url`` if given, else the stack's receiver."""
     if url:

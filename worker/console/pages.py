@@ -16,7 +16,7 @@ from models import AdminRemoval, utcnow
 from tasks import operators, pages, policy
 from tasks.conversion import restore
 from tasks.errors import GrassrootsError, InvalidInput
-from worker import services
+from worker import listeners, services
 from worker.console import TEMPLATES
 from worker.console.auth import (
     COOKIE,
@@ -104,7 +104,10 @@ async def overview(request: Request) -> Response:
         }
 
     data = await db(read)
-    flower = f"{request.url.scheme}://{request.url.hostname}:{FLOWER_PORT}/"
+    # A local stack's Flower is where `grassroots run` recorded it (any --flower-port); elsewhere
+    # it is guessed on this host's default port.
+    recorded = listeners.recorded(get_settings().home, listeners.FLOWER)
+    flower = (recorded or f"{request.url.scheme}://{request.url.hostname}:{FLOWER_PORT}") + "/"
     block = "live" if request.headers.get("hx-request") else None
     return render(
         request,

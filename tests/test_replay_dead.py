@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from models import AuditRecord, DeadLetter, EventStatus, RosterEvent, utcnow
 from tasks import deadletters
 from tests.support.app_env import CLOSED_BROKER, Configure
+from tests.support.dead import dead_event
 from worker.cli import main
 from worker.db import session_scope
 
@@ -30,6 +31,17 @@ def event(
     """Event ``ev-<n>``, received ``n`` minutes after START; a dead one with its dead letter."""
     event_id = f"ev-{n:02d}"
     at = START + timedelta(minutes=n)
+    if status == EventStatus.DEAD:
+        dead_event(
+            session,
+            event_id,
+            "OperationalError",
+            error="lock timeout",
+            type_=type_,
+            district=district,
+            received_at=at,
+        )
+        return event_id
     session.add(
         RosterEvent(
             id=event_id,
@@ -43,17 +55,6 @@ def event(
         )
     )
     session.flush()
-    if status == EventStatus.DEAD:
-        session.add(
-            DeadLetter(
-                event_id=event_id,
-                task="grassroots.process_event",
-                reason="retries_exhausted",
-                error="lock timeout",
-                attempts=8,
-            )
-        )
-        session.flush()
     return event_id
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session
 
@@ -18,10 +18,23 @@ def dead_event(
     *,
     minutes_ago: int = 0,
     error: str = "it broke",
+    type_: str = "users.deleted",
+    district: str | None = None,
+    received_at: datetime | None = None,
 ) -> DeadLetter:
     at = utcnow() - timedelta(minutes=minutes_ago)
+    received = received_at or utcnow()
     session.add(
-        RosterEvent(id=event_id, type="users.deleted", payload={}, status="dead", attempts=8)
+        RosterEvent(
+            id=event_id,
+            type=type_,
+            district_id=district,
+            payload={},
+            status="dead",
+            attempts=8,
+            received_at=received,
+            updated_at=received,
+        )
     )
     session.flush()
     letter = DeadLetter(

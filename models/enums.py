@@ -220,8 +220,9 @@ class Mastery(StrEnum):
     MASTERED = "mastered"
 
 
-def sql_in(column: str, values: type[StrEnum]) -> str:
-    """``column IN ('a', 'b')`` for a check constraint, from an enum's values in their order."""
+def sql_in(column: str, values: Iterable[StrEnum]) -> str:
+    """``column IN ('a', 'b')`` for a check constraint or an index's condition, from enum values
+    (an enum's own: all of them, in their order)."""
     return f"{column} IN ({', '.join(repr(str(v)) for v in values)})"
 
 

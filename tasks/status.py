@@ -234,7 +234,7 @@ def poll_cursor_ages(session: Session, *, now: datetime, limit: int) -> list[tup
 
 def stalled_districts(session: Session) -> list[str]:
     """The districts whose exit ``tasks.exits.progress`` calls stalled: running, not restored,
-    with a dead unit (through the units' status index: dead units are few)."""
+    with a dead unit (through the index of open units: dead units are few)."""
     dead = select(ExitUnit.exit_id).where(ExitUnit.status == UnitStatus.DEAD).distinct()
     return list(
         session.scalars(

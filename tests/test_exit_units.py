@@ -7,13 +7,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from sqlalchemy import Connection, Engine, select, text, update
+from sqlalchemy import Connection, Engine, insert, select, text, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from models import Class as Klass
 from models import ClassTeacher, DistrictExit, ExitUnit
 from tasks import exits
+from tasks.attempts import unit_params
 from tasks.roster import load_snapshot
 from tests.support.databases import PgDatabases
 from tests.support.scenario import DISTRICT, KIM, example
@@ -121,3 +122,53 @@ def test_a_unit_that_fails_keeps_its_count_and_runs_once_the_lock_is_gone(starte
         assert exits.run_unit(session, ex.exit_id, ex.key).ran
     assert unit_state(ex) == ("done", 1)
     assert kims_live_classes(ex) == []
+
+
+def _scans_of(plan: dict[str, object], table: str) -> list[dict[str, object]]:
+    """Every node of an EXPLAIN (FORMAT JSON) plan that scans ``table``."""
+    scans = plan.get("Relation Name") == table and "Scan" in str(plan.get("Node Type"))
+    found = [plan] if scans else []
+    for child in plan.get("Plans", []):  # type: ignore[attr-defined]
+        found += _scans_of(child, table)
+    return found
+
+
+def test_a_unit_finds_its_row_by_key_whatever_the_statistics_say(
+    pg_databases: PgDatabases,
+) -> None:
+    """Statistics taken before the exit (autovacuum saw no unit) say nothing of the units' status:
+    each statement of a unit must still probe its own key, never walk the units by status (on a
+    10,000-student district an index on status alone was taken, and each unit's four lookups
+    scanned the pending units: bench/README.md)."""
+    engine = make_engine(pg_databases.new())
+    with Session(engine) as session, session.begin():
+        load_snapshot(session, example())
+    with engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("VACUUM ANALYZE"))
+    with Session(engine) as session, session.begin():
+        plan = exits.start_exit(session, DISTRICT, trigger="test")
+        session.execute(
+            insert(ExitUnit),
+            [
+                {"exit_id": plan.exit_id, "key": f"teacher:new{n:05d}", "kind": "teacher"}
+                for n in range(3000)
+            ],
+        )
+        session.execute(
+            update(ExitUnit).where(ExitUnit.key < "teacher:new00500").values(status="done")
+        )
+    unit = {
+        **unit_params(plan.exit_id, exits.TEACHER_UNIT + KIM),
+        "unit_now": None,
+        "unit_teacher": KIM,
+        "unit_max_attempts": 3,
+    }
+    with engine.connect() as conn:
+        driver = conn.connection.driver_connection
+        assert driver is not None
+        for sql, constants in exits._driver_sql(conn.dialect):
+            explained = driver.execute(f"EXPLAIN (FORMAT JSON) {sql}", {**constants, **unit})
+            (found,) = explained.fetchone()[0]
+            for scan in _scans_of(found["Plan"], "exit_units"):
+                assert "key" in str(scan.get("Index Cond", "")), (sql, scan)
+    engine.dispose()

@@ -10,7 +10,7 @@ import math
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
 from models import (
@@ -70,6 +70,11 @@ def would_hold(session: Session, district_id: str, removals: int, *, default_per
     return max(0, removals - max(left, 0))
 
 
+def _removed_since(now: datetime) -> ColumnElement[bool]:
+    """A removal applied in the rolling window that ends ``now``."""
+    return (RosterEvent.status == EventStatus.DONE) & (RosterEvent.updated_at >= now - WINDOW)
+
+
 def _removed(session: Session, district_id: str, now: datetime) -> int:
     """Roster-absence removals the district had in the rolling window."""
     return count(
@@ -77,8 +82,7 @@ def _removed(session: Session, district_id: str, now: datetime) -> int:
         RosterEvent,
         RosterEvent.district_id == district_id,
         RosterEvent.type == REMOVAL,
-        RosterEvent.status == EventStatus.DONE,
-        RosterEvent.updated_at >= now - WINDOW,
+        _removed_since(now),
     )
 
 
@@ -114,14 +118,15 @@ def headroom(session: Session, district_id: str, *, percent: float, now: datetim
     one being processed now (this one among them), whatever becomes of them: then this removal
     needs no district lock to stay within it. Each removal is marked ``processing`` (committed)
     before it asks, so of two asking at once the later one counts the earlier."""
-    in_flight = count(
-        session,
-        RosterEvent,
-        RosterEvent.district_id == district_id,
-        RosterEvent.type == REMOVAL,
-        RosterEvent.status == EventStatus.PROCESSING,
-    )
-    removed = _removed(session, district_id, now)
+    processing = RosterEvent.status == EventStatus.PROCESSING
+    in_flight, removed = session.execute(
+        # Both counts in one statement: every removal of the district runs it.
+        select(func.count().filter(processing), func.count().filter(~processing)).where(
+            RosterEvent.district_id == district_id,
+            RosterEvent.type == REMOVAL,
+            processing | _removed_since(now),
+        )
+    ).one()
     return _within(session, district_id, percent, removed, max(in_flight, 1))
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from models import ObjectVersion, RosterEvent
@@ -20,16 +19,19 @@ def lock(session: Session, ev: RosterEvent) -> ObjectVersion | None:
     no object. Held to the commit: events about one object are applied one at a time."""
     if ev.object_type is None or ev.object_id is None:
         return None
-    session.execute(
-        dialect_insert(session, ObjectVersion)
-        .values(object_type=ev.object_type, object_id=ev.object_id, occurred_at=EPOCH, event_id="")
-        .on_conflict_do_nothing()
+    new = dialect_insert(session, ObjectVersion).values(
+        object_type=ev.object_type, object_id=ev.object_id, occurred_at=EPOCH, event_id=""
     )
-    return session.scalar(
-        select(ObjectVersion)
-        .where(ObjectVersion.object_type == ev.object_type, ObjectVersion.object_id == ev.object_id)
-        .with_for_update()
-    )
+    # One statement: a row already there is "updated" to itself, which locks it (waiting for
+    # another event of the object to commit first) and returns it as it now stands.
+    locked = new.on_conflict_do_update(
+        index_elements=[ObjectVersion.object_type, ObjectVersion.object_id],
+        set_={"occurred_at": ObjectVersion.occurred_at},
+    ).returning(ObjectVersion)
+    fence: ObjectVersion = session.scalars(
+        locked, execution_options={"populate_existing": True}
+    ).one()
+    return fence
 
 
 def is_stale(fence: ObjectVersion, ev: RosterEvent) -> bool:

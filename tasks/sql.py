@@ -99,6 +99,33 @@ class InIds(ColumnElement[bool]):
         self.array = bindparam(None, None if self.as_text else values, type_=ARRAY(column.type))
         self.listed = bindparam(None, values, type_=column.type, expanding=True)
 
+    @classmethod
+    def named(cls, column: Any, name: str, *, as_text: bool, skewed: bool = False) -> InIds:
+        """Ids given when the statement runs, as ``ids_params(name, ids)``: a statement built
+        once then serves every call (building and keying a large statement costs more than
+        running it for one account)."""
+        self = cls.__new__(cls)
+        self.column = column
+        self.skewed = skewed
+        self.as_text = as_text
+        self.joined = bindparam(f"{name}_joined", type_=String())
+        self.array = bindparam(f"{name}_array", type_=ARRAY(column.type))
+        self.listed = bindparam(f"{name}_listed", type_=column.type, expanding=True)
+        return self
+
+
+def ids_params(name: str, ids: Sequence[Any]) -> tuple[bool, dict[str, Any]]:
+    """The parameters of ``InIds.named(…, name, as_text=…)`` for ``ids``, and which ``as_text``
+    the statement must have been built with."""
+    values = list(ids)
+    joined = _joined(values)
+    as_text = joined is not None
+    return as_text, {
+        f"{name}_joined": joined,
+        f"{name}_array": None if as_text else values,
+        f"{name}_listed": values,
+    }
+
 
 def _joined(values: list[Any]) -> str | None:
     """The ids as one separated string, if they are all text and none holds the separator."""

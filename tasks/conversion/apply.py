@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Select, select, update
+from sqlalchemy import Select, literal, null, select, union_all, update
 from sqlalchemy.orm import Session
 
 from models import (
@@ -24,6 +24,7 @@ from models import (
     Enrollment,
     JournalKind,
     ReportAccess,
+    Role,
     utcnow,
 )
 from tasks.conversion.classes import drop_orphaned_classes
@@ -54,10 +55,15 @@ def convert_accounts(
         missing = sorted(set(chunk) - set(states))
         if missing:
             raise NotFound(f"no account {missing[0]}")
+        # Only an admin's plan reads its district's policy: a student's costs no lookup.
         policies = {
-            d: admin_removal_of(session, d) for d in {s.district_id for s in states.values()}
+            d: admin_removal_of(session, d)
+            for d in {s.district_id for s in states.values() if Role.ADMIN in s.roles}
         }
-        plans = [full_conversion(a, states[a], policies[states[a].district_id]) for a in chunk]
+        plans = [
+            full_conversion(a, states[a], policies.get(states[a].district_id, AdminRemoval.CONVERT))
+            for a in chunk
+        ]
         out.merge(apply_plans(session, plans, trigger=trigger, parent_id=parent_id, locked=states))
     return out
 
@@ -210,44 +216,50 @@ def _find_links(session: Session, plans: Sequence[Plan], states: list[AccountSta
     teachers = [p.account_id for p in plans if p.strip_teacher]
     admins = [p.account_id for p in plans if p.strip_admin]
     live_synced = _live_synced_classes(states)
-    # None at all (the accounts' districts have exited, say): no link to look for. Asked first, it
-    # spares the two lookups below their planning for a thousand ids, which costs more than
-    # running them.
-    linked = bool(students or teachers) and bool(session.scalar(select(live_synced.exists())))
-    enrolled: set[str] = set()
+    # For a batch, asked first whether there is a live class at all (none once an exit's teacher
+    # units have run): it spares the lookups below their planning for a thousand ids, which costs
+    # more than running them. One account's lookups plan quickly: it goes straight to them.
+    linked = bool(students or teachers) and (
+        len(plans) == 1 or bool(session.scalar(select(live_synced.exists())))
+    )
+    lookups: list[Select[Any]] = []
     if students and linked:
-        enrolled = set(
-            session.scalars(
-                select(Enrollment.student_id)
-                .distinct()
-                .where(
-                    in_ids(Enrollment.student_id, students),
-                    Enrollment.removed_by.is_(None),
-                    Enrollment.class_id.in_(live_synced),
-                )
+        lookups.append(
+            select(literal(ENROLLED), Enrollment.student_id, null()).where(
+                in_ids(Enrollment.student_id, students),
+                Enrollment.removed_by.is_(None),
+                Enrollment.class_id.in_(live_synced),
             )
         )
-    teaching: list[tuple[str, str]] = []
     if teachers and linked:
-        teaching = list(
-            session.execute(
-                select(ClassTeacher.class_id, ClassTeacher.teacher_id).where(
-                    in_ids(ClassTeacher.teacher_id, teachers),
-                    ClassTeacher.removed_by.is_(None),
-                    ClassTeacher.class_id.in_(live_synced),
-                )
-            ).tuples()
-        )
-    granted: set[str] = set()
-    if admins:
-        granted = set(
-            session.scalars(
-                select(ReportAccess.account_id).where(
-                    in_ids(ReportAccess.account_id, admins), ReportAccess.removed_by.is_(None)
-                )
+        lookups.append(
+            select(literal(TEACHING), ClassTeacher.class_id, ClassTeacher.teacher_id).where(
+                in_ids(ClassTeacher.teacher_id, teachers),
+                ClassTeacher.removed_by.is_(None),
+                ClassTeacher.class_id.in_(live_synced),
             )
         )
-    return _Links(enrolled, teaching, granted, live_synced)
+    if admins:
+        lookups.append(
+            select(literal(GRANTED), ReportAccess.account_id, null()).where(
+                in_ids(ReportAccess.account_id, admins), ReportAccess.removed_by.is_(None)
+            )
+        )
+    found: dict[str, list[tuple[str, str | None]]] = defaultdict(list)
+    if lookups:
+        # One round trip for the three kinds of link.
+        for tag, subject, teacher in session.execute(union_all(*lookups)):
+            found[tag].append((subject, teacher))
+    return _Links(
+        enrolled={student for student, _ in found[ENROLLED]},
+        teaching=[(klass, teacher) for klass, teacher in found[TEACHING] if teacher is not None],
+        granted={admin for admin, _ in found[GRANTED]},
+        live_synced=live_synced,
+    )
+
+
+# What each row of ``_find_links``' lookup is.
+ENROLLED, TEACHING, GRANTED = "enrolled", "teaching", "granted"
 
 
 def _remove_links(session: Session, links: _Links, batch: str) -> int:

@@ -5,7 +5,9 @@ to its object is ``stale`` and changes nothing."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
+from sqlalchemy import bindparam
 from sqlalchemy.orm import Session
 
 from models import ObjectVersion, RosterEvent
@@ -19,19 +21,34 @@ def lock(session: Session, ev: RosterEvent) -> ObjectVersion | None:
     no object. Held to the commit: events about one object are applied one at a time."""
     if ev.object_type is None or ev.object_id is None:
         return None
-    new = dialect_insert(session, ObjectVersion).values(
-        object_type=ev.object_type, object_id=ev.object_id, occurred_at=EPOCH, event_id=""
-    )
-    # One statement: a row already there is "updated" to itself, which locks it (waiting for
-    # another event of the object to commit first) and returns it as it now stands.
-    locked = new.on_conflict_do_update(
-        index_elements=[ObjectVersion.object_type, ObjectVersion.object_id],
-        set_={"occurred_at": ObjectVersion.occurred_at},
-    ).returning(ObjectVersion)
     fence: ObjectVersion = session.scalars(
-        locked, execution_options={"populate_existing": True}
+        _upsert(session.get_bind().dialect.name, session),
+        {"object_type": ev.object_type, "object_id": ev.object_id},
+        execution_options={"populate_existing": True},
     ).one()
     return fence
+
+
+_UPSERTS: dict[str, Any] = {}
+
+
+def _upsert(dialect: str, session: Session) -> Any:
+    """The fence's statement for the database's dialect, built once: every event runs it.
+
+    One statement: a row already there is "updated" to itself, which locks it (waiting for
+    another event of the object to commit first) and returns it as it now stands."""
+    if dialect not in _UPSERTS:
+        new = dialect_insert(session, ObjectVersion).values(
+            object_type=bindparam("object_type"),
+            object_id=bindparam("object_id"),
+            occurred_at=EPOCH,
+            event_id="",
+        )
+        _UPSERTS[dialect] = new.on_conflict_do_update(
+            index_elements=[ObjectVersion.object_type, ObjectVersion.object_id],
+            set_={"occurred_at": ObjectVersion.occurred_at},
+        ).returning(ObjectVersion)
+    return _UPSERTS[dialect]
 
 
 def is_stale(fence: ObjectVersion, ev: RosterEvent) -> bool:

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import func, insert, or_, select, update
+from sqlalchemy import bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from models import (
@@ -68,17 +68,26 @@ def _iso(at: datetime) -> str:
 
 def covering(session: Session, district_id: str | None, now: datetime) -> Pause | None:
     """The pause that covers the district now, if any: of several, the one that ends last."""
-    scope = (
-        Pause.district_id.is_(None)
-        if district_id is None
-        else or_(Pause.district_id.is_(None), Pause.district_id == district_id)
+    if district_id is None:
+        return session.scalar(_COVERING_ALL, {"now": now})
+    return session.scalar(_COVERING_ONE, {"now": now, "district": district_id})
+
+
+# Built once: every removal asks.
+_COVERING = (
+    select(Pause)
+    .where(
+        Pause.removed_at.is_(None),
+        Pause.starts_at <= bindparam("now", type_=Pause.starts_at.type),
+        Pause.ends_at > bindparam("now", type_=Pause.ends_at.type),
     )
-    return session.scalar(
-        select(Pause)
-        .where(scope, Pause.removed_at.is_(None), Pause.starts_at <= now, Pause.ends_at > now)
-        .order_by(Pause.ends_at.desc(), Pause.id)
-        .limit(1)
-    )
+    .order_by(Pause.ends_at.desc(), Pause.id)
+    .limit(1)
+)
+_COVERING_ALL = _COVERING.where(Pause.district_id.is_(None))
+_COVERING_ONE = _COVERING.where(
+    or_(Pause.district_id.is_(None), Pause.district_id == bindparam("district"))
+)
 
 
 def defer(ev: RosterEvent, pause: Pause) -> str:

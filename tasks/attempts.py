@@ -54,6 +54,23 @@ class Ledger(Protocol):
         ...
 
 
+# Built once: every event task runs it first.
+BUMP_EVENT = (
+    update(RosterEvent)
+    .where(
+        RosterEvent.id == bindparam("event"),
+        RosterEvent.status.in_(EventStatus.in_flight()),
+    )
+    .values(
+        attempts=RosterEvent.attempts + 1,
+        status=EventStatus.PROCESSING,
+        task_id=bindparam("task_id", type_=RosterEvent.task_id.type),
+        updated_at=bindparam("now", type_=RosterEvent.updated_at.type),
+    )
+    .returning(RosterEvent.attempts, AsyncCommit())
+)
+
+
 class EventLedger:
     """``process_event``: the inbox row's own ``attempts`` and status."""
 
@@ -70,18 +87,7 @@ class EventLedger:
         # Commits without the WAL wait (``AsyncCommit``): an increment lost in a crash of
         # Postgres itself only allows one more attempt.
         attempts: int | None = conn.scalar(
-            update(RosterEvent)
-            .where(
-                RosterEvent.id == self.event_id,
-                RosterEvent.status.in_(EventStatus.in_flight()),
-            )
-            .values(
-                attempts=RosterEvent.attempts + 1,
-                status=EventStatus.PROCESSING,
-                task_id=task_id,
-                updated_at=utcnow(),
-            )
-            .returning(RosterEvent.attempts, AsyncCommit())
+            BUMP_EVENT, {"event": self.event_id, "task_id": task_id, "now": utcnow()}
         )
         return attempts
 

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from models import AuditRecord, DeadLetter, EventStatus, RosterEvent, utcnow
 from tasks import deadletters
 from tests.support.app_env import CLOSED_BROKER, Configure
-from tests.support.dead import dead_event
+from tests.support.dead import dead_event, inbox_event
 from worker.cli import main
 from worker.db import session_scope
 
@@ -42,19 +42,7 @@ def event(
             received_at=at,
         )
         return event_id
-    session.add(
-        RosterEvent(
-            id=event_id,
-            type=type_,
-            district_id=district,
-            payload={},
-            status=status,
-            attempts=8,
-            received_at=at,
-            updated_at=at,
-        )
-    )
-    session.flush()
+    inbox_event(session, event_id, status, type_=type_, district=district, received_at=at)
     return event_id
 
 

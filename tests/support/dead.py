@@ -11,6 +11,31 @@ from models import DeadLetter, RosterEvent, utcnow
 EVENT_TASK = "grassroots.process_event"
 
 
+def inbox_event(
+    session: Session,
+    event_id: str,
+    status: str,
+    *,
+    type_: str,
+    district: str | None,
+    received_at: datetime,
+) -> None:
+    """An inbox row in ``status`` after eight attempts, last changed when it was received."""
+    session.add(
+        RosterEvent(
+            id=event_id,
+            type=type_,
+            district_id=district,
+            payload={},
+            status=status,
+            attempts=8,
+            received_at=received_at,
+            updated_at=received_at,
+        )
+    )
+    session.flush()
+
+
 def dead_event(
     session: Session,
     event_id: str,
@@ -23,20 +48,14 @@ def dead_event(
     received_at: datetime | None = None,
 ) -> DeadLetter:
     at = utcnow() - timedelta(minutes=minutes_ago)
-    received = received_at or utcnow()
-    session.add(
-        RosterEvent(
-            id=event_id,
-            type=type_,
-            district_id=district,
-            payload={},
-            status="dead",
-            attempts=8,
-            received_at=received,
-            updated_at=received,
-        )
+    inbox_event(
+        session,
+        event_id,
+        "dead",
+        type_=type_,
+        district=district,
+        received_at=received_at or utcnow(),
     )
-    session.flush()
     letter = DeadLetter(
         event_id=event_id,
         task=EVENT_TASK,

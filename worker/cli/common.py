@@ -91,12 +91,25 @@ def emit(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
 
 
-def echo_rows(rows: Sequence[T], line: Callable[[T], str], *, empty: str) -> None:
-    """A listing, one line a row; an empty one says so (a blank screen says nothing)."""
+def show_rows(
+    rows: Sequence[T],
+    line: Callable[[T], str],
+    *,
+    empty: str,
+    as_json: bool,
+    counted: str | None = None,
+) -> None:
+    """A listing: JSON with ``--json``; otherwise one line a row, where an empty one says so (a
+    blank screen says nothing) and, given ``counted``, a last line ``<n> <counted>``."""
+    if as_json:
+        emit(rows)
+        return
     if not rows:
         click.echo(empty)
     for row in rows:
         click.echo(line(row))
+    if rows and counted:
+        click.echo(f"{len(rows)} {counted}")
 
 
 def webhook_secret() -> str:

@@ -12,7 +12,7 @@ import click
 
 from models import EventStatus
 from tasks.errors import NotFound
-from worker.cli.common import echo_rows, emit, refusals, unit_of_work
+from worker.cli.common import emit, refusals, show_rows, unit_of_work
 
 
 @click.group()
@@ -32,16 +32,14 @@ def events_list(status: str | None, type_: str | None, limit: int, as_json: bool
 
     with unit_of_work(as_json=as_json) as session:
         rows = list_events(session, status=status, type_=type_, limit=limit)
-    if as_json:
-        emit(rows)
-        return
-    echo_rows(
+    show_rows(
         rows,
         lambda r: (
             f"{r['received_at']}  {r['status']:<10} {r['type']:<18} {r['id']}"
             f"  attempts={r['attempts']}" + (f"  {r['error']}" if r["error"] else "")
         ),
         empty=" ".join(["no", *filter(None, [status, type_]), "events"]),
+        as_json=as_json,
     )
 
 
@@ -137,16 +135,13 @@ def held_list(district: str | None, as_json: bool) -> None:
             {"id": ev.id, "type": ev.type, "account": ev.object_id, "district": ev.district_id}
             for ev in held_events(session, district_id=district)
         ]
-    if as_json:
-        emit(rows)
-        return
-    echo_rows(
+    show_rows(
         rows,
         lambda r: f"{r['id']}  {r['type']}  account={r['account']}  district={r['district']}",
         empty="no held removals" + (f" in district {district}" if district else ""),
+        as_json=as_json,
+        counted="held",
     )
-    if rows:
-        click.echo(f"{len(rows)} held")
 
 
 def _one_or_district(event_id: str | None, district: str | None) -> None:

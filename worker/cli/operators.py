@@ -9,7 +9,7 @@ import click
 
 from models import OperatorRole
 from tasks.errors import InvalidInput
-from worker.cli.common import echo_rows, emit, unit_of_work
+from worker.cli.common import show_rows, unit_of_work
 
 # Made or removed from a shell: the audit log says so.
 BY = "cli"
@@ -46,16 +46,14 @@ def operator_list(as_json: bool) -> None:
 
     with unit_of_work(as_json=as_json) as session:
         rows = operators.listed(session)
-    if as_json:
-        emit(rows)
-        return
-    echo_rows(
+    show_rows(
         rows,
         lambda r: (
             f"{r['name']:<24} {r['role']:<9} created {r['created_at']}"
             f"  last seen {r['last_seen_at'] or 'never'}"
         ),
         empty="no operators: add one with `grassroots operator add NAME --role operator`",
+        as_json=as_json,
     )
 
 

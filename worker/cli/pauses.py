@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from tasks.errors import InvalidInput
-from worker.cli.common import echo_rows, emit, refusals
+from worker.cli.common import emit, refusals, show_rows
 
 
 class Instant(click.ParamType[datetime, Any]):
@@ -90,16 +90,13 @@ def pause_list(as_json: bool) -> None:
 
     with refusals(as_json=as_json):
         rows = services.list_pauses()
-    if as_json:
-        emit(rows)
-        return
-    echo_rows(
+    show_rows(
         rows,
         lambda row: f"{row['id']:>4}  {_line(row)}  deferred={row['deferred']}",
         empty="no pauses",
+        as_json=as_json,
+        counted="pause(s)",
     )
-    if rows:
-        click.echo(f"{len(rows)} pause(s)")
 
 
 @pause.command("remove")

@@ -22,7 +22,7 @@ def lock(session: Session, ev: RosterEvent) -> ObjectVersion | None:
     if ev.object_type is None or ev.object_id is None:
         return None
     fence: ObjectVersion = session.scalars(
-        _upsert(session.get_bind().dialect.name, session),
+        _upsert(session),
         {"object_type": ev.object_type, "object_id": ev.object_id},
         execution_options={"populate_existing": True},
     ).one()
@@ -32,11 +32,13 @@ def lock(session: Session, ev: RosterEvent) -> ObjectVersion | None:
 _UPSERTS: dict[str, Any] = {}
 
 
-def _upsert(dialect: str, session: Session) -> Any:
-    """The fence's statement for the database's dialect, built once: every event runs it.
+def _upsert(session: Session) -> Any:
+    """The fence's statement for the session's database, built once per dialect: every event
+    runs it.
 
     One statement: a row already there is "updated" to itself, which locks it (waiting for
     another event of the object to commit first) and returns it as it now stands."""
+    dialect = session.get_bind().dialect.name
     if dialect not in _UPSERTS:
         new = dialect_insert(session, ObjectVersion).values(
             object_type=bindparam("object_type"),

@@ -24,6 +24,8 @@ from models import Account, Assignment, Class, ClassTeacher, Enrollment, Goal, S
 from tasks.errors import InvariantViolation
 from tasks.sql import InIds, RowHash, chunks, ids_params
 
+OWNERS = "owners"  # the name of the accounts' ids in the statement (``ids_params``)
+
 
 def learner_checksums(session: Session, account_ids: Sequence[str]) -> dict[str, str]:
     """A digest per account of everything it owns as a learner (SPEC §2, right column).
@@ -41,9 +43,6 @@ def learner_checksums(session: Session, account_ids: Sequence[str]) -> dict[str,
         for owner, count, total in session.execute(_digests(as_text), params):
             digests[owner] = f"{count}:{int(total)}"
     return {acct: digests.get(acct, "0:0") for acct in account_ids}
-
-
-OWNERS = "owners"  # the name of the accounts' ids in the statement (``ids_params``)
 
 
 @functools.cache

@@ -89,4 +89,11 @@ def dispatch_exit(exit_id: int) -> None:
                         (exit_id, key),
                         producer=producer,
                         queue=Queue.FANOUT if kind == UnitKind.TEACHER else Queue.CONVERSIONS,
+                        # Thousands at once, and the sending holds a pool slot: Celery's
+                        # per-message queue declaration (a copy of the queue bound to the
+                        # channel each time) and repr of the arguments are a third of a send.
+                        # The default exchange routes by queue name, which the workers declare.
+                        declare=[],
+                        argsrepr=repr((exit_id, key)),
+                        kwargsrepr="{}",
                     )

@@ -25,10 +25,25 @@ from typing import Any
 from typing import cast as type_cast
 
 import psycopg
-from sqlalchemy import Integer, bindparam, cast, exists, select, text, update
+from sqlalchemy import (
+    DateTime,
+    Integer,
+    and_,
+    bindparam,
+    cast,
+    exists,
+    func,
+    insert,
+    literal,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.engine import Connection, Dialect
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.orm import Session
+from sqlalchemy.sql import ColumnElement, Select, Subquery
+from sqlalchemy.sql.dml import ReturningUpdate
 
 from models import (
     Account,
@@ -52,7 +67,7 @@ from tasks.attempts import BUMP_UNIT, THIS_UNIT, unit_params, unit_subject
 from tasks.conversion import Outcome, convert_accounts, drop_classes
 from tasks.conversion.journal import audit, new_batch, open_exit_root
 from tasks.errors import GrassrootsError, NotFound, Refused, RestoreRefused
-from tasks.sql import CHUNK, AsyncCommit, in_ids, insert_rows
+from tasks.sql import CHUNK, AsyncCommit, JsonList, ZeroPadded, in_ids
 
 TEACHER_UNIT = "teacher:"  # a teacher unit's key: this, then the teacher's account id
 ACCOUNTS_UNIT = "accounts:"  # an account batch's key: this, then its number
@@ -84,41 +99,20 @@ def start_exit(
     root_id = _begin(session, district_id, trigger=trigger)
     existing = session.get(DistrictExit, root_id, with_for_update=True)
     if existing is None:
-        teachers = _teacher_ids(session, district_id)
-        accounts = _account_ids(session, district_id)
-        units = [(TEACHER_UNIT + t, UnitKind.TEACHER, [t]) for t in teachers]
-        units += [
-            (f"{ACCOUNTS_UNIT}{n:06d}", UnitKind.ACCOUNTS, accounts[first : first + batch_size])
-            for n, first in enumerate(range(0, len(accounts), batch_size))
-        ]
-        session.add(
-            DistrictExit(
-                id=root_id,
-                district_id=district_id,
-                trigger=trigger,
-                units_total=len(units),
-                teacher_units=len(teachers),
-                accounts_total=len(accounts),
-            )
+        planned = DistrictExit(
+            id=root_id,
+            district_id=district_id,
+            trigger=trigger,
+            units_total=0,
+            teacher_units=0,
+            accounts_total=0,
         )
+        session.add(planned)
         session.flush()
-        now = utcnow()
-        insert_rows(
-            session,
-            ExitUnit,
-            [
-                {
-                    "exit_id": root_id,
-                    "key": key,
-                    "kind": kind,
-                    "account_ids": ids,
-                    "status": UnitStatus.PENDING,
-                    "attempts": 0,
-                    "dispatched_at": now,
-                }
-                for key, kind, ids in units
-            ],
-        )
+        teachers, batches = _plan_units(session, root_id, district_id, batch_size)
+        planned.teacher_units = teachers
+        planned.units_total = teachers + len(batches)
+        planned.accounts_total = sum(batches)
     return ExitPlan(root_id, district_id, pending_units(session, root_id), existing is None)
 
 
@@ -155,21 +149,60 @@ def _begin(session: Session, district_id: str, *, trigger: str) -> int:
     return entry.id
 
 
-def _teacher_ids(session: Session, district_id: str) -> list[str]:
-    """Teachers with a live link to a live class of the district: one unit each."""
-    return list(
-        session.scalars(
-            select(ClassTeacher.teacher_id)
-            .distinct()
-            .join(Class, Class.id == ClassTeacher.class_id)
-            .where(
-                Class.district_id == district_id,
-                Class.removed_by.is_(None),
-                ClassTeacher.removed_by.is_(None),
-            )
-            .order_by(ClassTeacher.teacher_id)
+def _plan_units(
+    session: Session, exit_id: int, district_id: str, batch_size: int
+) -> tuple[int, list[int]]:
+    """Write the exit's units, their ids never leaving the database: one per teacher with a live
+    link to a live class of the district, then the district accounts still to convert, in
+    batches of ``batch_size`` in id order. Returns how many teacher units were written, and the
+    size of each batch."""
+    now = literal(utcnow(), DateTime(timezone=True))
+
+    def unit(
+        source: Subquery, key: ColumnElement[str], kind: UnitKind, ids: ColumnElement[Any]
+    ) -> Select[Any]:
+        status = literal(UnitStatus.PENDING)
+        return select(
+            literal(exit_id), key, literal(kind), ids, status, literal(0), now
+        ).select_from(source)
+
+    def write(units: Select[Any]) -> list[int]:
+        """Insert the units; each one's number of ids."""
+        columns = ["exit_id", "key", "kind", "account_ids", "status", "attempts", "dispatched_at"]
+        size = func.json_array_length(ExitUnit.account_ids, type_=Integer)
+        return list(session.scalars(insert(ExitUnit).from_select(columns, units).returning(size)))
+
+    teachers = (
+        select(ClassTeacher.teacher_id.label("id"))
+        .join(Class, Class.id == ClassTeacher.class_id)
+        .where(
+            Class.district_id == district_id,
+            Class.removed_by.is_(None),
+            ClassTeacher.removed_by.is_(None),
         )
+        .distinct()
+        .subquery()
     )
+    teacher_units = unit(
+        teachers, literal(TEACHER_UNIT) + teachers.c.id, UnitKind.TEACHER, JsonList(teachers.c.id)
+    )
+    written = write(teacher_units.group_by(teachers.c.id))
+    accounts = (
+        select(
+            Account.id,
+            ((func.row_number().over(order_by=Account.id) - 1) // batch_size).label("batch"),
+        )
+        .where(Account.district_id == district_id, Account.kind == AccountKind.DISTRICT)
+        .order_by(Account.id)
+        .subquery()
+    )
+    batch_units = unit(
+        accounts,
+        literal(ACCOUNTS_UNIT) + ZeroPadded(accounts.c.batch, 6),
+        UnitKind.ACCOUNTS,
+        JsonList(accounts.c.id),
+    ).group_by(accounts.c.batch)
+    return len(written), write(batch_units)
 
 
 def _account_ids(session: Session, district_id: str) -> list[str]:
@@ -239,43 +272,74 @@ _CLAIM = (
 _CLAIMED_NOW = exists().where(
     *THIS_UNIT, ExitUnit.status == UnitStatus.DONE, ExitUnit.finished_at == bindparam("unit_now")
 )
-# The classes are locked in id order: a co-taught class is in two teachers' units, and the second
-# waits for the first, then finds it gone.
-_DROP_TEACHER_CLASSES = (
-    update(Class)
-    .where(
-        Class.id.in_(
-            select(Class.id)
-            .join(ClassTeacher, ClassTeacher.class_id == Class.id)
-            .where(
-                ClassTeacher.teacher_id == bindparam("unit_teacher"),
-                ClassTeacher.removed_by.is_(None),
-                Class.district_id
-                == select(DistrictExit.district_id)
-                .where(DistrictExit.id == bindparam("unit_exit"))
-                .scalar_subquery(),
-                Class.removed_by.is_(None),
-            )
-            .order_by(Class.id)
-            .with_for_update(of=Class)
-            .scalar_subquery()
-        ),
-        Class.removed_by.is_(None),
-        _CLAIMED_NOW,
+
+
+def _drop_teacher_classes(claimed: ColumnElement[bool]) -> ReturningUpdate[tuple[str]]:
+    """The teacher's live classes in the exiting district, removed by the exit if ``claimed``.
+    They are locked in id order: a co-taught class is in two teachers' units, and the second
+    waits for the first, then finds it gone."""
+    return (
+        update(Class)
+        .where(
+            Class.id.in_(
+                select(Class.id)
+                .join(ClassTeacher, ClassTeacher.class_id == Class.id)
+                .where(
+                    ClassTeacher.teacher_id == bindparam("unit_teacher"),
+                    ClassTeacher.removed_by.is_(None),
+                    Class.district_id
+                    == select(DistrictExit.district_id)
+                    .where(DistrictExit.id == bindparam("unit_exit"))
+                    .scalar_subquery(),
+                    Class.removed_by.is_(None),
+                )
+                .order_by(Class.id)
+                .with_for_update(of=Class)
+                .scalar_subquery()
+            ),
+            Class.removed_by.is_(None),
+            claimed,
+        )
+        .values(removed_by=bindparam("unit_exit"), updated_at=bindparam("unit_now"))
+        .returning(Class.id)
     )
-    .values(removed_by=bindparam("unit_exit"), updated_at=bindparam("unit_now"))
-    .returning(Class.id)
-)
+
+
 # Last: the counter row is every unit's, and its lock is held to the commit. It serialises
 # concurrent units, so exactly one of them sees the last unit done, and exactly one the last
 # teacher unit (no account batch runs before that one).
-_COUNT_DONE = (
-    update(DistrictExit)
-    .where(DistrictExit.id == bindparam("unit_exit"), _CLAIMED_NOW)
-    .values(units_done=DistrictExit.units_done + 1, progressed_at=bindparam("unit_now"))
-    .returning(DistrictExit.units_done, DistrictExit.units_total, DistrictExit.teacher_units)
-)
+def _count_done(claimed: ColumnElement[bool]) -> ReturningUpdate[tuple[int, int, int]]:
+    return (
+        update(DistrictExit)
+        .where(DistrictExit.id == bindparam("unit_exit"), claimed)
+        .values(units_done=DistrictExit.units_done + 1, progressed_at=bindparam("unit_now"))
+        .returning(DistrictExit.units_done, DistrictExit.units_total, DistrictExit.teacher_units)
+    )
+
+
+_DROP_TEACHER_CLASSES = _drop_teacher_classes(_CLAIMED_NOW)
+_COUNT_DONE = _count_done(_CLAIMED_NOW)
 _STATUS = select(ExitUnit.status).where(*THIS_UNIT)
+
+
+def _teacher_unit() -> Select[tuple[int, int, int, list[str] | None]]:
+    """Postgres: the claim, the drop and the count of a teacher unit as one statement, in that
+    order (its own transaction in autocommit). The steps after the claim act only if it claimed
+    (they cannot see its row: a statement's sub-statements share one snapshot). The count waits
+    for the drop (its condition reads the drop's rows, a one-time filter evaluated before the
+    counter row is locked), so the locks are taken as ``run_unit`` takes them: the unit, the
+    classes, the counter. No row: the unit was not claimed."""
+    claimed = _CLAIM.cte("claimed")
+    ran = exists(select(claimed.c.kind))
+    dropped = _drop_teacher_classes(ran).cte("dropped")
+    after_drop = select(func.count()).select_from(dropped).scalar_subquery() >= 0
+    counted = _count_done(and_(ran, after_drop)).cte("counted")
+    return select(
+        counted.c.units_done,
+        counted.c.units_total,
+        counted.c.teacher_units,
+        select(func.array_agg(dropped.c.id)).scalar_subquery(),
+    )
 
 
 def _params(exit_id: int, key: str, max_attempts: int | None = None) -> dict[str, Any]:
@@ -344,9 +408,9 @@ class TeacherUnitFailed(Exception):
 @functools.cache
 def _driver_sql(dialect: Dialect) -> list[tuple[str, dict[str, Any]]]:
     """The counter's and the unit's statements as the driver takes them, each with its own
-    constant parameters: compiled once, for a pipeline that bypasses SQLAlchemy's execution."""
+    constant parameters: compiled once, run without SQLAlchemy's per-statement work."""
     compiled = []
-    for statement in (BUMP_UNIT, _CLAIM, _DROP_TEACHER_CLASSES, _COUNT_DONE):
+    for statement in (BUMP_UNIT, _teacher_unit()):
         sql = statement.compile(dialect=dialect)
         compiled.append((sql.string, {k: v for k, v in sql.params.items() if v is not None}))
     return compiled
@@ -355,12 +419,10 @@ def _driver_sql(dialect: Dialect) -> list[tuple[str, dict[str, Any]]]:
 def count_and_run_teacher_unit(
     conn: Connection, exit_id: int, key: str, *, max_attempts: int
 ) -> tuple[int | None, UnitResult | None]:
-    """Postgres, on an autocommit connection: count the attempt and run a teacher unit (the
-    statements of ``run_unit``) in one round trip, a psycopg pipeline.
-
-    The count is a transaction of its own at the head of the pipeline, committed before the
-    unit's transaction starts, as every task's attempt count is. The unit is claimed only if
-    the count is within ``max_attempts``.
+    """Postgres, on an autocommit connection: count the attempt, then run a teacher unit (what
+    ``run_unit`` does) as one statement. Two statements in all, each its own transaction: the
+    count commits before the unit starts, as every task's attempt count does, and the unit is
+    claimed only if the count is within ``max_attempts``.
 
     Returns the count (None: the unit is no longer pending, nothing ran) and the unit's result
     (None if the count was past ``max_attempts``). Raises ``TeacherUnitFailed`` (with the count)
@@ -368,60 +430,43 @@ def count_and_run_teacher_unit(
     count unknown.
     """
     if not runs_in_one_round_trip(conn.dialect, key):
-        raise GrassrootsError(f"unit {key} cannot run in one round trip here")
+        raise GrassrootsError(f"unit {key} cannot run in one statement here")
     driver = conn.connection.driver_connection
     if not isinstance(driver, psycopg.Connection) or not driver.autocommit:
         raise GrassrootsError("counting and running a unit at once needs psycopg in autocommit")
     unit = _params(exit_id, key, max_attempts)
-    (bump_sql, bump_k), (claim_sql, claim_k), (drop_sql, drop_k), (count_sql, count_k) = (
-        _driver_sql(conn.dialect)
-    )
-    bumped = None
+    (bump_sql, bump_k), (unit_sql, unit_k) = _driver_sql(conn.dialect)
     try:
-        with driver.pipeline():
-            driver.execute("BEGIN")
-            bumped = driver.execute(bump_sql, {**bump_k, **unit})
-            driver.execute("COMMIT")
-            driver.execute("BEGIN")
-            claimed = driver.execute(claim_sql, {**claim_k, **unit})
-            dropped = driver.execute(drop_sql, {**drop_k, **unit})
-            counted = driver.execute(count_sql, {**count_k, **unit})
-            driver.execute("COMMIT")
+        bumped = driver.execute(bump_sql, {**bump_k, **unit}).fetchone()
     except psycopg.Error as exc:
-        raise _failed(conn, driver, exc, claim_sql, unit, bumped) from exc
-    attempts = bumped.fetchone()
-    if attempts is None:
+        raise _failed(conn, exc, bump_sql, unit) from exc
+    if bumped is None:
         return None, None
-    if claimed.fetchone() is None:
-        if attempts[0] > max_attempts:
-            return attempts[0], None
+    attempts: int = bumped[0]
+    if attempts > max_attempts:
+        return attempts, None
+    try:
+        counted = driver.execute(unit_sql, {**unit_k, **unit}).fetchone()
+    except psycopg.Error as exc:
+        raise TeacherUnitFailed(attempts, _failed(conn, exc, unit_sql, unit)) from exc
+    if counted is None:
         # Within the count but not claimed: another copy of the task has claimed the unit, or
         # has counted past the cap and dead-letters it.
-        return attempts[0], UnitResult(False)
-    outcome = Outcome(classes_removed=sorted(row[0] for row in dropped.fetchall()))
-    return attempts[0], _counted(counted.fetchone(), UnitKind.TEACHER, outcome)
+        return attempts, UnitResult(False)
+    *progress, dropped = counted
+    outcome = Outcome(classes_removed=sorted(dropped or []))
+    return attempts, _counted(progress, UnitKind.TEACHER, outcome)
 
 
-def _failed(
-    conn: Connection,
-    driver: psycopg.Connection[Any],
-    exc: psycopg.Error,
-    sql: str,
-    unit: dict[str, Any],
-    bumped: psycopg.Cursor[Any] | None,
-) -> Exception:
+def _failed(conn: Connection, exc: psycopg.Error, sql: str, unit: dict[str, Any]) -> StatementError:
     """What SQLAlchemy does with a driver error: a lost connection leaves the pool, and the error
-    is raised as SQLAlchemy's (which the task's retries classify). A unit's transaction that
-    failed halfway is rolled back here: the pipeline's COMMIT never ran."""
+    is raised as SQLAlchemy's (which the task's retries classify). In autocommit a failed
+    statement leaves no transaction open."""
     if conn.dialect.is_disconnect(type_cast(Any, exc), conn.connection, None):
         conn.invalidate(exc)
-    elif driver.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-        driver.rollback()
-    error = DBAPIError.instance(
+    return DBAPIError.instance(
         sql, unit, exc, psycopg.Error, connection_invalidated=conn.invalidated, dialect=conn.dialect
     )
-    row = bumped.fetchone() if bumped is not None and bumped.pgresult else None
-    return error if row is None else TeacherUnitFailed(row[0], error)
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg import sql as pgsql
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Engine,
     String,
@@ -193,6 +194,56 @@ class RowHash(ColumnElement[int]):
 
     def __init__(self, *values: Any) -> None:
         self.values = tuple(literal(v, String) if isinstance(v, str) else v for v in values)
+
+
+class JsonList(ColumnElement[Any]):
+    """An aggregate: the group's values of ``column`` as a JSON array, in ascending order.
+    Postgres: ``json_agg(column ORDER BY column)``; SQLite (no ordered aggregates before 3.44):
+    ``json_group_array(column)``, in the order the rows come, which the query sets."""
+
+    type = JSON()
+    inherit_cache = True
+    _traverse_internals = [("column", InternalTraversal.dp_clauseelement)]  # noqa: RUF012
+
+    def __init__(self, column: ColumnElement[Any]) -> None:
+        self.column = column
+
+
+@compiles(JsonList)
+def _json_group_array(element: JsonList, compiler: Any, **kw: Any) -> str:
+    return f"json_group_array({compiler.process(element.column, **kw)})"
+
+
+@compiles(JsonList, "postgresql")
+def _json_agg(element: JsonList, compiler: Any, **kw: Any) -> str:
+    column = compiler.process(element.column, **kw)
+    return f"json_agg({column} ORDER BY {column})"
+
+
+class ZeroPadded(ColumnElement[str]):
+    """A non-negative integer as text, padded with zeros to ``width`` digits."""
+
+    type = String()
+    inherit_cache = True
+    _traverse_internals = [  # noqa: RUF012
+        ("number", InternalTraversal.dp_clauseelement),
+        ("width", InternalTraversal.dp_plain_obj),
+    ]
+
+    def __init__(self, number: ColumnElement[int], width: int) -> None:
+        self.number = number
+        self.width = width
+
+
+@compiles(ZeroPadded)
+def _printf_padded(element: ZeroPadded, compiler: Any, **kw: Any) -> str:
+    return f"printf('%0{int(element.width)}d', {compiler.process(element.number, **kw)})"
+
+
+@compiles(ZeroPadded, "postgresql")
+def _lpad(element: ZeroPadded, compiler: Any, **kw: Any) -> str:
+    number = compiler.process(element.number, **kw)
+    return f"lpad(CAST({number} AS TEXT), {int(element.width)}, '0')"
 
 
 class AsyncCommit(ColumnElement[Any]):

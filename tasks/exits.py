@@ -6,8 +6,8 @@ converted and every district class removed, fanned out into units that workers r
   and so the coaching through them), then batches of accounts to convert. Keys are
   deterministic, so a redelivered start plans nothing twice and the progress is known at once.
 - ``run_unit`` runs one unit exactly once: its work, its ``done`` mark and the exit's count
-  commit together. ``count_and_run_teacher_unit`` sends the same statements, after the attempt
-  counter, to Postgres in one round trip: a district has thousands of teacher units.
+  commit together. ``tasks.teacher_units`` runs a teacher unit on Postgres from the same
+  statements, as one statement after the attempt counter: a district has thousands of them.
 - ``finish`` removes what no unit reached; ``run_in_process`` does it all in one transaction.
 
 Teacher units run first, then the account batches: a batch run beside them would detach teachers
@@ -17,18 +17,14 @@ converts accounts.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
-from typing import cast as type_cast
 
-import psycopg
 from sqlalchemy import (
     DateTime,
     Integer,
-    and_,
     bindparam,
     cast,
     exists,
@@ -39,8 +35,7 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.engine import Connection, Dialect
-from sqlalchemy.exc import DBAPIError, StatementError
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import ColumnElement, Select, Subquery
 from sqlalchemy.sql.dml import ReturningUpdate
@@ -63,10 +58,10 @@ from models import (
     utcnow,
 )
 from tasks import deadletters
-from tasks.attempts import BUMP_UNIT, THIS_UNIT, unit_params, unit_subject
+from tasks.attempts import THIS_UNIT, unit_params, unit_subject
 from tasks.conversion import Outcome, convert_accounts, drop_classes
 from tasks.conversion.journal import audit, new_batch, open_exit_root
-from tasks.errors import GrassrootsError, NotFound, Refused, RestoreRefused
+from tasks.errors import NotFound, Refused, RestoreRefused
 from tasks.sql import CHUNK, AsyncCommit, JsonList, ZeroPadded, in_ids
 
 TEACHER_UNIT = "teacher:"  # a teacher unit's key: this, then the teacher's account id
@@ -257,7 +252,7 @@ class UnitResult:
 
 # Marking the unit done is what locks it: a redelivered copy waits, then finds it done. A unit
 # started more than ``unit_max_attempts`` times (if not NULL) is not claimed.
-_CLAIM = (
+CLAIM = (
     update(ExitUnit)
     .where(
         *THIS_UNIT,
@@ -274,7 +269,7 @@ _CLAIMED_NOW = exists().where(
 )
 
 
-def _drop_teacher_classes(claimed: ColumnElement[bool]) -> ReturningUpdate[tuple[str]]:
+def drop_teacher_classes(claimed: ColumnElement[bool]) -> ReturningUpdate[tuple[str]]:
     """The teacher's live classes in the exiting district, removed by the exit if ``claimed``.
     They are locked in id order: a co-taught class is in two teachers' units, and the second
     waits for the first, then finds it gone."""
@@ -308,7 +303,7 @@ def _drop_teacher_classes(claimed: ColumnElement[bool]) -> ReturningUpdate[tuple
 # Last: the counter row is every unit's, and its lock is held to the commit. It serialises
 # concurrent units, so exactly one of them sees the last unit done, and exactly one the last
 # teacher unit (no account batch runs before that one).
-def _count_done(claimed: ColumnElement[bool]) -> ReturningUpdate[tuple[int, int, int]]:
+def count_done(claimed: ColumnElement[bool]) -> ReturningUpdate[tuple[int, int, int]]:
     return (
         update(DistrictExit)
         .where(DistrictExit.id == bindparam("unit_exit"), claimed)
@@ -317,32 +312,12 @@ def _count_done(claimed: ColumnElement[bool]) -> ReturningUpdate[tuple[int, int,
     )
 
 
-_DROP_TEACHER_CLASSES = _drop_teacher_classes(_CLAIMED_NOW)
-_COUNT_DONE = _count_done(_CLAIMED_NOW)
+_DROP_TEACHER_CLASSES = drop_teacher_classes(_CLAIMED_NOW)
+_COUNT_DONE = count_done(_CLAIMED_NOW)
 _STATUS = select(ExitUnit.status).where(*THIS_UNIT)
 
 
-def _teacher_unit() -> Select[tuple[int, int, int, list[str] | None]]:
-    """Postgres: the claim, the drop and the count of a teacher unit as one statement, in that
-    order (its own transaction in autocommit). The steps after the claim act only if it claimed
-    (they cannot see its row: a statement's sub-statements share one snapshot). The count waits
-    for the drop (its condition reads the drop's rows, a one-time filter evaluated before the
-    counter row is locked), so the locks are taken as ``run_unit`` takes them: the unit, the
-    classes, the counter. No row: the unit was not claimed."""
-    claimed = _CLAIM.cte("claimed")
-    ran = exists(select(claimed.c.kind))
-    dropped = _drop_teacher_classes(ran).cte("dropped")
-    after_drop = select(func.count()).select_from(dropped).scalar_subquery() >= 0
-    counted = _count_done(and_(ran, after_drop)).cte("counted")
-    return select(
-        counted.c.units_done,
-        counted.c.units_total,
-        counted.c.teacher_units,
-        select(func.array_agg(dropped.c.id)).scalar_subquery(),
-    )
-
-
-def _params(exit_id: int, key: str, max_attempts: int | None = None) -> dict[str, Any]:
+def run_params(exit_id: int, key: str, max_attempts: int | None = None) -> dict[str, Any]:
     teacher = key.removeprefix(TEACHER_UNIT) if key.startswith(TEACHER_UNIT) else None
     return {
         **unit_params(exit_id, key),
@@ -352,7 +327,7 @@ def _params(exit_id: int, key: str, max_attempts: int | None = None) -> dict[str
     }
 
 
-def _counted(row: Sequence[Any] | None, kind: str, outcome: Outcome) -> UnitResult:
+def counted(row: Sequence[Any] | None, kind: str, outcome: Outcome) -> UnitResult:
     if row is None:  # not this run's claim
         return UnitResult(False)
     done, total, teachers = row
@@ -362,8 +337,8 @@ def _counted(row: Sequence[Any] | None, kind: str, outcome: Outcome) -> UnitResu
 def run_unit(session: Session, exit_id: int, key: str) -> UnitResult:
     """Run one unit exactly once, in the session's transaction; a failure rolls its mark back."""
     conn = session.connection()
-    unit = _params(exit_id, key)
-    claimed = conn.execute(_CLAIM, unit).one_or_none()
+    unit = run_params(exit_id, key)
+    claimed = conn.execute(CLAIM, unit).one_or_none()
     if claimed is None:
         return _not_claimed(conn, unit)
     kind, account_ids, _ = claimed
@@ -380,7 +355,7 @@ def run_unit(session: Session, exit_id: int, key: str) -> UnitResult:
         outcome = convert_accounts(
             session, account_ids, trigger=trigger_of(exit_id), parent_id=exit_id
         )
-    return _counted(conn.execute(_COUNT_DONE, unit).one_or_none(), kind, outcome)
+    return counted(conn.execute(_COUNT_DONE, unit).one_or_none(), kind, outcome)
 
 
 def _not_claimed(conn: Connection, unit: dict[str, Any]) -> UnitResult:
@@ -388,85 +363,6 @@ def _not_claimed(conn: Connection, unit: dict[str, Any]) -> UnitResult:
     if status is None:
         raise NotFound(f"no unit {unit['unit_key']} in exit {unit['unit_exit']}")
     return UnitResult(False)  # done or dead already, or past its attempts
-
-
-def runs_in_one_round_trip(dialect: Dialect, key: str) -> bool:
-    """Whether ``count_and_run_teacher_unit`` can run the unit: a teacher unit, on Postgres."""
-    return dialect.name == "postgresql" and key.startswith(TEACHER_UNIT)
-
-
-class TeacherUnitFailed(Exception):
-    """The attempt was counted (``attempts``), then the unit failed (``error``, as SQLAlchemy
-    would have raised it)."""
-
-    def __init__(self, attempts: int, error: Exception) -> None:
-        super().__init__(f"teacher unit failed on attempt {attempts}: {error}")
-        self.attempts = attempts
-        self.error = error
-
-
-@functools.cache
-def _driver_sql(dialect: Dialect) -> list[tuple[str, dict[str, Any]]]:
-    """The counter's and the unit's statements as the driver takes them, each with its own
-    constant parameters: compiled once, run without SQLAlchemy's per-statement work."""
-    compiled = []
-    for statement in (BUMP_UNIT, _teacher_unit()):
-        sql = statement.compile(dialect=dialect)
-        compiled.append((sql.string, {k: v for k, v in sql.params.items() if v is not None}))
-    return compiled
-
-
-def count_and_run_teacher_unit(
-    conn: Connection, exit_id: int, key: str, *, max_attempts: int
-) -> tuple[int | None, UnitResult | None]:
-    """Postgres, on an autocommit connection: count the attempt, then run a teacher unit (what
-    ``run_unit`` does) as one statement. Two statements in all, each its own transaction: the
-    count commits before the unit starts, as every task's attempt count does, and the unit is
-    claimed only if the count is within ``max_attempts``.
-
-    Returns the count (None: the unit is no longer pending, nothing ran) and the unit's result
-    (None if the count was past ``max_attempts``). Raises ``TeacherUnitFailed`` (with the count)
-    if the unit failed after the count committed; any other error (a ``DBAPIError``) leaves the
-    count unknown.
-    """
-    if not runs_in_one_round_trip(conn.dialect, key):
-        raise GrassrootsError(f"unit {key} cannot run in one statement here")
-    driver = conn.connection.driver_connection
-    if not isinstance(driver, psycopg.Connection) or not driver.autocommit:
-        raise GrassrootsError("counting and running a unit at once needs psycopg in autocommit")
-    unit = _params(exit_id, key, max_attempts)
-    (bump_sql, bump_k), (unit_sql, unit_k) = _driver_sql(conn.dialect)
-    try:
-        bumped = driver.execute(bump_sql, {**bump_k, **unit}).fetchone()
-    except psycopg.Error as exc:
-        raise _failed(conn, exc, bump_sql, unit) from exc
-    if bumped is None:
-        return None, None
-    attempts: int = bumped[0]
-    if attempts > max_attempts:
-        return attempts, None
-    try:
-        counted = driver.execute(unit_sql, {**unit_k, **unit}).fetchone()
-    except psycopg.Error as exc:
-        raise TeacherUnitFailed(attempts, _failed(conn, exc, unit_sql, unit)) from exc
-    if counted is None:
-        # Within the count but not claimed: another copy of the task has claimed the unit, or
-        # has counted past the cap and dead-letters it.
-        return attempts, UnitResult(False)
-    *progress, dropped = counted
-    outcome = Outcome(classes_removed=sorted(dropped or []))
-    return attempts, _counted(progress, UnitKind.TEACHER, outcome)
-
-
-def _failed(conn: Connection, exc: psycopg.Error, sql: str, unit: dict[str, Any]) -> StatementError:
-    """What SQLAlchemy does with a driver error: a lost connection leaves the pool, and the error
-    is raised as SQLAlchemy's (which the task's retries classify). In autocommit a failed
-    statement leaves no transaction open."""
-    if conn.dialect.is_disconnect(type_cast(Any, exc), conn.connection, None):
-        conn.invalidate(exc)
-    return DBAPIError.instance(
-        sql, unit, exc, psycopg.Error, connection_invalidated=conn.invalidated, dialect=conn.dialect
-    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""A teacher unit counted and run in one round trip (Postgres): the count commits first, whatever
+"""A teacher unit counted, then run as one statement (Postgres): the count commits first, whatever
 becomes of the unit, and a unit started too often does not run."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from models import Class as Klass
 from models import ClassTeacher, DistrictExit, ExitUnit
-from tasks import exits
+from tasks import exits, teacher_units
 from tasks.attempts import unit_params
 from tasks.roster import load_snapshot
 from tests.support.databases import PgDatabases
@@ -71,12 +71,12 @@ def test_the_count_and_the_unit_go_together_and_a_redelivery_finds_it_done(start
     classes = kims_live_classes(ex)
     assert classes
     with autocommit(ex) as conn:
-        attempts, result = exits.count_and_run_teacher_unit(
+        attempts, result = teacher_units.count_and_run_teacher_unit(
             conn, ex.exit_id, ex.key, max_attempts=3
         )
         assert attempts == 1 and result is not None and result.ran
         assert sorted(result.outcome.classes_removed) == sorted(classes)
-        again = exits.count_and_run_teacher_unit(conn, ex.exit_id, ex.key, max_attempts=3)
+        again = teacher_units.count_and_run_teacher_unit(conn, ex.exit_id, ex.key, max_attempts=3)
         assert again == (None, None)
     assert unit_state(ex) == ("done", 1)
     assert kims_live_classes(ex) == []
@@ -95,7 +95,9 @@ def test_a_unit_started_too_often_is_counted_but_not_run(started: Exit) -> None:
         )
     classes = kims_live_classes(ex)
     with autocommit(ex) as conn:
-        assert exits.count_and_run_teacher_unit(conn, ex.exit_id, ex.key, max_attempts=3) == (
+        assert teacher_units.count_and_run_teacher_unit(
+            conn, ex.exit_id, ex.key, max_attempts=3
+        ) == (
             4,
             None,
         )
@@ -110,8 +112,8 @@ def test_a_unit_that_fails_keeps_its_count_and_runs_once_the_lock_is_gone(starte
         holder.execute(select(Klass.id).where(Klass.id.in_(classes)).with_for_update())
         with autocommit(ex) as conn:
             conn.execute(text("SET lock_timeout = '100ms'"))
-            with pytest.raises(exits.TeacherUnitFailed) as failed:
-                exits.count_and_run_teacher_unit(conn, ex.exit_id, ex.key, max_attempts=3)
+            with pytest.raises(teacher_units.TeacherUnitFailed) as failed:
+                teacher_units.count_and_run_teacher_unit(conn, ex.exit_id, ex.key, max_attempts=3)
             conn.execute(text("RESET lock_timeout"))
         holder.rollback()
     assert failed.value.attempts == 1
@@ -164,7 +166,7 @@ def test_a_unit_finds_its_row_by_key_whatever_the_statistics_say(
     with engine.connect() as conn:
         driver = conn.connection.driver_connection
         assert driver is not None
-        for sql, constants in exits._driver_sql(conn.dialect):
+        for sql, constants in teacher_units._driver_sql(conn.dialect):
             explained = driver.execute(f"EXPLAIN (FORMAT JSON) {sql}", {**constants, **unit})
             (found,) = explained.fetchone()[0]
             for scan in _scans_of(found["Plan"], "exit_units"):

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from models import RequestKind, SyncStatus, utcnow
-from tasks import events, exits, operator_requests, pauses, retention, roster_syncs
+from tasks import events, exits, operator_requests, pauses, retention, roster_syncs, teacher_units
 from tasks.attempts import EventLedger, UnitLedger
 from tasks.heartbeat import HeartbeatLedger
 from tasks.heartbeat import record as record_heartbeat
@@ -74,15 +74,15 @@ class ExitUnitTask(GrassrootsTask):
     def first_try(self, most: int, *args: Any, **kwargs: Any) -> FirstTry | None:
         unit = UnitLedger(*args, **kwargs)
         exit_id, key = unit.exit_id, unit.key
-        if not exits.runs_in_one_round_trip(get_engine().dialect, key):
+        if not teacher_units.can_count_and_run(get_engine().dialect, key):
             return None
-        # Thousands of these per district: the count and the unit share one round trip.
+        # Thousands of these per district: the count, then the unit as one statement.
         with autocommit() as conn:
             try:
-                attempts, result = exits.count_and_run_teacher_unit(
+                attempts, result = teacher_units.count_and_run_teacher_unit(
                     conn, exit_id, key, max_attempts=most
                 )
-            except exits.TeacherUnitFailed as failed:
+            except teacher_units.TeacherUnitFailed as failed:
                 return FirstTry(failed.attempts, error=failed.error)
         if result is None:
             return FirstTry(attempts)

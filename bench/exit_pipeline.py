@@ -279,6 +279,11 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
         floor_total = statistics.median(sum(r[f] for f in FLOORED.values()) for r in runs)
         out["median_floor_s"] = round(floor_total, 2)
         out["ratio_exit"] = round(out["median_exit_s"] / floor_total, 2)
+        # Each exit against the floor measured right after it: steadier than the ratio of
+        # medians when the machine's speed drifts between runs.
+        ratios = [round(r["exit_s"] / sum(r[f] for f in FLOORED.values()), 2) for r in runs]
+        out["run_ratios_exit"] = ratios
+        out["median_run_ratio_exit"] = round(statistics.median(ratios), 2)
     out["peak_worker_pss_sum_mb"] = max(max(r["peak_worker_pss_sum_mb"]) for r in runs)
     return out
 
@@ -302,6 +307,10 @@ def print_table(result: dict[str, Any]) -> None:
             f"{name.replace('_', ' '):<16}{result.pop(f'median_{phase}'):>8}{floor:>9}{ratio:>7}"
             f"  {what.get(phase, '') if floor != '' else ''}"
         )
+    if "run_ratios_exit" in result:
+        ratios = ", ".join(str(r) for r in result.pop("run_ratios_exit"))
+        median = result.pop("median_run_ratio_exit")
+        print(f"each exit against its own floor: {ratios} (median {median})")
     print()
     print_report(result, as_json=False)
     for n, run in enumerate(runs, start=1):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 from kombu.exceptions import BatchPublishError  # type: ignore[attr-defined]  # kombu 5.7; stubs lag
 from kombu.exceptions import OperationalError as BrokerError
@@ -28,6 +29,23 @@ log = logging.getLogger("grassroots.dispatch")
 SEND_ERRORS = (BrokerError, BatchPublishError, RedisConnectionError, OSError)
 
 
+def _send_one_of_many(producer: Any, name: str, args: tuple[Any, ...], queue: str | None) -> None:
+    """One of many messages sent together on ``producer`` (in its pipelined batch), to ``queue``
+    or where the task is routed. Celery would declare the message's queue and repr its arguments
+    for each message, a third of a send: the default exchange routes by queue name, which the
+    workers declare, and the arguments are a few ids, whose repr is short."""
+    routed: dict[str, Any] = {} if queue is None else {"queue": queue}
+    app.send_task(
+        name,
+        args,
+        producer=producer,
+        declare=[],
+        argsrepr=repr(args),
+        kwargsrepr="{}",
+        **routed,
+    )
+
+
 def enqueue_events(event_ids: Iterable[str]) -> int:
     """Send events to the workers, after their inbox rows are committed. Returns how many were
     sent; a broker outage is logged, not raised: the relay sends them once it is back.
@@ -43,7 +61,7 @@ def enqueue_events(event_ids: Iterable[str]) -> int:
     try:
         with app.producer_or_acquire() as producer, producer.batch():
             for event_id in ids:
-                app.send_task(TaskName.PROCESS_EVENT, (event_id,), producer=producer)
+                _send_one_of_many(producer, TaskName.PROCESS_EVENT, (event_id,), None)
     except SEND_ERRORS as exc:
         log.warning(
             "broker unavailable, %d event(s) left for the relay: %s", len(ids), type(exc).__name__
@@ -84,16 +102,5 @@ def dispatch_exit(exit_id: int) -> None:
         for chunk in chunks(pending, DISPATCH_CHUNK):
             with producer.batch():
                 for key, kind in chunk:
-                    app.send_task(
-                        TaskName.EXIT_UNIT,
-                        (exit_id, key),
-                        producer=producer,
-                        queue=Queue.FANOUT if kind == UnitKind.TEACHER else Queue.CONVERSIONS,
-                        # Thousands at once, and the sending holds a pool slot: Celery's
-                        # per-message queue declaration (a copy of the queue bound to the
-                        # channel each time) and repr of the arguments are a third of a send.
-                        # The default exchange routes by queue name, which the workers declare.
-                        declare=[],
-                        argsrepr=repr((exit_id, key)),
-                        kwargsrepr="{}",
-                    )
+                    queue = Queue.FANOUT if kind == UnitKind.TEACHER else Queue.CONVERSIONS
+                    _send_one_of_many(producer, TaskName.EXIT_UNIT, (exit_id, key), queue)

@@ -211,6 +211,10 @@ def _live_synced_classes(states: Iterable[AccountState]) -> Select[tuple[str]]:
     return live.where(in_ids(Class.district_id, sorted(d for d in districts if d is not None)))
 
 
+# What each row of ``_find_links``' lookup is.
+ENROLLED, TEACHING, GRANTED = "enrolled", "teaching", "granted"
+
+
 def _find_links(session: Session, plans: Sequence[Plan], states: list[AccountState]) -> _Links:
     students = [p.account_id for p in plans if p.strip_student]
     teachers = [p.account_id for p in plans if p.strip_teacher]
@@ -256,10 +260,6 @@ def _find_links(session: Session, plans: Sequence[Plan], states: list[AccountSta
         granted={admin for admin, _ in found[GRANTED]},
         live_synced=live_synced,
     )
-
-
-# What each row of ``_find_links``' lookup is.
-ENROLLED, TEACHING, GRANTED = "enrolled", "teaching", "granted"
 
 
 def _remove_links(session: Session, links: _Links, batch: str) -> int:

@@ -54,7 +54,7 @@ def send_noops(count: int) -> float:
     from tasks.sql import chunks
     from worker.broker import broker_client, queue_depths
     from worker.celery_app import QUEUES, app
-    from worker.dispatch import DISPATCH_CHUNK
+    from worker.dispatch import DISPATCH_CHUNK, send_one_of_many
     from worker.names import Queue
 
     client = broker_client()
@@ -65,7 +65,7 @@ def send_noops(count: int) -> float:
         for chunk in chunks(keys, DISPATCH_CHUNK):
             with producer.batch():
                 for key in chunk:
-                    app.send_task(NOOP, (1, key), producer=producer, queue=Queue.FANOUT)
+                    send_one_of_many(producer, NOOP, (1, key), Queue.FANOUT)
     empty_since: float | None = None
     while True:
         now = time.monotonic()

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from tests.support.app_env import configure  # noqa: F401  (a fixture for the HTTP tests)
+from tests.support.app_env import broker, configure  # noqa: F401  (fixtures for the app's tests)
 from tests.support.databases import PgDatabases, fresh_sqlite
 from worker.db import make_engine
 from worker.migrate import upgrade

@@ -4,6 +4,10 @@ asked for."""
 
 from __future__ import annotations
 
+import json
+
+import pytest
+import redis
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -11,6 +15,8 @@ from models import Account, AccountKind, Class, ClassTeacher, DistrictExit, Exit
 from tasks import exits
 from tasks.roster import load_snapshot
 from tests.support.scenario import DISTRICT, example
+from worker import dispatch
+from worker.db import session_scope
 
 
 def test_the_plan_holds_each_teacher_once_and_each_account_once_in_numbered_batches(
@@ -67,3 +73,34 @@ def test_an_exit_started_again_plans_nothing_twice(session: Session) -> None:
     assert first.converted
     restarted = exits.start_exit(session, DISTRICT, trigger="again")
     assert not restarted.created and restarted.pending == []
+
+
+def test_units_just_planned_are_sent_as_planned_and_others_as_the_database_has_them(
+    broker: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The start sends the units it planned (stamped as sent in its own transaction) without
+    reading them back; a later dispatch (after the teacher units, or a crash) reads the rows."""
+    with session_scope() as session:
+        load_snapshot(session, example())
+    with session_scope() as session:
+        plan = exits.start_exit(session, DISTRICT, trigger="test")
+    read: list[int] = []
+    reading = exits.dispatch_pending
+
+    def dispatch_pending(session: Session, exit_id: int) -> list[tuple[str, str]]:
+        read.append(exit_id)
+        return reading(session, exit_id)
+
+    monkeypatch.setattr(dispatch, "dispatch_pending", dispatch_pending)
+
+    def queued() -> list[str]:
+        return [json.loads(m)["headers"]["argsrepr"] for m in broker.lrange("fanout", 0, -1)]
+
+    dispatch.dispatch_exit(plan.exit_id, plan.pending)
+    units = [repr((plan.exit_id, key)) for key, _ in plan.pending]
+    assert units and sorted(queued()) == sorted(units)
+    assert read == []
+
+    dispatch.dispatch_exit(plan.exit_id)
+    assert read == [plan.exit_id]
+    assert sorted(queued()) == sorted(units * 2)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -24,10 +24,9 @@ from models import DistrictExit, EventStatus, OperatorRequest, RequestKind, Rost
 from tasks import exits, operator_requests
 from tasks.inbox import inbox_row, store
 from tasks.roster import load_snapshot
-from tests.support.app_env import Configure
 from tests.support.databases import PgDatabases
 from tests.support.scenario import DISTRICT, STEVE, example
-from tests.support.stack import RedisServer, Stack, clever_event, running_stack, wait_until
+from tests.support.stack import Stack, clever_event, running_stack, wait_until
 from worker.db import session_scope
 from worker.relay import RelayLoop, relay_pass
 
@@ -130,18 +129,6 @@ def test_failures_are_logged_once_per_streak_and_never_end_the_loop(
 
 # --------------------------------------------------------------------------------------------
 # One real pass
-
-
-@pytest.fixture
-def broker(tmp_path: Path, configure: Configure, database_url: str) -> Iterator[redis.Redis]:
-    server = RedisServer(tmp_path)
-    server.start()
-    configure(DATABASE_URL=database_url, BROKER_URL=server.url, RELAY_AFTER_SECONDS="30")
-    try:
-        with redis.Redis.from_url(server.url) as client:
-            yield client
-    finally:
-        server.stop()
 
 
 def _accepted(event_id: str, *, ago: timedelta) -> None:

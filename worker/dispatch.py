@@ -29,7 +29,7 @@ log = logging.getLogger("grassroots.dispatch")
 SEND_ERRORS = (BrokerError, BatchPublishError, RedisConnectionError, OSError)
 
 
-def _send_one_of_many(producer: Any, name: str, args: tuple[Any, ...], queue: str | None) -> None:
+def send_one_of_many(producer: Any, name: str, args: tuple[Any, ...], queue: str | None) -> None:
     """One of many messages sent together on ``producer`` (in its pipelined batch), to ``queue``
     or where the task is routed. Celery would declare the message's queue and repr its arguments
     for each message, a third of a send: the default exchange routes by queue name, which the
@@ -61,7 +61,7 @@ def enqueue_events(event_ids: Iterable[str]) -> int:
     try:
         with app.producer_or_acquire() as producer, producer.batch():
             for event_id in ids:
-                _send_one_of_many(producer, TaskName.PROCESS_EVENT, (event_id,), None)
+                send_one_of_many(producer, TaskName.PROCESS_EVENT, (event_id,), None)
     except SEND_ERRORS as exc:
         log.warning(
             "broker unavailable, %d event(s) left for the relay: %s", len(ids), type(exc).__name__
@@ -89,12 +89,19 @@ def finish_exit(exit_id: int) -> None:
 DISPATCH_CHUNK = 250
 
 
-def dispatch_exit(exit_id: int) -> None:
+def dispatch_exit(exit_id: int, planned: list[tuple[str, str]] | None = None) -> None:
     """Send the exit's pending units of its current phase (teachers, then account batches): all
     of them the first time, what is missing after a crash, the finish once none is left. Units
-    are idempotent, so sending one twice does no harm."""
-    with session_scope() as session:
-        pending = dispatch_pending(session, exit_id)
+    are idempotent, so sending one twice does no harm.
+
+    ``planned``: the units of an exit just planned (``tasks.exits.ExitPlan.pending`` of a plan
+    that ``created`` them), committed with their ``dispatched_at``, sent without reading them
+    again."""
+    if planned is None:
+        with session_scope() as session:
+            pending = dispatch_pending(session, exit_id)
+    else:
+        pending = planned
     if not pending:
         finish_exit(exit_id)
         return
@@ -103,4 +110,4 @@ def dispatch_exit(exit_id: int) -> None:
             with producer.batch():
                 for key, kind in chunk:
                     queue = Queue.FANOUT if kind == UnitKind.TEACHER else Queue.CONVERSIONS
-                    _send_one_of_many(producer, TaskName.EXIT_UNIT, (exit_id, key), queue)
+                    send_one_of_many(producer, TaskName.EXIT_UNIT, (exit_id, key), queue)

@@ -57,7 +57,7 @@ def district_exit(self: GrassrootsTask, district_id: str, request_id: str) -> in
         self.session, district_id, trigger=asked.by, batch_size=get_settings().exit_batch_size
     )
     operator_requests.finish(self.session, request_id)
-    after_commit(dispatch.dispatch_exit, plan.exit_id)
+    after_commit(dispatch.dispatch_exit, plan.exit_id, plan.pending if plan.created else None)
     return plan.exit_id
 
 

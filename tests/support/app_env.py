@@ -4,10 +4,12 @@ the variables a test sets, and are put back after it."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Protocol
 
 import httpx
 import pytest
+import redis
 
 from worker import db
 from worker.celery_app import app as celery_app
@@ -49,6 +51,22 @@ def configure(monkeypatch: pytest.MonkeyPatch) -> Iterator[Configure]:
 
     yield apply
     _reset_caches()
+
+
+@pytest.fixture
+def broker(tmp_path: Path, configure: Configure, database_url: str) -> Iterator[redis.Redis]:
+    """A private Redis as the app's broker, beside a fresh database; a client to read it with."""
+    # Imported here: the stack's module loads a plugin module, which pytest must rewrite first.
+    from tests.support.stack import RedisServer
+
+    server = RedisServer(tmp_path)
+    server.start()
+    configure(DATABASE_URL=database_url, BROKER_URL=server.url)
+    try:
+        with redis.Redis.from_url(server.url) as client:
+            yield client
+    finally:
+        server.stop()
 
 
 def assert_error(response: httpx.Response, status: int, code: str | None = None) -> None:

@@ -66,6 +66,7 @@ class ExitUnit(Base):
     )
     key: Mapped[str] = mapped_column(String(200), primary_key=True)
     kind: Mapped[str] = mapped_column(String(16))
+    # Compressed with lz4 on Postgres (migration 0012): an exit's start writes them all at once.
     account_ids: Mapped[list[str]] = mapped_column(default=list)
     status: Mapped[str] = mapped_column(String(16), default=UnitStatus.PENDING)
     attempts: Mapped[int] = mapped_column(default=0)

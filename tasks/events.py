@@ -13,14 +13,13 @@ from datetime import timedelta
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from models import (
     Account,
     AccountKind,
     AuditAction,
-    AuditRecord,
     Class,
     District,
     DistrictStatus,
@@ -31,6 +30,7 @@ from models import (
     utcnow,
 )
 from tasks import brake, changes, conversion, exits, fence, pauses, roster
+from tasks.conversion.journal import audit
 from tasks.errors import NotFound, RestoreRefused, WaitForRoster
 from tasks.inbox import event_object, not_acted_on
 from tasks.sql import count
@@ -272,7 +272,7 @@ def _route(session: Session, ev: RosterEvent, limits: Limits) -> Routed:
         where = ".".join(map(str, err["loc"]))
         return Routed(EventStatus.REJECTED, f"{where}: {explain(err)}")
     if newest is not None and routed.status in (DONE, IGNORED):
-        fence.advance(newest, ev)
+        fence.advance(session, newest, ev)
     return routed
 
 
@@ -287,7 +287,7 @@ AUDITED = {
 def process_event(session: Session, event_id: str, limits: Limits) -> Routed | None:
     """Apply a stored event. None when there is nothing to do (already final, waiting for an
     operator or a pause's end, or gone)."""
-    ev = session.scalar(select(RosterEvent).where(RosterEvent.id == event_id).with_for_update())
+    ev = session.scalar(_LOCKED_EVENT, {"event_id": event_id})
     if ev is None or ev.status in EventStatus.final() | EventStatus.waiting():
         return None
     routed = _route(session, ev, limits)
@@ -307,13 +307,16 @@ def process_event(session: Session, event_id: str, limits: Limits) -> Routed | N
         },
     )
     if routed.status in AUDITED:
-        session.add(
-            AuditRecord(
-                action=AUDITED[routed.status],
-                trigger=_trigger(ev),
-                subject_type=ev.object_type or "event",
-                subject_id=(ev.object_id or ev.id)[:64],
-                details=routed.outcome,
-            )
-        )
+        record = {
+            "action": AUDITED[routed.status],
+            "trigger": _trigger(ev),
+            "subject_type": ev.object_type or "event",
+            "subject_id": (ev.object_id or ev.id)[:64],
+            "details": routed.outcome,
+        }
+        audit(session, [record])
     return routed
+
+
+# Built once: every event is read through it.
+_LOCKED_EVENT = select(RosterEvent).where(RosterEvent.id == bindparam("event_id")).with_for_update()

@@ -10,7 +10,7 @@ import math
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from sqlalchemy import ColumnElement, func, select
+from sqlalchemy import BindParameter, ColumnElement, bindparam, func, select
 from sqlalchemy.orm import Session
 
 from models import (
@@ -47,15 +47,15 @@ def allows(session: Session, district_id: str, *, default_percent: float) -> tup
     which it gets once every removal running beside it has ended, and counts exactly
     (``engaged``); none can start meanwhile."""
     now = utcnow()
-    # The lock's read gives the district's own percentage too.
-    district = select(District.brake_percent).where(District.id == district_id)
+    district = {"brake_district": district_id}
     shared = session.begin_nested()
-    percent = percent_of(session.scalar(district.with_for_update(read=True)), default_percent)
+    # The lock's read gives the district's own percentage too.
+    percent = percent_of(session.scalar(_SHARED, district), default_percent)
     if headroom(session, district_id, percent=percent, now=now):
         shared.commit()  # the share lock stays, to this transaction's end
         return True, percent
     shared.rollback()  # gives the share lock back: taking update mode over it could deadlock
-    session.execute(district.with_for_update())
+    session.execute(_EXCLUSIVE, district)
     return not engaged(session, district_id, percent=percent, now=now), percent
 
 
@@ -70,9 +70,9 @@ def would_hold(session: Session, district_id: str, removals: int, *, default_per
     return max(0, removals - max(left, 0))
 
 
-def _removed_since(now: datetime) -> ColumnElement[bool]:
-    """A removal applied in the rolling window that ends ``now``."""
-    return (RosterEvent.status == EventStatus.DONE) & (RosterEvent.updated_at >= now - WINDOW)
+def _removed_since(start: datetime | BindParameter[datetime]) -> ColumnElement[bool]:
+    """A removal applied since ``start`` (a rolling window's start)."""
+    return (RosterEvent.status == EventStatus.DONE) & (RosterEvent.updated_at >= start)
 
 
 def _removed(session: Session, district_id: str, now: datetime) -> int:
@@ -82,7 +82,7 @@ def _removed(session: Session, district_id: str, now: datetime) -> int:
         RosterEvent,
         RosterEvent.district_id == district_id,
         RosterEvent.type == REMOVAL,
-        _removed_since(now),
+        _removed_since(now - WINDOW),
     )
 
 
@@ -118,14 +118,8 @@ def headroom(session: Session, district_id: str, *, percent: float, now: datetim
     one being processed now (this one among them), whatever becomes of them: then this removal
     needs no district lock to stay within it. Each removal is marked ``processing`` (committed)
     before it asks, so of two asking at once the later one counts the earlier."""
-    processing = RosterEvent.status == EventStatus.PROCESSING
     in_flight, removed = session.execute(
-        # Both counts in one statement: every removal of the district runs it.
-        select(func.count().filter(processing), func.count().filter(~processing)).where(
-            RosterEvent.district_id == district_id,
-            RosterEvent.type == REMOVAL,
-            processing | _removed_since(now),
-        )
+        _IN_FLIGHT_AND_REMOVED, {"brake_district": district_id, "brake_since": now - WINDOW}
     ).one()
     return _within(session, district_id, percent, removed, max(in_flight, 1))
 
@@ -145,15 +139,29 @@ def _within(session: Session, district_id: str, percent: float, removed: int, ta
     enough = needed - removed  # of the accounts at the window's start, those active now
     if enough <= 0:
         return True
-    found = session.scalar(
-        select(func.count()).select_from(
-            select(Account.id)
-            .where(Account.district_id == district_id, *_ACTIVE)
-            .limit(enough)
-            .subquery()
-        )
-    )
+    found = session.scalar(_ACTIVE_UP_TO, {"brake_district": district_id, "brake_enough": enough})
     return (found or 0) >= enough
+
+
+# Every removal asks the brake: its statements are built once, with the district, the window's
+# start and the count to stop at as parameters.
+_DISTRICT = select(District.brake_percent).where(District.id == bindparam("brake_district"))
+_SHARED, _EXCLUSIVE = _DISTRICT.with_for_update(read=True), _DISTRICT.with_for_update()
+_PROCESSING = RosterEvent.status == EventStatus.PROCESSING
+# Both counts in one statement.
+_IN_FLIGHT_AND_REMOVED = select(
+    func.count().filter(_PROCESSING), func.count().filter(~_PROCESSING)
+).where(
+    RosterEvent.district_id == bindparam("brake_district"),
+    RosterEvent.type == REMOVAL,
+    _PROCESSING | _removed_since(bindparam("brake_since")),
+)
+_ACTIVE_UP_TO = select(func.count()).select_from(
+    select(Account.id)
+    .where(Account.district_id == bindparam("brake_district"), *_ACTIVE)
+    .limit(bindparam("brake_enough"))
+    .subquery()
+)
 
 
 def hold_reason(percent: float) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, Engine, Integer, String, func, literal, select, text
+from sqlalchemy import Connection, Engine, Integer, String, func, literal, select, text, update
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session
 
@@ -17,6 +17,7 @@ from tasks.sql import (
     ROW_HASH_BITS,
     AsyncCommit,
     RowHash,
+    execute_dml,
     in_ids,
     insert_rows,
 )
@@ -215,3 +216,18 @@ def test_insert_rows_stores_every_row_as_given_with_defaults_filled(
         (row["account_id"], row["district_id"], row["before"]) for row in rows
     ]
     assert all(r.created_at is not None and r.restored_at is None for r in stored)
+
+
+def test_execute_dml_sees_what_the_session_holds_as_session_execute_would(
+    session: Session,
+) -> None:
+    """Run on the session's connection, a statement still finds the rows the session has not
+    written yet: they are flushed first, in the same transaction."""
+    session.add(District(id="d-pending", name="Pending"))
+    changed = execute_dml(
+        session,
+        update(District).where(District.id == "d-pending").values(name="Renamed"),
+    )
+    assert changed.rowcount == 1
+    session.expire_all()
+    assert session.scalar(select(District.name).where(District.id == "d-pending")) == "Renamed"

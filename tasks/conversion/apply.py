@@ -5,12 +5,24 @@ and check the learner-data invariant before anything commits."""
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Select, literal, null, select, union_all, update
+from sqlalchemy import (
+    ColumnElement,
+    CompoundSelect,
+    Select,
+    Update,
+    bindparam,
+    literal,
+    null,
+    select,
+    union_all,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from models import (
@@ -33,7 +45,7 @@ from tasks.conversion.journal import audit, mark, new_batch, write_entries
 from tasks.conversion.outcome import Outcome
 from tasks.conversion.rules import AccountState, Plan, full_conversion, role_loss
 from tasks.errors import NotFound
-from tasks.sql import chunks, in_ids
+from tasks.sql import InIds, chunks, execute_dml, ids_params, in_ids
 
 # What ``AccountState.of`` reads.
 STATE_COLUMNS = (
@@ -94,14 +106,25 @@ def _lock_accounts(session: Session, ids: Sequence[str]) -> dict[str, AccountSta
     """Lock the accounts, in id order, and read their state."""
     states: dict[str, AccountState] = {}
     for chunk in chunks(sorted(set(ids))):
-        for row in session.execute(
-            select(*STATE_COLUMNS)
-            .where(in_ids(Account.id, chunk))
-            .order_by(Account.id)
-            .with_for_update()
-        ):
+        as_text, params = ids_params(_ACCOUNTS, chunk)
+        for row in session.execute(_locking(as_text), params):
             states[row.id] = AccountState.of(row)
     return states
+
+
+# The name the accounts' ids are given under in the statements built once (``ids_params``):
+# every event's conversion runs them, and building one costs more than running it for one account.
+_ACCOUNTS = "accounts"
+
+
+@functools.cache
+def _locking(as_text: bool) -> Select[Any]:
+    return (
+        select(*STATE_COLUMNS)
+        .where(InIds.named(Account.id, _ACCOUNTS, as_text=as_text))
+        .order_by(Account.id)
+        .with_for_update()
+    )
 
 
 @dataclass(frozen=True)
@@ -198,61 +221,64 @@ def apply_plans(
     return out
 
 
-def _live_synced_classes(states: Iterable[AccountState]) -> Select[tuple[str]]:
-    """The live district classes that accounts in these states can be linked to: their own
-    districts' classes, or every district's if one of them has no district (a grassroots account
-    left with a stray link). Narrowing it is what lets an exit batch skip the enrollment scan:
-    once the exit's teacher units have dropped the district's classes the set is empty, and
-    Postgres does not read the other side of an empty join."""
+def _live_synced_classes(in_districts: ColumnElement[bool] | None) -> Select[tuple[str]]:
+    """The live district classes that the accounts being converted can be linked to: those of
+    the districts ``in_districts`` names, or every district's (None: one of the accounts has no
+    district, a grassroots account left with a stray link). Narrowing it is what lets an exit
+    batch skip the enrollment scan: once the exit's teacher units have dropped the district's
+    classes the set is empty, and Postgres does not read the other side of an empty join."""
     live = select(Class.id).where(Class.district_synced.is_(True), Class.removed_by.is_(None))
+    return live if in_districts is None else live.where(in_districts)
+
+
+def _districts(states: Iterable[AccountState]) -> list[str] | None:
+    """The accounts' districts, for ``_live_synced_classes``; None if one of them has none."""
     districts = {s.district_id for s in states}
     if not districts or None in districts:
-        return live
-    return live.where(in_ids(Class.district_id, sorted(d for d in districts if d is not None)))
+        return None
+    return sorted(d for d in districts if d is not None)
 
 
 # What each row of ``_find_links``' lookup is.
 ENROLLED, TEACHING, GRANTED = "enrolled", "teaching", "granted"
+# The names its ids are given under (``tasks.sql.ids_params``).
+_STUDENTS, _TEACHERS, _ADMINS, _DISTRICTS = "students", "teachers", "admins", "districts"
 
 
 def _find_links(session: Session, plans: Sequence[Plan], states: list[AccountState]) -> _Links:
     students = [p.account_id for p in plans if p.strip_student]
     teachers = [p.account_id for p in plans if p.strip_teacher]
     admins = [p.account_id for p in plans if p.strip_admin]
-    live_synced = _live_synced_classes(states)
+    districts = _districts(states)
+    live_synced = _live_synced_classes(
+        None if districts is None else in_ids(Class.district_id, districts)
+    )
     # For a batch, asked first whether there is a live class at all (none once an exit's teacher
     # units have run): it spares the lookups below their planning for a thousand ids, which costs
     # more than running them. One account's lookups plan quickly: it goes straight to them.
     linked = bool(students or teachers) and (
         len(plans) == 1 or bool(session.scalar(select(live_synced.exists())))
     )
-    lookups: list[Select[Any]] = []
-    if students and linked:
-        lookups.append(
-            select(literal(ENROLLED), Enrollment.student_id, null()).where(
-                in_ids(Enrollment.student_id, students),
-                Enrollment.removed_by.is_(None),
-                Enrollment.class_id.in_(live_synced),
-            )
-        )
-    if teachers and linked:
-        lookups.append(
-            select(literal(TEACHING), ClassTeacher.class_id, ClassTeacher.teacher_id).where(
-                in_ids(ClassTeacher.teacher_id, teachers),
-                ClassTeacher.removed_by.is_(None),
-                ClassTeacher.class_id.in_(live_synced),
-            )
-        )
-    if admins:
-        lookups.append(
-            select(literal(GRANTED), ReportAccess.account_id, null()).where(
-                in_ids(ReportAccess.account_id, admins), ReportAccess.removed_by.is_(None)
-            )
-        )
+    asked = {
+        _STUDENTS: students if linked else [],
+        _TEACHERS: teachers if linked else [],
+        _ADMINS: admins,
+        _DISTRICTS: districts or [],
+    }
     found: dict[str, list[tuple[str, str | None]]] = defaultdict(list)
-    if lookups:
+    if asked[_STUDENTS] or asked[_TEACHERS] or asked[_ADMINS]:
+        params: dict[str, Any] = {}
+        as_text: dict[str, bool] = {}
+        for name, ids in asked.items():
+            as_text[name], named = ids_params(name, ids)
+            params.update(named)
+        lookup = _lookup(
+            *(bool(asked[name]) for name in (_STUDENTS, _TEACHERS, _ADMINS)),
+            every_district=districts is None,
+            as_text=tuple(sorted(as_text.items())),
+        )
         # One round trip for the three kinds of link.
-        for tag, subject, teacher in session.execute(union_all(*lookups)):
+        for tag, subject, teacher in session.execute(lookup, params):
             found[tag].append((subject, teacher))
     return _Links(
         enrolled={student for student, _ in found[ENROLLED]},
@@ -260,6 +286,52 @@ def _find_links(session: Session, plans: Sequence[Plan], states: list[AccountSta
         granted={admin for admin, _ in found[GRANTED]},
         live_synced=live_synced,
     )
+
+
+@functools.cache
+def _lookup(
+    enrolled: bool,
+    teaching: bool,
+    granted: bool,
+    *,
+    every_district: bool,
+    as_text: tuple[tuple[str, bool], ...],
+) -> CompoundSelect[Any]:
+    """``_find_links``' statement for the kinds of link asked, built once per shape, its ids
+    given when it runs: every event's conversion takes it, and building and keying it cost
+    more than running it for one account."""
+    text_ids = dict(as_text)
+
+    def named(column: Any, name: str) -> ColumnElement[bool]:
+        return InIds.named(column, name, as_text=text_ids[name])
+
+    live_synced = _live_synced_classes(
+        None if every_district else named(Class.district_id, _DISTRICTS)
+    )
+    lookups: list[Select[Any]] = []
+    if enrolled:
+        lookups.append(
+            select(literal(ENROLLED), Enrollment.student_id, null()).where(
+                named(Enrollment.student_id, _STUDENTS),
+                Enrollment.removed_by.is_(None),
+                Enrollment.class_id.in_(live_synced),
+            )
+        )
+    if teaching:
+        lookups.append(
+            select(literal(TEACHING), ClassTeacher.class_id, ClassTeacher.teacher_id).where(
+                named(ClassTeacher.teacher_id, _TEACHERS),
+                ClassTeacher.removed_by.is_(None),
+                ClassTeacher.class_id.in_(live_synced),
+            )
+        )
+    if granted:
+        lookups.append(
+            select(literal(GRANTED), ReportAccess.account_id, null()).where(
+                named(ReportAccess.account_id, _ADMINS), ReportAccess.removed_by.is_(None)
+            )
+        )
+    return union_all(*lookups)
 
 
 def _remove_links(session: Session, links: _Links, batch: str) -> int:
@@ -297,10 +369,17 @@ def _update_accounts(session: Session, plans: Sequence[Plan]) -> None:
     for p in plans:
         by_target[p.target].append(p.account_id)
     for target, group in by_target.items():
+        columns = {**target.columns(), "updated_at": utcnow()}
         for chunk in chunks(group):
-            session.execute(
-                update(Account)
-                .where(in_ids(Account.id, chunk))
-                .values(**target.columns(), updated_at=utcnow())
-                .execution_options(synchronize_session=False)
-            )
+            as_text, params = ids_params(_ACCOUNTS, chunk)
+            execute_dml(session, _updating(as_text, tuple(columns)), {**params, **columns})
+
+
+@functools.cache
+def _updating(as_text: bool, columns: tuple[str, ...]) -> Update:
+    """The accounts set to a state: its ``columns`` given by name when it runs."""
+    return (
+        update(Account)
+        .where(InIds.named(Account.id, _ACCOUNTS, as_text=as_text))
+        .values({column: bindparam(column) for column in columns})
+    )

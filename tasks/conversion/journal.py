@@ -22,7 +22,7 @@ from models import (
     JournalKind,
     ReportAccess,
 )
-from tasks.sql import chunks, in_ids, insert_rows
+from tasks.sql import chunks, execute_dml, in_ids, insert_rows
 
 # Tables whose rows a conversion can soft-remove, children before parents (purge order).
 REMOVABLE = (Goal, Assignment, Enrollment, ClassTeacher, ReportAccess, Class)
@@ -69,7 +69,8 @@ def mark(
         if extra is not None:
             conditions.append(extra)
         # UPDATE ... FROM the journal: one join, on Postgres and SQLite alike.
-        result = session.execute(
+        result = execute_dml(
+            session,
             update(model)
             .where(
                 *conditions,
@@ -77,8 +78,7 @@ def mark(
                 JournalEntry.kind == kind,
                 journal_subject == subject,
             )
-            .values(removed_by=JournalEntry.id)
-            .execution_options(synchronize_session=False)
+            .values(removed_by=JournalEntry.id),
         )
         total += rowcount(result)
     return total

@@ -60,7 +60,7 @@ from tasks.roster.shapes import (
     PlatformClass,
     Progress,
 )
-from tasks.sql import chunks, copy_rows, dialect_insert, in_ids
+from tasks.sql import chunks, copy_rows, dialect_insert, execute_dml, in_ids
 
 # Below this many rows an executemany (a roster event upserts one user or section). From it on,
 # Postgres gets a COPY upsert, whose five statements (a temporary table made, filled, inserted
@@ -257,11 +257,11 @@ def delete_roster_users(session: Session, user_ids: Iterable[str]) -> dict[str, 
     touched: converting them is the rules' job (``tasks.conversion``)."""
     removed: dict[str, list[str]] = {}
     for chunk in chunks(sorted(set(user_ids))):
-        gone = session.execute(
+        gone = execute_dml(
+            session,
             delete(RosterUser)
             .where(in_ids(RosterUser.id, chunk))
-            .returning(RosterUser.id, RosterUser.roles)
-            .execution_options(synchronize_session=False)
+            .returning(RosterUser.id, RosterUser.roles),
         )
         removed.update(gone.tuples().all())
     return removed

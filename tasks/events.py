@@ -47,7 +47,7 @@ class Routed:
     status: EventStatus  # done | ignored | stale | held | deferred | rejected
     reason: str | None = None
     outcome: dict[str, Any] = field(default_factory=dict)
-    exit_id: int | None = None  # a district exit this event started: its units are dispatched
+    exit_plan: exits.ExitPlan | None = None  # a district exit this event started: to dispatch
 
 
 @dataclass(frozen=True)
@@ -236,9 +236,7 @@ def on_district_deleted(session: Session, ev: RosterEvent, limits: Limits) -> Ro
     if session.get(District, ev.object_id or "") is None:
         return Routed(IGNORED, "unknown district")
     plan = exits.start_exit(session, ev.object_id or "", trigger=_trigger(ev))
-    return Routed(
-        DONE, outcome={"exit": plan.exit_id, "units": len(plan.pending)}, exit_id=plan.exit_id
-    )
+    return Routed(DONE, outcome={"exit": plan.exit_id, "units": len(plan.pending)}, exit_plan=plan)
 
 
 HANDLERS: dict[str, Callable[[Session, RosterEvent, Limits], Routed]] = {

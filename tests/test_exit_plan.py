@@ -79,7 +79,7 @@ def test_units_just_planned_are_sent_as_planned_and_others_as_the_database_has_t
     broker: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The start sends the units it planned (stamped as sent in its own transaction) without
-    reading them back; a later dispatch (after the teacher units, or a crash) reads the rows."""
+    reading them back; a start delivered again finds them planned and sends the pending rows."""
     with session_scope() as session:
         load_snapshot(session, example())
     with session_scope() as session:
@@ -96,11 +96,15 @@ def test_units_just_planned_are_sent_as_planned_and_others_as_the_database_has_t
     def queued() -> list[str]:
         return [json.loads(m)["headers"]["argsrepr"] for m in broker.lrange("fanout", 0, -1)]
 
-    dispatch.dispatch_exit(plan.exit_id, plan.pending)
+    assert plan.created
+    dispatch.dispatch_started(plan)
     units = [repr((plan.exit_id, key)) for key, _ in plan.pending]
     assert units and sorted(queued()) == sorted(units)
     assert read == []
 
-    dispatch.dispatch_exit(plan.exit_id)
+    with session_scope() as session:
+        again = exits.start_exit(session, DISTRICT, trigger="test")
+    assert not again.created
+    dispatch.dispatch_started(again)
     assert read == [plan.exit_id]
     assert sorted(queued()) == sorted(units * 2)

@@ -171,7 +171,7 @@ def test_a_district_exit_and_a_restore_are_never_paused(seeded: Session) -> None
         EventStatus.DEFERRED
     )
     exited = route(seeded, "x-1", "districts.deleted", {"id": DISTRICT, "name": "x"})
-    assert exited.status == EventStatus.DONE and exited.exit_id is not None
+    assert exited.status == EventStatus.DONE and exited.exit_plan is not None
 
 
 def test_a_held_removal_an_operator_releases_during_a_pause_applies(seeded: Session) -> None:

@@ -114,13 +114,14 @@ def _apply(db: Db, event_ids: list[str]) -> list[str]:
             routed = routing.process_event(s, event_id, routing.Limits(brake_percent=100))
         assert routed is not None
         statuses.append(routed.status)
-        if routed.exit_id is not None:
+        if routed.exit_plan is not None:
+            exit_id = routed.exit_plan.exit_id
             with db.session() as s:
                 # Phase by phase (teachers, then account batches), as the workers are sent them.
-                while pending := exits.pending_units(s, routed.exit_id):
+                while pending := exits.pending_units(s, exit_id):
                     for key, _ in pending:
-                        exits.run_unit(s, routed.exit_id, key)
-                exits.finish(s, routed.exit_id)
+                        exits.run_unit(s, exit_id, key)
+                exits.finish(s, exit_id)
     return statuses
 
 

@@ -16,7 +16,7 @@ from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from models import RequestKind, UnitKind
-from tasks.exits import dispatch_pending
+from tasks.exits import ExitPlan, dispatch_pending
 from tasks.operator_requests import Asked
 from tasks.sql import chunks
 from worker.celery_app import app
@@ -94,9 +94,8 @@ def dispatch_exit(exit_id: int, planned: list[tuple[str, str]] | None = None) ->
     of them the first time, what is missing after a crash, the finish once none is left. Units
     are idempotent, so sending one twice does no harm.
 
-    ``planned``: the units of an exit just planned (``tasks.exits.ExitPlan.pending`` of a plan
-    that ``created`` them), committed with their ``dispatched_at``, sent without reading them
-    again."""
+    ``planned``: the units of an exit just planned, committed with their ``dispatched_at``
+    (``dispatch_started``), sent without reading them again."""
     if planned is None:
         with session_scope() as session:
             pending = dispatch_pending(session, exit_id)
@@ -111,3 +110,10 @@ def dispatch_exit(exit_id: int, planned: list[tuple[str, str]] | None = None) ->
                 for key, kind in chunk:
                     queue = Queue.FANOUT if kind == UnitKind.TEACHER else Queue.CONVERSIONS
                     send_one_of_many(producer, TaskName.EXIT_UNIT, (exit_id, key), queue)
+
+
+def dispatch_started(plan: ExitPlan) -> None:
+    """Send the units of an exit whose start has committed (an operator's request, or a
+    ``districts.deleted``): as planned if this start planned them, else those still pending (a
+    start delivered again finds its exit planned already)."""
+    dispatch_exit(plan.exit_id, plan.pending if plan.created else None)

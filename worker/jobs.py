@@ -39,8 +39,8 @@ def process_event(self: GrassrootsTask, event_id: str) -> str | None:
     routed = events.process_event(self.session, event_id, limits())
     if routed is None:
         return None
-    if routed.exit_id is not None:
-        after_commit(dispatch.dispatch_exit, routed.exit_id)
+    if routed.exit_plan is not None:
+        after_commit(dispatch.dispatch_started, routed.exit_plan)
     return routed.status
 
 
@@ -57,7 +57,7 @@ def district_exit(self: GrassrootsTask, district_id: str, request_id: str) -> in
         self.session, district_id, trigger=asked.by, batch_size=get_settings().exit_batch_size
     )
     operator_requests.finish(self.session, request_id)
-    after_commit(dispatch.dispatch_exit, plan.exit_id, plan.pending if plan.created else None)
+    after_commit(dispatch.dispatch_started, plan)
     return plan.exit_id
 
 

@@ -7,10 +7,14 @@
   (``worker/broker.py``), with one more task registered that is a plain ``celery.Task``, so
   none of the project's per-task work (attempt ledger, session) runs. Timed from the first send
   to the broker holding none of them, waiting or unacknowledged.
-- ``convert``: the exit of the same district without Celery: ``tasks.exits.start_exit`` and the
-  teacher units in this process (not timed), then each account batch by ``tasks.exits.run_unit``
-  in a transaction of its own (``worker.db.session_scope``), as the batch's task runs it, over as
-  many processes as the worker's pool has. Timed from the first batch to the last.
+- ``convert``: the exit of the same district without Celery: ``tasks.exits.start_exit`` in this
+  process (not timed), then, over as many processes as the worker's pool has, each teacher unit
+  as its task runs it (``tasks.teacher_units.count_and_run_teacher_unit``: the attempt count,
+  then the unit), and each account batch by ``tasks.exits.run_unit`` in a transaction of its own
+  (``worker.db.session_scope``), as the batch's task runs it. Each phase is timed from its first
+  unit to its last: the batches' time is their floor; the teacher units' is the units' own work,
+  which the exit's teacher phase pays on the same cores as Celery's per-task work (the no-op
+  floor).
 
 ``bench/exit_pipeline.py`` runs both as subprocesses, alternated with the real exit; run alone:
 
@@ -25,6 +29,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import Any
@@ -79,6 +84,16 @@ def send_noops(count: int) -> float:
         time.sleep(0.005)
 
 
+def _run_teacher_unit(exit_id: int, key: str, max_attempts: int) -> None:
+    from tasks.teacher_units import count_and_run_teacher_unit
+    from worker.db import autocommit
+
+    with autocommit() as conn:
+        _, result = count_and_run_teacher_unit(conn, exit_id, key, max_attempts=max_attempts)
+    if result is None or not result.ran:
+        raise RuntimeError(f"teacher unit {key} did not run")
+
+
 def _run_batch(exit_id: int, key: str) -> None:
     from tasks.exits import run_unit
     from worker.db import session_scope
@@ -97,35 +112,48 @@ def _connect() -> None:
         session.execute(text("SELECT 1"))
 
 
+def _timed(pool: ProcessPoolExecutor, run: Callable[..., None], *args: tuple[Any, ...]) -> float:
+    """Seconds to run ``run(*a)`` for every ``a`` in ``args`` over ``pool``."""
+    started = time.monotonic()
+    for future in [pool.submit(run, *a) for a in args]:
+        future.result()
+    return time.monotonic() - started
+
+
 def convert(district_id: str, concurrency: int) -> dict[str, Any]:
-    """The exit of the district, its account batches timed without Celery (module docstring)."""
-    from tasks.exits import ACCOUNTS_UNIT, pending_units, run_unit, start_exit
+    """The exit of the district without Celery, its teacher units and its account batches each
+    timed (module docstring)."""
+    from tasks.exits import ACCOUNTS_UNIT, TEACHER_UNIT, pending_units, start_exit
     from worker.db import get_engine, session_scope
     from worker.settings import get_settings
 
+    settings = get_settings()
     started = time.monotonic()
     with session_scope() as session:
         plan = start_exit(
-            session, district_id, trigger="bench:floor", batch_size=get_settings().exit_batch_size
+            session, district_id, trigger="bench:floor", batch_size=settings.exit_batch_size
         )
-    with session_scope() as session:
-        for key, _ in plan.pending:
-            run_unit(session, plan.exit_id, key)
-    with session_scope() as session:
-        batches = [key for key, _ in pending_units(session, plan.exit_id)]
-    if not all(key.startswith(ACCOUNTS_UNIT) for key in batches):
-        raise RuntimeError("teacher units are left after running them all")
     prepared = time.monotonic() - started
+    teachers = [key for key, _ in plan.pending if key.startswith(TEACHER_UNIT)]
+    most = settings.task_max_retries + 1
     # The pool's processes open connections of their own: none may inherit this one's.
     get_engine().dispose()
     with ProcessPoolExecutor(concurrency, mp_context=get_context("fork")) as pool:
         for future in [pool.submit(_connect) for _ in range(concurrency)]:
             future.result()
-        started = time.monotonic()
-        for future in [pool.submit(_run_batch, plan.exit_id, key) for key in batches]:
-            future.result()
-        seconds = time.monotonic() - started
-    return {"batches": len(batches), "seconds": seconds, "prepare_s": prepared}
+        teacher_s = _timed(pool, _run_teacher_unit, *((plan.exit_id, k, most) for k in teachers))
+        with session_scope() as session:
+            batches = [key for key, _ in pending_units(session, plan.exit_id)]
+        if not all(key.startswith(ACCOUNTS_UNIT) for key in batches):
+            raise RuntimeError("teacher units are left after running them all")
+        seconds = _timed(pool, _run_batch, *((plan.exit_id, key) for key in batches))
+    return {
+        "batches": len(batches),
+        "seconds": seconds,
+        "teacher_units": len(teachers),
+        "teacher_units_s": teacher_s,
+        "prepare_s": prepared,
+    }
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from sqlalchemy import bindparam, update
 from sqlalchemy.orm import Session
 
 from models import ObjectVersion, RosterEvent
-from tasks.sql import dialect_insert
+from tasks.sql import dialect_insert, execute_dml
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -32,13 +32,11 @@ def lock(session: Session, ev: RosterEvent) -> Newest | None:
     no object. Held to the commit: events about one object are applied one at a time."""
     if ev.object_type is None or ev.object_id is None:
         return None
-    # On the session's connection, not through the ORM: every event runs it, and the ORM's
-    # insert-returning-an-entity path cost three times the statement's own time.
-    occurred_at, event_id = (
-        session.connection()
-        .execute(_upsert(session), {"object_type": ev.object_type, "object_id": ev.object_id})
-        .one()
-    )
+    # Not through the ORM: every event runs it, and the ORM's insert-returning-an-entity path
+    # cost three times the statement's own time.
+    occurred_at, event_id = execute_dml(
+        session, _upsert(session), {"object_type": ev.object_type, "object_id": ev.object_id}
+    ).one()
     return Newest(ev.object_type, ev.object_id, occurred_at, event_id)
 
 
@@ -84,7 +82,8 @@ _ADVANCE = (
 def advance(session: Session, newest: Newest, ev: RosterEvent) -> None:
     """The event was applied: it is now the newest of its object (whose row ``lock`` holds)."""
     assert ev.occurred_at is not None
-    session.connection().execute(
+    execute_dml(
+        session,
         _ADVANCE,
         {
             "fence_type": newest.object_type,
